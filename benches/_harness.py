@@ -1,0 +1,139 @@
+"""GPU timing and records for the bench suite.
+
+Every op is timed with ``triton.testing.do_bench`` (median with 20/80 percentiles over
+repetitions, L2 flushed before each one so a cache-resident input is not what gets timed; no
+synchronisation between calls inside a repetition). Each record carries the op's physical
+floor, computed from the bytes it must move and the flops it must do at this GPU's
+*measured* copy bandwidth and matmul throughput, and the ratio of every peer timed in the
+same run.
+"""
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Record:
+    op: str
+    case: str
+    mode: str
+    provider: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_extra_mem_gb: Optional[float]
+    floor_bytes: float
+    floor_flops: float
+    floor_ms: float
+    ratio_to_floor: float
+    tflops: Optional[float]
+    gbps: Optional[float]
+    shape: Dict[str, object] = field(default_factory=dict)
+    ratio_vs: Dict[str, float] = field(default_factory=dict)
+
+
+class Machine:
+    """Measured capabilities of the current GPU: copy bandwidth and bf16 matmul throughput."""
+
+    def __init__(self):
+        import triton
+
+        dev = torch.cuda.current_device()
+        self.name = torch.cuda.get_device_name(dev)
+        n = 1 << 28  # 1 GiB of fp32: far beyond L2, so the copy streams from HBM
+        src = torch.randn(n, device="cuda")
+        dst = torch.empty_like(src)
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+        self.bandwidth = 2 * n * 4 / (ms * 1e-3)  # bytes/s, read + write
+        del src, dst
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=50)
+        self.matmul_flops = 2 * 8192**3 / (ms * 1e-3)
+        del a, b
+        torch.cuda.empty_cache()
+
+    def floor_ms(self, nbytes: float, flops: float) -> float:
+        return 1e3 * max(nbytes / self.bandwidth, flops / self.matmul_flops)
+
+    def describe(self) -> Dict[str, object]:
+        import triton
+
+        return {
+            "gpu": self.name,
+            "measured_bandwidth_gbps": self.bandwidth / 1e9,
+            "measured_bf16_matmul_tflops": self.matmul_flops / 1e12,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+        }
+
+
+class Recorder:
+    """Collects records of one session and writes them, with peer ratios, as JSON."""
+
+    def __init__(self, machine: Machine):
+        self.machine = machine
+        self.records: List[Record] = []
+
+    def measure(self, op: str, case: str, mode: str, provider: str, fn: Callable[[], object],
+                *, floor_bytes: float = 0.0, floor_flops: float = 0.0,
+                flops: Optional[float] = None, shape: Optional[dict] = None,
+                warmup: int = 25, rep: int = 100) -> Record:
+        """Time ``fn`` and record it. ``flops`` (default ``floor_flops``) gives TFLOP/s."""
+        import triton
+
+        fn()  # compile / autotune outside the timed region
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep,
+                                                quantiles=[0.5, 0.2, 0.8])
+        floor = self.machine.floor_ms(floor_bytes, floor_flops)
+        work = floor_flops if flops is None else flops
+        rec = Record(
+            op=op, case=case, mode=mode, provider=provider, median_ms=med, p20_ms=p20,
+            p80_ms=p80, peak_extra_mem_gb=peak, floor_bytes=floor_bytes,
+            floor_flops=floor_flops, floor_ms=floor,
+            ratio_to_floor=med / floor if floor > 0 else float("nan"),
+            tflops=work / (med * 1e-3) / 1e12 if work else None,
+            gbps=floor_bytes / (med * 1e-3) / 1e9 if floor_bytes else None,
+            shape=dict(shape or {}),
+        )
+        self.records.append(rec)
+        return rec
+
+    def _with_ratios(self) -> List[dict]:
+        """Each record gains ``ratio_vs[peer] = peer_median / this_median`` for its case."""
+        out = []
+        for r in self.records:
+            peers = [p for p in self.records if (p.op, p.case, p.mode) == (r.op, r.case, r.mode)
+                     and p.provider != r.provider]
+            r.ratio_vs = {p.provider: p.median_ms / r.median_ms for p in peers}
+            out.append(asdict(r))
+        return out
+
+    def write(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "machine": self.machine.describe(), "records": self._with_ratios()}
+        with open(path + ".tmp", "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def cuda_timer() -> float:
+    """Timer for pytest-benchmark (``--benchmark-timer benches._harness.cuda_timer``): it
+    synchronises, so each round's span covers the GPU work of its calls, and only there."""
+    torch.cuda.synchronize()
+    return time.perf_counter()

@@ -1,0 +1,4 @@
+"""Small reference models built on fastlab.nn."""
+from fastlab.models.gpt import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]

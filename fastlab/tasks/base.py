@@ -1,0 +1,35 @@
+"""What the trainer needs from a task: batches, a model, an evaluation."""
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+
+class Task:
+    """A built-in task. Batches are a pure function of (seed, step, rank), so a resumed
+    run sees exactly the data it would have seen, and ranks never repeat each other."""
+
+    name: str = "task"
+    #: the metric evaluation reports and early stopping and the "best" checkpoint use
+    metric: str = "accuracy"
+
+    def build_model(self, model_cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0,
+              rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def tokens_in(self, targets: torch.Tensor) -> int:
+        """Tokens that carry loss in a batch (for token-weighted accumulation)."""
+        return int((targets != -100).sum())
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator whose state depends only on (seed, step, rank)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    return g

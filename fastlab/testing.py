@@ -1,0 +1,62 @@
+"""Helpers to test an op against its reference: per-dtype tolerances and fresh inputs.
+
+Used by tests/ and by the GPU checks in benches/, so both judge an op the same way.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+#: (rtol, atol) per dtype for comparing an op with its reference computed in float64.
+#: bf16 keeps 8 mantissa bits (2**-8 = 3.9e-3 relative per rounding), fp16 keeps 11.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+#: Sizes that are neither powers of two nor multiples of common block sizes.
+ODD_SIZES = (1, 3, 7, 37, 53, 129)
+
+
+def tolerance(dtype: torch.dtype, scale: float = 1.0) -> Tuple[float, float]:
+    """(rtol, atol) for ``dtype``, both multiplied by ``scale`` (for long reductions)."""
+    rtol, atol = TOLERANCES[dtype]
+    return rtol * scale, atol * scale
+
+
+def assert_close(actual, expected, dtype: Optional[torch.dtype] = None, scale: float = 1.0,
+                 msg: str = "") -> None:
+    """Compare ``actual`` with ``expected`` at the tolerance of ``dtype``.
+
+    ``dtype`` defaults to ``actual``'s; ``expected`` may be of a higher precision (it is
+    cast to ``actual``'s dtype for the comparison only through float64).
+    """
+    dtype = dtype or actual.dtype
+    rtol, atol = tolerance(dtype, scale)
+    torch.testing.assert_close(
+        actual.double(), expected.to(actual.device).double(), rtol=rtol, atol=atol,
+        equal_nan=True, msg=(lambda m: f"{msg}\n{m}") if msg else None,
+    )
+
+
+def make_generator(seed: int, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def randn(shape: Sequence[int], dtype=torch.float32, device="cpu", seed: int = 0,
+          scale: float = 1.0, requires_grad: bool = False) -> torch.Tensor:
+    """Fresh normal samples (never zeros) drawn in float32 then cast, reproducible by seed."""
+    g = make_generator(seed, device)
+    x = torch.randn(tuple(shape), generator=g, device=device, dtype=torch.float32) * scale
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` in a non-contiguous layout (last dim strided by 2)."""
+    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x.detach()
+    out = wide[..., ::2]
+    return out.requires_grad_(x.requires_grad)

@@ -1,0 +1,44 @@
+"""Helpers shared by the Triton kernels.
+
+Under ``TRITON_INTERPRET=1`` (how CPU CI runs the kernels) two things differ from the GPU:
+``tl.dot`` on bfloat16 operands returns wrong values, and libdevice functions do not run.
+The helpers here keep one code path for both: :func:`dot` upcasts bfloat16 operands only
+when interpreting, and :func:`log1p` is built from ``tl.log`` so it runs everywhere.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+#: True when Triton kernels run in the CPU interpreter rather than on a GPU.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def dot(a, b, acc):
+    """``acc + a @ b`` with fp32 accumulation, correct under the interpreter for bf16."""
+    if _INTERPRET:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) accurate for tiny x (Kahan's trick: the rounding error of 1 + x cancels).
+
+    With u = fl(1 + x), log(u) * x / (u - 1) is within a few ulps of log1p(x) for all
+    x > -1; when u == 1 the answer is x itself.
+    """
+    u = 1.0 + x
+    d = u - 1.0
+    safe_d = tl.where(d == 0.0, 1.0, d)
+    return tl.where(d == 0.0, x, tl.where(u == float("inf"), u, tl.log(u) * (x / safe_d)))
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return triton.next_power_of_2(max(int(n), 1))

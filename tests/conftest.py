@@ -1,0 +1,34 @@
+"""Test configuration shared by every test module.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter, so TRITON_INTERPRET must be
+set before anything imports triton: that is done here, at collection, before the test
+modules are imported.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="gpu: needs a CUDA device, none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    """The device real-size checks run on: CUDA when present."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,49 @@
+"""The shared kernel helpers run the same on the GPU and in the CPU interpreter."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastlab.kernels._common import dot, log1p
+from fastlab.testing import randn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _log1p_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, log1p(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    rm, rk, rn = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+    acc = dot(a, b, tl.zeros((M, N), dtype=tl.float32))
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
+
+
+def test_log1p_matches_float64_across_magnitudes():
+    x = torch.cat([torch.logspace(-30, 30, 301, dtype=torch.float64),
+                   -torch.logspace(-30, -0.01, 101, dtype=torch.float64)])
+    x32 = x.float().to(DEVICE)
+    y = torch.empty_like(x32)
+    _log1p_kernel[(triton.cdiv(x32.numel(), 128),)](x32, y, x32.numel(), BLOCK=128)
+    expected = torch.log1p(x32.double().cpu())
+    rel = ((y.double().cpu() - expected).abs() / expected.abs()).max().item()
+    assert rel < 4e-7, f"max relative error {rel}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dot_accumulates_in_fp32(dtype):
+    a = randn((16, 32), dtype, DEVICE, seed=1)
+    b = randn((32, 16), dtype, DEVICE, seed=2)
+    c = torch.empty(16, 16, device=DEVICE)
+    _dot_kernel[(1,)](a, b, c, M=16, K=32, N=16)
+    expected = a.double() @ b.double()
+    # fp32 operands may go through tf32 on the GPU (10-bit mantissa)
+    tol = 2e-2 if dtype == torch.float32 and DEVICE == "cuda" else 1e-4
+    torch.testing.assert_close(c.double(), expected, rtol=tol, atol=tol)
