@@ -66,9 +66,9 @@ class Addition(Task):
         return torch.cat([_digits(a, n, False), col(PLUS), _digits(b, n, False), col(EQUALS),
                           _digits(a + b, n + 1, True)], dim=1)
 
-    def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0,
-              rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-        g = step_generator(seed, step, rank, torch.device("cpu"))
+    def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        g = step_generator(seed, step, torch.device("cpu"))
         a, b = self._draw(batch_size, g, "cpu", held_out=False)
         seq = self.encode(a, b)
         inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
@@ -77,7 +77,7 @@ class Addition(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
-        g = step_generator(12345, 0, 0, torch.device("cpu"))
+        g = step_generator(12345, 0, torch.device("cpu"))
         a, b = self._draw(n_samples, g, "cpu", held_out=True)
         seq = self.encode(a, b).to(device)
         prompt, answer = seq[:, : self.prompt_len], seq[:, self.prompt_len:]

@@ -6,8 +6,8 @@ from torch import nn
 
 
 class Task:
-    """A built-in task. Batches are a pure function of (seed, step, rank), so a resumed
-    run sees exactly the data it would have seen, and ranks never repeat each other."""
+    """A built-in task. The global batch of a step is a pure function of (seed, step), so a
+    resumed run sees exactly the data it would have seen; ranks take disjoint slices."""
 
     name: str = "task"
     #: the metric evaluation reports and early stopping and the "best" checkpoint use
@@ -16,8 +16,8 @@ class Task:
     def build_model(self, model_cfg) -> nn.Module:
         raise NotImplementedError
 
-    def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0,
-              rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
@@ -28,8 +28,8 @@ class Task:
         return int((targets != -100).sum())
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """A generator whose state depends only on (seed, step, rank)."""
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator whose state depends only on (seed, step)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    g.manual_seed(seed * 1_000_003 + step)
     return g

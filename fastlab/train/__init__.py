@@ -1,0 +1,1 @@
+"""The lean trainer: ``python -m fastlab.train``."""

@@ -1,0 +1,28 @@
+"""``python -m fastlab.train [CONFIG] [section.key=value ...]``: train and write a run dir."""
+import sys
+
+from fastlab.train.config import build_config, help_text
+from fastlab.train.loop import train
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    file = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if file else argv
+    try:
+        cfg = build_config(file, overrides)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = train(cfg)
+    final = summary["final"]
+    if final:
+        print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

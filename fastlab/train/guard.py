@@ -1,0 +1,61 @@
+"""Loss-spike guard: skip bad updates on the device, roll back when spikes repeat.
+
+Per step, without a host sync: a loss that is non-finite, or above ``factor`` times the
+median of the last ``window`` good losses, marks the step bad; the trainer then multiplies
+the loss it backpropagates by NaN, so the gradients are non-finite and the optimizer (or
+the grad scaler) skips the update for every parameter. Only good losses enter the window.
+
+At each log step (where the host syncs anyway) the trainer polls the count of bad steps;
+``max_spikes`` or more since the last poll roll the model and optimizer back to the last
+in-memory snapshot (taken every ``snapshot_every`` steps while no spike was seen) and
+multiply the learning rate by ``lr_backoff``.
+"""
+import copy
+from typing import Any, Dict, Optional
+
+import torch
+
+
+class SpikeGuard:
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        self.history = torch.full((cfg.window,), float("nan"), device=device)
+        self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.slot = 0
+        self.seen = 0
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self.snapshot: Optional[Dict[str, Any]] = None
+        self.snapshot_step = -1
+
+    def check(self, loss: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool tensor: whether this step's ``loss`` (detached) is a spike."""
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss)
+        if self.seen >= self.cfg.window // 2:
+            median = self.history.nanmedian()
+            bad = bad | (loss > self.cfg.factor * median)
+        self.history[self.slot] = torch.where(bad, self.history[self.slot], loss)
+        self.slot = (self.slot + 1) % self.cfg.window
+        self.seen += 1
+        self.bad_steps += bad
+        return bad
+
+    def poll(self) -> int:
+        """Bad steps since the last poll. Reads a device value: call at a log step only."""
+        count = int(self.bad_steps)
+        self.bad_steps.zero_()
+        return count
+
+    def take_snapshot(self, step: int, state: Dict[str, Any]) -> None:
+        self.snapshot = {k: copy.deepcopy(v) for k, v in state.items()}
+        self.snapshot_step = step
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"history": self.history.cpu(), "slot": self.slot, "seen": self.seen,
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.history.copy_(state["history"])
+        self.slot, self.seen = state["slot"], state["seen"]
+        self.lr_scale, self.rollbacks = state["lr_scale"], state["rollbacks"]
