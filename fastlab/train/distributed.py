@@ -107,41 +107,33 @@ def shutdown(dist: DistInfo) -> None:
         tdist.destroy_process_group()
 
 
-def _options(**kw):
+# Checkpoints use torch.distributed.checkpoint's state-dict API in every mode (one process,
+# DDP, FSDP2): full tensors keyed by parameter name, so any world size loads any checkpoint.
+def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def model_state(model, dist: DistInfo):
-    if dist.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def model_state(model):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model, options=_options())
-    return unwrap(model).state_dict()
+    return get_model_state_dict(model, options=_options())
 
 
-def optimizer_state(model, optimizer, dist: DistInfo):
-    if dist.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def optimizer_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=_options())
-    return optimizer.state_dict()
+    return get_optimizer_state_dict(model, optimizer, options=_options())
 
 
-def load_model_state(model, state, dist: DistInfo) -> None:
-    if dist.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+def load_model_state(model, state) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, state, options=_options())
-    else:
-        unwrap(model).load_state_dict(state)
+    set_model_state_dict(model, state, options=_options())
 
 
-def load_optimizer_state(model, optimizer, state, dist: DistInfo) -> None:
-    if dist.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+def load_optimizer_state(model, optimizer, state) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=_options())
-    else:
-        optimizer.load_state_dict(state)
+    set_optimizer_state_dict(model, optimizer, state, options=_options())

@@ -142,8 +142,8 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     peak = peak_flops(device, precision)
 
     def state() -> Dict[str, Any]:
-        return {"model": distributed.model_state(model, dist),
-                "optimizer": distributed.optimizer_state(model, optimizer, dist),
+        return {"model": distributed.model_state(model),
+                "optimizer": distributed.optimizer_state(model, optimizer),
                 "scaler": scaler.state_dict() if scaler else None,
                 "guard": guard.state_dict(), "rng": rng_state(), "step": step,
                 "best": best, "tokens": tokens_seen, "config": cfg.to_dict()}
@@ -153,8 +153,8 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     latest = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
     if latest:
         saved = checkpoint.load(latest)
-        distributed.load_model_state(model, saved["model"], dist)
-        distributed.load_optimizer_state(model, optimizer, saved["optimizer"], dist)
+        distributed.load_model_state(model, saved["model"])
+        distributed.load_optimizer_state(model, optimizer, saved["optimizer"])
         if scaler and saved["scaler"]:
             scaler.load_state_dict(saved["scaler"])
         guard.load_state_dict(saved["guard"])
@@ -266,8 +266,10 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 improved = score is not None and (best is None or score > best)
                 if improved:
                     best = score
-                if is_main and improved:
-                    checkpoint.atomic_save(state(), os.path.join(run_dir, "best.pt"))
+                if improved:
+                    snapshot = state()  # a collective under FSDP: every rank takes part
+                    if is_main:
+                        checkpoint.atomic_save(snapshot, os.path.join(run_dir, "best.pt"))
                 metrics.update(ev)
                 if cfg.eval.target is not None and score is not None and score >= cfg.eval.target:
                     stopped_by = f"reached {task.metric} >= {cfg.eval.target}"
@@ -275,8 +277,9 @@ def train(cfg: Config, run_dir: Optional[str] = None,
 
             stop_now = distributed.any_flag(stop.signal is not None, dist, device)
             if step % cfg.checkpoint.every == 0 or stop_now:
+                snapshot = state()
                 if is_main:
-                    checkpoint.save_step(state(), run_dir, step, cfg.checkpoint.keep)
+                    checkpoint.save_step(snapshot, run_dir, step, cfg.checkpoint.keep)
                 distributed.barrier(dist)
             if stop_now:
                 stopped_by = f"signal {stop.signal or 'on another rank'}"
@@ -287,8 +290,10 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     final = {k: v for k, v in last_eval.items() if k != "step"}
     if last_eval.get("step") != step:
         final = task.evaluate(raw_model, cfg.eval.samples, device)
-    if is_main and stopped_by is None:
-        checkpoint.save_step(state(), run_dir, step, cfg.checkpoint.keep)
+    if stopped_by is None:
+        snapshot = state()
+        if is_main:
+            checkpoint.save_step(snapshot, run_dir, step, cfg.checkpoint.keep)
     summary = {"steps": step, "stopped_by": stopped_by, "device": str(device),
                "precision": precision, "world_size": dist.world, "tokens": tokens_seen,
                "params": sum(p.numel() for p in raw_model.parameters()),
