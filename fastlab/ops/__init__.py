@@ -7,5 +7,10 @@ CPU under ``TRITON_INTERPRET=1``).
 from fastlab.ops._dispatch import backend
 from fastlab.ops.attention import attention, attention_ref
 from fastlab.ops.cross_entropy import cross_entropy, cross_entropy_ref
+from fastlab.ops.fused_linear_cross_entropy import (fused_linear_cross_entropy,
+                                                    fused_linear_cross_entropy_ref)
+from fastlab.ops.kvcache import attention_with_kvcache, attention_with_kvcache_ref
 
-__all__ = ["backend", "attention", "attention_ref", "cross_entropy", "cross_entropy_ref"]
+__all__ = ["backend", "attention", "attention_ref", "cross_entropy", "cross_entropy_ref",
+           "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
+           "attention_with_kvcache", "attention_with_kvcache_ref"]

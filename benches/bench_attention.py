@@ -1,0 +1,170 @@
+"""Attention: fastlab's flash kernels against SDPA's backends, FlexAttention and xformers.
+
+Cases: the two training shapes of the targets (long sequences, D = 128 and 64, causal,
+bf16) and the small-head shapes of the research logs in fp32 and bf16. Modes: ``fwd`` and
+``full`` (forward + backward). TFLOP/s count the matmul flops a causal pass really needs:
+4 * B * H * S^2 * D forward, 2.5 times that backward, halved for the causal mask.
+Before a provider is timed, its output (and, in ``full``, its gradients) is checked against
+the float32 reference on a slice of the batch and heads (rows are independent).
+"""
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from benches.conftest import optional_import
+from fastlab.ops.attention import attention, attention_ref
+from fastlab.testing import assert_close, randn
+
+OP = "attention"
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool = True
+
+    @property
+    def name(self) -> str:
+        kind = "causal" if self.causal else "full"
+        dtype = str(self.dtype).replace("torch.", "")
+        return f"B{self.batch}-H{self.heads}-S{self.seq}-D{self.head_dim}-{kind}-{dtype}"
+
+    def flops(self, mode: str) -> float:
+        fwd = 4.0 * self.batch * self.heads * self.seq ** 2 * self.head_dim
+        fwd *= 0.5 if self.causal else 1.0
+        return fwd if mode == "fwd" else 3.5 * fwd
+
+    def floor_bytes(self, mode: str) -> float:
+        tile = self.batch * self.heads * self.seq * self.head_dim * self.dtype.itemsize
+        lse = self.batch * self.heads * self.seq * 4
+        # fwd: Q, K, V in, O and LSE out; bwd adds Q, K, V, O, dO, LSE in, dQ, dK, dV out
+        return 4 * tile + lse if mode == "fwd" else 12 * tile + 2 * lse
+
+
+CASES = [
+    Case(4, 16, 4096, 128, torch.bfloat16),
+    Case(8, 16, 2048, 64, torch.bfloat16),
+    Case(64, 4, 256, 16, torch.float32),
+    Case(64, 4, 256, 16, torch.bfloat16),
+    Case(1024, 8, 64, 4, torch.float32),
+    Case(1024, 8, 64, 4, torch.bfloat16),
+]
+SMALL = 256  # sequences up to this also run SDPA's math backend, a real peer there
+PROVIDERS = ["fastlab", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex",
+             "xformers"]
+MODES = ["fwd", "full"]
+#: Heads and batch rows checked against the float32 reference (it materialises S x S).
+CHECK_BATCH, CHECK_HEADS = 1, 2
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def _flex(case: Case):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # one compiled graph per case and mode: the default limit of 8 would silently send
+    # the later cases to eager flex_attention and time that instead
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               4 * len(CASES))
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    mask = None
+    if case.causal:
+        mask = create_block_mask(lambda b, h, q, k: k <= q, None, None, case.seq, case.seq,
+                                 device="cuda")
+
+    def run(q, k, v, causal):
+        return compiled(q, k, v, block_mask=mask)
+
+    return run
+
+
+def _xformers():
+    xops = optional_import("xformers.ops")
+
+    def run(q, k, v, causal):
+        bias = xops.LowerTriangularMask() if causal else None
+        # xformers takes (B, S, H, D); the views cost nothing, its output is viewed back
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _provider(name: str, case: Case):
+    if name == "fastlab":
+        return lambda q, k, v, causal: attention(q, k, v, causal=causal)
+    if name.startswith("sdpa-"):
+        if name == "sdpa-math" and case.seq > SMALL:
+            pytest.skip("sdpa-math materialises S x S scores: only timed on short sequences")
+        backend = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                   "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}[name]
+        return _sdpa(backend)
+    if name == "flex":
+        return _flex(case)
+    return _xformers()
+
+
+def _check(fn, q, k, v, grad_out, case: Case, mode: str) -> None:
+    """The provider's output (and gradients) on a slice match the float32 reference."""
+    sl = (slice(0, CHECK_BATCH), slice(0, CHECK_HEADS))
+    ref_in = [x[sl].detach().float().requires_grad_() for x in (q, k, v)]
+    want = attention_ref(*ref_in, causal=case.causal)
+    # TF32 dots (fastlab and the fp32 peers) are 10-bit mantissa products
+    scale = 5000.0 if case.dtype == torch.float32 else 2.0
+    out = fn(q, k, v, case.causal)
+    assert_close(out[sl], want, case.dtype, scale=scale, msg="output")
+    if mode == "full":
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+        exact = torch.autograd.grad(want, ref_in, grad_out[sl].float())
+        for name, a, b in zip(("dq", "dk", "dv"), got, exact):
+            assert_close(a[sl], b, case.dtype, scale=scale, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_attention(bench, case, provider, mode):
+    shape = (case.batch, case.heads, case.seq, case.head_dim)
+    q, k, v = (randn(shape, case.dtype, "cuda", seed=s, requires_grad=mode == "full")
+               for s in (1, 2, 3))
+    grad_out = randn(shape, case.dtype, "cuda", seed=4)
+    fn = _provider(provider, case)
+    try:
+        out = fn(q, k, v, case.causal)
+        if mode == "full":
+            torch.autograd.grad(out, (q, k, v), grad_out)
+    except Exception as exc:  # a peer refusing this dtype, head dim or shape
+        if provider == "fastlab":
+            raise
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        pytest.skip(f"{provider} does not run {case.name}: {reason}")
+    _check(fn, q, k, v, grad_out, case, mode)
+
+    if mode == "fwd":
+        def run():
+            return fn(q, k, v, case.causal)
+    else:
+        def run():
+            return torch.autograd.grad(fn(q, k, v, case.causal), (q, k, v), grad_out)
+
+    bench.measure(OP, case.name, mode, provider, run, floor_bytes=case.floor_bytes(mode),
+                  floor_flops=case.flops(mode),
+                  shape=dict(batch=case.batch, heads=case.heads, seq=case.seq,
+                             head_dim=case.head_dim, dtype=str(case.dtype),
+                             causal=case.causal))

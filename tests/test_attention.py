@@ -1,0 +1,279 @@
+"""fastlab.ops.attention: the Triton kernels (interpreted on CPU) against a float64 oracle.
+
+Every kernel check runs forward and all three gradients (and the LSE with its gradient)
+against :func:`attention_ref` evaluated in float64 on the same input values, on odd
+sizes where blocks do not divide the sequences and head dims need padding.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlab.ops._dispatch import backend
+from fastlab.ops.attention import attention, attention_ref
+from fastlab.testing import assert_close, non_contiguous, randn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+def _tol_scale(dtype: torch.dtype) -> float:
+    """Tolerance multiplier: fp32 on the GPU goes through TF32 dots (10-bit mantissa)."""
+    if dtype == torch.float32:
+        return 2000.0 if ON_GPU else 4.0
+    return 2.0
+
+
+def _make(shape, dtype, seed, layout):
+    """Fresh inputs of ``shape`` (B, H, S, D) in one of three memory layouts."""
+    x = randn(shape, dtype, DEVICE, seed=seed)
+    if layout == "bshd":  # a (B, S, H, D) tensor seen as (B, H, S, D), as projections give
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "strided":
+        x = non_contiguous(x)
+    return x.requires_grad_()
+
+
+def _run(q, k, v, grad_out, grad_lse, **kwargs):
+    out, lse = attention(q, k, v, return_lse=True, **kwargs)
+    # rows that see no key have lse = -inf; their LSE gradient is taken as 0
+    loss = (out.float() * grad_out.float()).sum() + (lse.nan_to_num(0.0, 0.0, 0.0) * grad_lse).sum()
+    return (out, lse) + torch.autograd.grad(loss, (q, k, v))
+
+
+def _check_once(batch, hq, hkv, q_len, kv_len, d, causal, dtype, *, kv_lens=None,
+                layout="contiguous", scale=None):
+    q = _make((batch, hq, q_len, d), dtype, 1, layout)
+    k = _make((batch, hkv, kv_len, d), dtype, 2, layout)
+    v = _make((batch, hkv, kv_len, d), dtype, 3, layout)
+    grad_out = randn((batch, hq, q_len, d), dtype, DEVICE, seed=4)
+    grad_lse = randn((batch, hq, q_len), torch.float32, DEVICE, seed=5)
+    kwargs = dict(causal=causal, scale=scale,
+                  kv_lens=None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE))
+    with backend("kernel"):
+        got = _run(q, k, v, grad_out, grad_lse, **kwargs)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = _run(*exact, grad_out.double(), grad_lse.double(), **kwargs)
+
+    out, lse = got[:2]
+    assert out.shape == q.shape and out.dtype == dtype
+    assert out.stride() == torch.empty_like(q).stride(), "output must keep q's layout"
+    assert lse.dtype == torch.float32
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        if name == "lse":
+            assert torch.equal(a.isneginf(), b.isneginf()), "rows without keys differ"
+            a, b = a.nan_to_num(0.0, 0.0, 0.0), b.nan_to_num(0.0, 0.0, 0.0)
+            assert_close(a, b, torch.float32, scale=_tol_scale(dtype), msg=name)
+        else:
+            assert_close(a, b, dtype, scale=_tol_scale(dtype), msg=name)
+    return got
+
+
+@pytest.mark.parametrize("d", [4, 16, 24, 64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("q_len,kv_len", [(37, 53), (53, 37)])
+def test_matches_float64_reference(q_len, kv_len, causal, d):
+    _check_once(1, 2, 2, q_len, kv_len, d, causal, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision_inputs(dtype, causal):
+    _check_once(2, 2, 2, 37, 53, 24, causal, dtype)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_and_multi_query_heads(hq, hkv, causal):
+    _check_once(1, hq, hkv, 37, 53, 16, causal, torch.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("q_len,kv_len,kv_lens", [(37, 53, [53, 0, 20]), (21, 53, [5, 53, 38])])
+def test_per_sequence_key_lengths(q_len, kv_len, kv_lens, causal):
+    got = _check_once(3, 2, 1, q_len, kv_len, 16, causal, torch.float32, kv_lens=kv_lens)
+    dk, dv = got[3], got[4]
+    for b, n in enumerate(kv_lens):
+        assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all(), "padding keys got grad"
+
+
+@pytest.mark.parametrize("layout", ["bshd", "strided"])
+def test_strided_inputs_read_in_place(layout):
+    _check_once(2, 4, 2, 37, 53, 24, True, torch.float32, layout=layout)
+
+
+def test_custom_scale_and_single_query():
+    _check_once(1, 2, 2, 37, 53, 16, False, torch.float32, scale=0.3)
+    _check_once(2, 2, 2, 1, 53, 16, True, torch.float32)
+
+
+def test_rows_without_keys_are_zero_not_nan():
+    # bottom-right causal with q_len > kv_len: the first q_len - kv_len rows see nothing
+    q_len, kv_len = 45, 13
+    out, lse, dq, dk, dv = _check_once(1, 2, 2, q_len, kv_len, 16, True, torch.float32)
+    empty = q_len - kv_len
+    assert (out[:, :, :empty] == 0).all() and (dq[:, :, :empty] == 0).all()
+    assert lse[:, :, :empty].isneginf().all() and lse[:, :, empty:].isfinite().all()
+
+
+def test_zero_length_keys():
+    q = randn((2, 2, 7, 16), torch.float32, DEVICE, seed=1, requires_grad=True)
+    k = randn((2, 2, 0, 16), torch.float32, DEVICE, seed=2, requires_grad=True)
+    v = randn((2, 2, 0, 16), torch.float32, DEVICE, seed=3, requires_grad=True)
+    with backend("kernel"):
+        out, lse = attention(q, k, v, causal=True, return_lse=True)
+        (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert (out == 0).all() and lse.isneginf().all() and (dq == 0).all()
+
+
+def test_backward_is_deterministic():
+    q = _make((1, 4, 37, 16), torch.bfloat16, 1, "contiguous")
+    k = _make((1, 1, 53, 16), torch.bfloat16, 2, "contiguous")
+    v = _make((1, 1, 53, 16), torch.bfloat16, 3, "contiguous")
+    grad_out = randn(q.shape, torch.bfloat16, DEVICE, seed=4)
+    with backend("kernel"):
+        first = torch.autograd.grad(attention(q, k, v, causal=True), (q, k, v), grad_out)
+        second = torch.autograd.grad(attention(q, k, v, causal=True), (q, k, v), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_reference_matches_sdpa():
+    """The oracle itself: equal to torch SDPA given the same explicit bottom-right mask."""
+    q = randn((2, 4, 37, 24), torch.float64, seed=1)
+    k = randn((2, 2, 53, 24), torch.float64, seed=2)
+    v = randn((2, 2, 53, 24), torch.float64, seed=3)
+    lens = torch.tensor([53, 30])
+    i, j = torch.arange(37)[:, None], torch.arange(53)[None, :]
+    mask = (j < lens.view(2, 1, 1, 1)) & (j <= i + (lens.view(2, 1, 1, 1) - 37))
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                          v.repeat_interleave(2, 1), attn_mask=mask)
+    got = attention_ref(q, k, v, causal=True, kv_lens=lens)
+    torch.testing.assert_close(got, want)
+    plain = F.scaled_dot_product_attention(q[:, :, :37], q, q, is_causal=True)
+    torch.testing.assert_close(attention_ref(q, q, q, causal=True), plain)
+
+
+@pytest.mark.parametrize("use_kv_lens", [False, True])
+def test_reference_backward_gradcheck(use_kv_lens):
+    """float64 runs the reference path of the same custom op: gradcheck its explicit
+    backward, including GQA, the LSE's gradient and rows without keys."""
+    q = randn((2, 4, 9, 5), torch.float64, seed=1, requires_grad=True)
+    k = randn((2, 2, 6, 5), torch.float64, seed=2, requires_grad=True)
+    v = randn((2, 2, 6, 5), torch.float64, seed=3, requires_grad=True)
+    kv_lens = torch.tensor([4, 6]) if use_kv_lens else None
+
+    def fn(q, k, v):
+        out, lse = attention(q, k, v, causal=True, kv_lens=kv_lens, return_lse=True)
+        return out, lse.nan_to_num(0.0, 0.0, 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_cpu_tensors_use_reference_by_default():
+    q = randn((1, 2, 5, 8), torch.float32, seed=1)
+    k = randn((1, 2, 6, 8), torch.float32, seed=2)
+    torch.testing.assert_close(attention(q, k, k, causal=True),
+                               attention_ref(q, k, k, causal=True))
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_opcheck(kernel):
+    q = randn((1, 2, 19, 16), torch.float32, DEVICE, seed=1, requires_grad=True)
+    k = randn((1, 1, 23, 16), torch.float32, DEVICE, seed=2, requires_grad=True)
+    v = randn((1, 1, 23, 16), torch.float32, DEVICE, seed=3, requires_grad=True)
+    lens = torch.tensor([17], device=DEVICE)
+    with backend("kernel" if kernel else "reference"):
+        torch.library.opcheck(torch.ops.fastlab.attention_fwd.default,
+                              (q, k, v, lens, True, 0.25))
+        out, lse = torch.ops.fastlab.attention_fwd(q, k, v, lens, True, 0.25)
+        torch.library.opcheck(torch.ops.fastlab.attention_bwd.default,
+                              (torch.randn_like(out), torch.randn_like(lse), q.detach(),
+                               k.detach(), v.detach(), out.detach(), lse.detach(), lens,
+                               True, 0.25))
+
+
+def test_torch_compile_fullgraph():
+    q = _make((1, 2, 37, 16), torch.float32, 1, "bshd")
+    k = _make((1, 1, 53, 16), torch.float32, 2, "bshd")
+    v = _make((1, 1, 53, 16), torch.float32, 3, "bshd")
+    lens = torch.tensor([40], device=DEVICE)
+
+    def step(q, k, v):
+        out, lse = attention(q, k, v, causal=True, kv_lens=lens, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with backend("kernel"):
+        eager = torch.autograd.grad(step(q, k, v), (q, k, v))
+        traced = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b)
+
+
+def _bad(q_shape=(2, 4, 5, 8), k_shape=(2, 2, 6, 8), v_shape=None, dtypes=None, **kwargs):
+    dq, dk, dv = dtypes or (torch.float32,) * 3
+    q = torch.randn(q_shape).to(dq)
+    k = torch.randn(k_shape).to(dk)
+    v = torch.randn(v_shape or k_shape).to(dv)
+    attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (dict(k_shape=(3, 2, 6, 8)), ValueError, "batch of k/v"),
+    (dict(k_shape=(2, 3, 6, 8)), ValueError, "multiple of k/v heads"),
+    (dict(q_shape=(2, 4, 5, 8), k_shape=(2, 4, 6, 4)), ValueError, "head_dim of k/v"),
+    (dict(v_shape=(2, 2, 7, 8)), ValueError, "same shape"),
+    (dict(q_shape=(2, 4, 5, 300), k_shape=(2, 2, 6, 300)), ValueError, "head_dim must be"),
+    (dict(q_shape=(4, 5, 8)), ValueError, "4-D"),
+    (dict(dtypes=(torch.float32, torch.bfloat16, torch.float32)), TypeError, "share a dtype"),
+    (dict(dtypes=(torch.int64,) * 3), TypeError, "q must be float16"),
+    (dict(kv_lens=torch.tensor([3, 7])), ValueError, r"kv_lens values must be in \[0, 6\]"),
+    (dict(kv_lens=torch.tensor([-1, 2])), ValueError, "kv_lens values"),
+    (dict(kv_lens=torch.tensor([3])), ValueError, r"kv_lens must have shape \(batch,\)"),
+    (dict(kv_lens=torch.tensor([3.0, 2.0])), TypeError, "kv_lens must be int32 or int64"),
+    (dict(kv_lens=[3, 2]), TypeError, "kv_lens must be a torch.Tensor"),
+    (dict(scale=0.0), ValueError, "scale must be a positive"),
+])
+def test_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        _bad(**args)
+
+
+def test_non_tensor_input():
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        attention(torch.randn(1, 1, 2, 4), [[1.0]], torch.randn(1, 1, 2, 4))
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: real sizes against the reference (float32 oracle in chunks would be slower than the
+# test is worth; the float64 oracle fits at these sizes)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hkv,q_len,kv_len,d,causal", [
+    (2, 8, 8, 1024, 1024, 128, True),
+    (2, 8, 2, 777, 1500, 64, True),
+    (1, 4, 4, 300, 129, 256, True),
+    (16, 4, 4, 256, 256, 16, False),
+    (64, 8, 8, 64, 64, 4, True),
+])
+def test_gpu_real_sizes(b, hq, hkv, q_len, kv_len, d, causal, dtype):
+    _check_once(b, hq, hkv, q_len, kv_len, d, causal, dtype, layout="bshd")
+
+
+@pytest.mark.gpu
+def test_gpu_float32_and_key_lengths():
+    _check_once(4, 4, 2, 300, 513, 96, True, torch.float32, kv_lens=[513, 0, 77, 300])
+
+
+@pytest.mark.gpu
+def test_gpu_matches_sdpa_bf16():
+    q, k, v = (randn((4, 16, 2048, 128), torch.bfloat16, "cuda", seed=s) for s in (1, 2, 3))
+    got = attention(q, k, v, causal=True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert math.isfinite(got.float().abs().max().item())
