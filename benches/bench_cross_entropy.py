@@ -1,0 +1,130 @@
+"""Cross-entropy and fused linear cross-entropy, forward + backward, against their peers.
+
+Cross-entropy cases (bf16 logits, 1/8 of the targets ignored): the floor reads the logits
+and writes their gradient once, 2 * N * V * 2 bytes. Fused linear cross-entropy: the
+floor is its three matmuls, 6 * N * H * V flops. Every provider is checked against a
+float64 reference on a slice of rows before it is timed; ``peak_extra_mem_gb`` is what
+one forward + backward allocates beyond its inputs (the gradients it returns included).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benches.conftest import optional_import
+from fastlab.ops.cross_entropy import cross_entropy, cross_entropy_ref
+from fastlab.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+CE_CASES = {"16384x128256": (16384, 128256), "8192x32768": (8192, 32768)}
+FLCE_CASE = (16384, 4096, 128256)  # tokens, hidden, vocabulary
+#: Rows checked against float64 before timing (all of them would need 17 GB in float64).
+CHECK_ROWS = 256
+
+
+def _targets(n, V, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    t = torch.randint(0, V, (n,), device="cuda", generator=g)
+    t[::8] = -100
+    return t
+
+
+def _ce_providers():
+    """name -> f(logits, target) returning the mean loss (differentiable)."""
+    return {
+        "fastlab": lambda x, t: cross_entropy(x, t),
+        "eager_fp32": lambda x, t: F.cross_entropy(x.float(), t),
+        "eager_fp64": lambda x, t: F.cross_entropy(x.double(), t).float(),
+        "torch_compile": torch.compile(lambda x, t: F.cross_entropy(x.float(), t),
+                                       dynamic=False),
+    }
+
+
+def _liger_ce():
+    module = optional_import("liger_kernel.transformers.cross_entropy")
+    loss = module.LigerCrossEntropyLoss(ignore_index=-100)
+    return lambda x, t: loss(x, t)
+
+
+def _check_ce(fn, x, t):
+    """Loss and gradient of the first CHECK_ROWS rows against float64."""
+    xs = x[:CHECK_ROWS].detach().clone().requires_grad_(True)
+    ts = t[:CHECK_ROWS]
+    loss = fn(xs, ts)
+    (g,) = torch.autograd.grad(loss, xs)
+    x64 = xs.detach().double().requires_grad_(True)
+    want = cross_entropy_ref(x64, ts)
+    (gwant,) = torch.autograd.grad(want, x64)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g.double(), gwant, rtol=2e-2, atol=1e-6)
+
+
+def _full_step(fn, x, t):
+    def step():
+        loss = fn(x, t)
+        return torch.autograd.grad(loss, x)
+    return step
+
+
+@pytest.mark.parametrize("case", list(CE_CASES))
+@pytest.mark.parametrize("provider", ["fastlab", "fastlab_inplace", "eager_fp32",
+                                      "eager_fp64", "torch_compile", "liger"])
+def test_cross_entropy(bench, case, provider):
+    N, V = CE_CASES[case]
+    x = (torch.randn(N, V, device="cuda") * 3).to(torch.bfloat16).requires_grad_(True)
+    t = _targets(N, V)
+    floor_bytes = 2 * N * V * x.element_size()
+    shape = dict(N=N, V=V, dtype="bfloat16")
+    if provider == "liger":
+        fn = _liger_ce()
+    elif provider != "fastlab_inplace":
+        fn = _ce_providers()[provider]
+    if provider == "fastlab_inplace":
+        # each call overwrites the logits with their gradient; later calls time the same
+        # work on those values, and the gradient returned is the logits buffer itself
+        _check_ce(lambda a, b: cross_entropy(a * 1, b, inplace_backward=True), x, t)
+
+        def step():
+            return torch.autograd.grad(cross_entropy(x, t, inplace_backward=True), x)
+        bench.measure("cross_entropy", case, "full", provider, step,
+                      floor_bytes=floor_bytes, shape=shape)
+        return
+    _check_ce(fn, x, t)
+    bench.measure("cross_entropy", case, "full", provider, _full_step(fn, x, t),
+                  floor_bytes=floor_bytes, shape=shape)
+    with torch.no_grad():
+        bench.measure("cross_entropy", case, "fwd", provider, lambda: fn(x, t),
+                      floor_bytes=N * V * x.element_size(), shape=shape)
+
+
+def _flce_providers():
+    def matmul_ce(h, w, t):
+        return F.cross_entropy((h @ w.T).float(), t)
+
+    return {
+        "fastlab": lambda h, w, t: fused_linear_cross_entropy(h, w, t),
+        "eager": matmul_ce,
+        "torch_compile": torch.compile(matmul_ce, dynamic=False),
+    }
+
+
+@pytest.mark.parametrize("provider", ["fastlab", "torch_compile", "eager", "liger"])
+def test_fused_linear_cross_entropy(bench, provider):
+    N, H, V = FLCE_CASE
+    h = (torch.randn(N, H, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(V, H, device="cuda") * H ** -0.5).to(torch.bfloat16).requires_grad_(True)
+    t = _targets(N, V, seed=1)
+    if provider == "liger":
+        module = optional_import("liger_kernel.transformers.fused_linear_cross_entropy")
+        loss_fn = module.LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        fn = lambda a, b, c: loss_fn(b, a, c)  # noqa: E731  (Liger takes the weight first)
+    else:
+        fn = _flce_providers()[provider]
+    n = CHECK_ROWS
+    loss = fn(h[:n], w, t[:n])
+    want = cross_entropy_ref(h[:n].detach().double() @ w.detach().double().T, t[:n])
+    torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=1e-3)
+
+    def step():
+        return torch.autograd.grad(fn(h, w, t), (h, w))
+
+    bench.measure("fused_linear_cross_entropy", f"{N}x{H}x{V}", "full", provider, step,
+                  floor_flops=6 * N * H * V, shape=dict(N=N, H=H, V=V, dtype="bfloat16"))

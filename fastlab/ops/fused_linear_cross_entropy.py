@@ -1,0 +1,279 @@
+"""Linear layer + cross-entropy without the full logits: ``hidden @ weight.T (+ bias)``.
+
+The tokens are cut into chunks. For each chunk the logits (chunk x V, in the hidden dtype)
+are computed, the cross-entropy kernel turns them in place into their gradient (already
+multiplied by 1/n_valid for a mean), and that gradient feeds the three products that need
+it: grad_hidden (chunk rows, fp32 accumulation over V inside the matmul), grad_weight and
+grad_bias (accumulated across chunks in float32 and cast once at the end). The backward
+only multiplies these by the incoming scalar, skipped when it is exactly 1.
+
+``reduction="none"`` cannot fold a per-row incoming gradient into grad_weight ahead of
+time: its forward computes the losses only and its backward recomputes each chunk's logits
+with the incoming gradient of every row (one more matmul).
+
+Memory beyond the inputs: the chunk's logits, grad_hidden, and the float32 weight gradient
+(V x H x 4 bytes: kept in slices so that casting it to the weight's dtype needs no second
+full copy). Numerics and options are those of :func:`fastlab.ops.cross_entropy`.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _reference_rows,
+                                       check_target_range, cross_entropy_ref, scale_grad_,
+                                       validate)
+
+#: Budget for one chunk's logits: 512 MiB holds 2048 rows of a 128K bf16 vocabulary, enough
+#: rows that the weight-gradient matmul (K = chunk) stays compute-bound over its fp32 output.
+_CHUNK_LOGITS_BYTES = 512 * 2**20
+#: Fewest rows per chunk, so a small vocabulary still gets matmuls worth launching.
+_MIN_CHUNK = 256
+#: Slices of the fp32 weight gradient: each is cast and freed in turn at the end, so the
+#: cast costs 1/8 of the gradient in extra memory instead of a full copy.
+_WEIGHT_GRAD_SLICES = 8
+
+
+def chunk_rows(n_tokens: int, vocab: int, itemsize: int) -> int:
+    """Rows per chunk: a power of two within the logits budget, at most the token count."""
+    rows = max(_MIN_CHUNK, _CHUNK_LOGITS_BYTES // max(1, vocab * itemsize))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(rows, n_tokens))
+
+
+def fused_linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tensor,
+                                   bias: Optional[Tensor] = None, **options):
+    """Plain-PyTorch oracle: the full logits in float64, then :func:`cross_entropy_ref`."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    return cross_entropy_ref(logits, target, **options)
+
+
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b, accumulated in fp32 whatever the operands' dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+             scale: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+             with_grad: bool, chunk: int):
+    """Kernel path over token chunks: (loss rows, z rows, grads or Nones). ``scale`` is the
+    gradient factor, one value or one per row."""
+    from fastlab.kernels.cross_entropy import cross_entropy_forward
+
+    N, H = hidden.shape
+    V = weight.shape[0]
+    loss = torch.empty(N, device=hidden.device, dtype=torch.float32)
+    zloss = torch.empty_like(loss)
+    grad_hidden = grad_bias = None
+    slices = []
+    if with_grad:
+        grad_hidden = torch.empty_like(hidden)
+        parts = 1 if weight.dtype == torch.float32 else _WEIGHT_GRAD_SLICES
+        bounds = [V * i // parts for i in range(parts + 1)]
+        slices = [(lo, hi, torch.zeros(hi - lo, H, device=weight.device,
+                                       dtype=torch.float32))
+                  for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        if bias is not None:
+            grad_bias = torch.zeros(V, device=weight.device, dtype=torch.float32)
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        h = hidden[start:end]
+        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        rows_scale = scale if scale.dim() == 0 else scale[start:end]
+        loss[start:end], zloss[start:end] = cross_entropy_forward(
+            logits, target[start:end], logits if with_grad else None, rows_scale,
+            ignore_index, label_smoothing, z_loss)
+        if with_grad:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+            for lo, hi, acc in slices:
+                _add_product(acc, logits[:, lo:hi].T, h)
+            if grad_bias is not None:
+                grad_bias += logits.sum(dim=0, dtype=torch.float32)
+        del logits
+    if not with_grad:
+        return loss, zloss, None, None, None
+    if weight.dtype == torch.float32:
+        grad_weight = slices[0][2]
+    else:
+        cast = []
+        while slices:
+            cast.append(slices.pop(0)[2].to(weight.dtype))
+        grad_weight = torch.cat(cast)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, zloss, grad_hidden, grad_weight, grad_bias
+
+
+def _reference(hidden, weight, bias, target, scale, ignore_index, label_smoothing, z_loss,
+               with_grad):
+    """Reference path: full float64 logits and the written-out gradient."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    rows, zrows, g = _reference_rows(logits, target, ignore_index, label_smoothing, z_loss,
+                                     with_grad)
+    if not with_grad:
+        return rows, zrows, None, None, None
+    g = g * (scale.double() if scale.dim() == 0 else scale.double()[:, None])
+    grad_bias = None if bias is None else g.sum(dim=0).to(bias.dtype)
+    return (rows, zrows, (g @ weight.double()).to(hidden.dtype),
+            (g.T @ hidden.double()).to(weight.dtype), grad_bias)
+
+
+def _run(hidden, weight, bias, target, scale, ignore_index, label_smoothing, z_loss,
+         with_grad, chunk_size):
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    if _kernel_ok(hidden, weight, target):
+        chunk = chunk_size or chunk_rows(h2.shape[0], weight.shape[0], hidden.element_size())
+        return _chunked(h2, weight, bias, t, scale, ignore_index, label_smoothing, z_loss,
+                        with_grad, chunk)
+    return _reference(h2, weight, bias, t, scale, ignore_index, label_smoothing, z_loss,
+                      with_grad)
+
+
+def _empty_grad(like: Optional[Tensor], grad: Optional[Tensor]) -> Tensor:
+    """Custom ops return tensors only: an absent bias gets an empty gradient."""
+    if grad is not None:
+        return grad
+    return torch.empty(0, device=like.device, dtype=like.dtype)
+
+
+@torch.library.custom_op("fastlab::fused_linear_cross_entropy_forward", mutates_args=())
+def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                ignore_index: int, label_smoothing: float, z_loss: float, reduction: str,
+                check_targets: bool, with_grad: bool, chunk_size: int
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss, z-loss, and (with_grad) the pre-scaled gradients of hidden, weight, bias."""
+    if check_targets:
+        check_target_range(target, weight.shape[0], ignore_index)
+    t = target.reshape(-1)
+    scale = _grad_scale(t, ignore_index, reduction)
+    rows, zrows, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
+                                   label_smoothing, z_loss, with_grad, chunk_size)
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lead = hidden.shape[:-1]
+    loss = _reduce(rows, t, ignore_index, reduction, lead).to(out_dtype)
+    zl = _reduce(zrows, t, ignore_index, reduction, lead).to(out_dtype)
+    if not with_grad:
+        gh = gw = gb = None
+    return (loss, zl, _empty_grad(hidden, None if gh is None else gh.view_as(hidden)),
+            _empty_grad(weight, gw), _empty_grad(weight, gb))
+
+
+@torch.library.custom_op("fastlab::fused_linear_cross_entropy_backward", mutates_args=())
+def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                 grad_rows: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                 chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``reduction="none"``, each row's gradient times ``grad_rows``."""
+    scale = grad_rows.reshape(-1).to(torch.float32)
+    _, _, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
+                            label_smoothing, z_loss, True, chunk_size)
+    return gh.view_as(hidden), gw, _empty_grad(weight, gb)
+
+
+@_forward_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
+      check_targets, with_grad, chunk_size):
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    shape = hidden.shape[:-1] if reduction == "none" else ()
+    loss = hidden.new_empty(shape, dtype=out_dtype)
+    if not with_grad:
+        empty = hidden.new_empty(0)
+        return loss, torch.empty_like(loss), empty, weight.new_empty(0), weight.new_empty(0)
+    gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (loss, torch.empty_like(loss), torch.empty_like(hidden), torch.empty_like(weight),
+            gb)
+
+
+@_backward_op.register_fake
+def _(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss,
+      chunk_size):
+    gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                reduction, check_targets, chunk_size):
+        deferred = reduction == "none"
+        loss, zl, gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_forward(
+            hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
+            check_targets, not deferred, chunk_size)
+        ctx.deferred = deferred
+        ctx.has_bias = bias is not None
+        ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size)
+        if deferred:
+            ctx.save_for_backward(hidden, weight, bias, target)
+        else:
+            ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(zl)
+        return loss, zl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_zl):
+        if grad_loss is None:
+            return (None,) * 10
+        if ctx.deferred:
+            hidden, weight, bias, target = ctx.saved_tensors
+            gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_backward(
+                hidden, weight, bias, target, grad_loss, *ctx.options)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            for g in (gh, gw, gb):
+                scale_grad_(g, grad_loss)
+        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 7
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
+                               bias: Optional[Tensor] = None, *, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, reduction: str = "mean",
+                               z_loss: float = 0.0, return_z_loss: bool = False,
+                               check_targets: Optional[bool] = None,
+                               chunk_size: Optional[int] = None):
+    """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the full logits.
+
+    ``hidden`` (..., H), ``weight`` (V, H), ``bias`` (V,) or None, ``target`` (...) class
+    indices. Options as :func:`fastlab.ops.cross_entropy`; ``chunk_size`` (tokens per
+    chunk) defaults to a choice from the shapes.
+    """
+    validate(hidden, target, ignore_index, label_smoothing, reduction, z_loss,
+             logits_name="hidden")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor (V, H)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's "
+                         f"last dimension, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype
+                             or bias.device != hidden.device):
+        raise ValueError(f"bias must be a ({weight.shape[0]},) tensor of {hidden.dtype} on "
+                         f"{hidden.device}, got {tuple(bias.shape)} {bias.dtype} "
+                         f"{bias.device}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape "
+                         f"without the feature dimension), got {tuple(target.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                   not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check = target.device.type == "cpu" if check_targets is None else bool(check_targets)
+    args = (int(ignore_index), float(label_smoothing), float(z_loss), reduction, check)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wants_grad:
+        loss, zl = _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, *args,
+                                                  chunk_size or 0)
+    else:
+        loss, zl = torch.ops.fastlab.fused_linear_cross_entropy_forward(
+            hidden, weight, bias, target, *args, False, chunk_size or 0)[:2]
+    return (loss, zl) if return_z_loss else loss

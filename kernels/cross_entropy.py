@@ -1,0 +1,268 @@
+"""Cross-entropy over the last dimension: loss and gradient of each row in one launch.
+
+Algorithm (one program per row of ``logits`` (N, V), target class y):
+
+1. Load y and its logit z_y before anything else, so the running max m starts at z_y and,
+   whenever the target holds the max, the sum below never needs rescaling.
+2. Sweep 1 over V in blocks: m = max_j z_j and s = sum_{j != y} exp(z_j - m), the block
+   sums added with Kahan compensation (the sum is rescaled when m grows).
+3. With d = m - z_y >= 0 the loss is log1p(s) when d == 0 (the target dominates: the value
+   float32 and float64 lose, computed from its small argument) and d + log(s + exp(-d))
+   otherwise (no cancellation: both terms are positive). The target's probability is never
+   subtracted from 1: its gradient is -s / (s + exp(-d)), which is -t / (1 + t) with
+   t = sum_{j != y} exp(z_j - z_y).
+4. Sweep 2 writes the gradient p_j = exp(z_j - m) / (s + exp(-d)) (plus label smoothing and
+   z-loss terms) times a per-row factor (1/n_valid for a mean). It runs over the blocks in
+   reverse, so the blocks sweep 1 read last are re-read first, while they are still in L2.
+   Rows of at most ``_SINGLE_BLOCK_BYTES`` are held in registers instead and read once.
+
+Floor: read the logits once and write the gradient once, 2 * N * V * itemsize bytes; the
+streaming sweeps re-read the logits (from L2 where they still are), the single-block path
+meets the floor. Ignored rows (target == ignore_index) get loss 0 and a zero gradient; a
+target outside [0, V) that is not ignore_index gives a NaN loss and a NaN gradient row
+(never an out-of-bounds read).
+
+Accuracy does not rest on the hardware's approximate transcendental functions: ``_exp``
+recovers the rounding error of x * log2(e) with an FMA (exp2 alone would be off by up to
+|x| * 2**-24 relative), and ``_log1p`` evaluates small arguments with a series instead of
+log(1 + t), whose hardware log is accurate only in absolute terms near 1.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_power_of_2
+
+LOG2E_HI = tl.constexpr(1.4426950216293335)  # log2(e) rounded to float32
+LOG2E_LO = tl.constexpr(1.92596298909109e-08)  # log2(e) - LOG2E_HI
+LN2 = tl.constexpr(0.6931471824645996)
+
+#: Rows up to this many bytes are loaded once and kept in registers between the sweeps:
+#: 64 KiB is 32768 bf16 / 16384 fp32 values, 32 per thread over 32 warps, which still fits
+#: the register file of one SM without spilling.
+_SINGLE_BLOCK_BYTES = 65536
+#: Bytes of logits one streaming block loads: 16 KiB over 16 warps is two 16-byte vector
+#: loads per thread, and small enough for several programs per SM to hide HBM latency.
+_STREAM_BLOCK_BYTES = 16384
+#: Warps of a streaming program (see above).
+_STREAM_WARPS = 16
+#: Values per thread in the single-block path: sets its warp count (4 to 32 warps).
+_SINGLE_VALUES_PER_THREAD = 32
+#: Block of the gradient-scaling kernel: 8192 values = 16 elementwise values per thread.
+_SCALE_BLOCK = 8192
+
+
+def launch_config(V: int, itemsize: int):
+    """(BLOCK_V, SINGLE_BLOCK, num_warps) for rows of V values of ``itemsize`` bytes."""
+    if V * itemsize <= _SINGLE_BLOCK_BYTES:
+        block = next_power_of_2(V)
+        warps = min(32, max(4, block // (32 * _SINGLE_VALUES_PER_THREAD)))
+        return block, True, warps
+    return _STREAM_BLOCK_BYTES // itemsize, False, _STREAM_WARPS
+
+
+@triton.jit
+def _exp(x):
+    """exp(x) in float32 to a few ulp, with exp(-inf) = 0."""
+    y = x * LOG2E_HI
+    err = tl.fma(x, LOG2E_HI, -y) + x * LOG2E_LO  # x*log2(e) - y, exactly enough
+    e = tl.exp2(y)
+    return tl.where(x == -float("inf"), 0.0, tl.fma(e, err * LN2, e))
+
+
+@triton.jit
+def _log1p(t):
+    """log(1 + t) for t >= 0: series of 2*atanh(t / (2 + t)) below 0.5, log above."""
+    w = t / (2.0 + t)
+    w2 = w * w
+    poly = 1.0 + w2 * (1 / 3 + w2 * (1 / 5 + w2 * (1 / 7 + w2 * (1 / 9 + w2 * (1 / 11)))))
+    return tl.where(t < 0.5, 2.0 * w * poly, tl.log(1.0 + t))
+
+
+@triton.jit
+def _block_stats(x, offs, y, valid, z_y, m, s, comp, zsum, HAS_SMOOTHING: tl.constexpr):
+    """Fold one block of logits into the running max m, the compensated sum s (+ comp) of
+    exp(z_j - m) over j != y, and (with label smoothing) the sum of z_j - z_y."""
+    x_other = tl.where(offs == y, -float("inf"), x)
+    m_new = tl.maximum(m, tl.max(x_other, axis=0))
+    alpha = _exp(m - m_new)
+    block = tl.sum(_exp(x_other - m_new), axis=0)
+    s = s * alpha
+    comp = comp * alpha
+    # Kahan step: comp carries what the previous additions rounded away
+    add = block - comp
+    total = s + add
+    comp = (total - s) - add
+    s = total
+    if HAS_SMOOTHING:
+        zsum += tl.sum(tl.where(valid, x - z_y, 0.0), axis=0)
+    return m_new, s, comp, zsum
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    # data
+    logits_ptr,  # (N, V) fp32/bf16/fp16, read
+    grad_ptr,  # (N, V) logits dtype, written when WRITE_GRAD; may be logits_ptr itself
+    target_ptr,  # (N,) int32/int64
+    scale_ptr,  # (N,) or one fp32 value (stride 0): factor of each row's gradient
+    loss_ptr,  # (N,) fp32: loss of each row, z-loss term included
+    zloss_ptr,  # (N,) fp32: z-loss term of each row
+    # strides
+    stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
+    # options
+    ignore_index, label_smoothing, z_loss,
+    # constants (V too: it is fixed per model, and loop bounds must be known to the
+    # interpreter as plain ints)
+    V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    logits_row = logits_ptr + row * stride_ln
+    grad_row = grad_ptr + row * stride_gn
+    y = tl.load(target_ptr + row * stride_t).to(tl.int64)
+
+    if y == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(zloss_ptr + row, 0.0)
+        if WRITE_GRAD:
+            zero = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(grad_row + offs * stride_gv, zero, mask=offs < V)
+    else:
+        # 1. the target first; an out-of-range target reads column 0 and poisons the row
+        in_range = (y >= 0) & (y < V)
+        y = tl.where(in_range, y, 0)
+        z_y = tl.load(logits_row + y * stride_lv).to(tl.float32)
+
+        # 2. sweep 1: max, compensated sum over the other classes, sum for smoothing
+        m = z_y
+        s = 0.0
+        comp = 0.0
+        zsum = 0.0
+        if SINGLE_BLOCK:
+            valid = cols < V
+            x = tl.load(logits_row + cols * stride_lv, mask=valid, other=-float("inf"))
+            x = x.to(tl.float32)
+            m, s, comp, zsum = _block_stats(x, cols, y, valid, z_y, m, s, comp, zsum,
+                                            HAS_SMOOTHING)
+        else:
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                valid = offs < V
+                x = tl.load(logits_row + offs * stride_lv, mask=valid, other=-float("inf"),
+                            eviction_policy="evict_last").to(tl.float32)
+                m, s, comp, zsum = _block_stats(x, offs, y, valid, z_y, m, s, comp, zsum,
+                                                HAS_SMOOTHING)
+
+        # 3. loss of the row
+        d = m - z_y
+        e_y = _exp(-d)
+        denom = s + e_y
+        nll = tl.where(d == 0.0, _log1p(s), d + tl.log(denom))
+        loss = nll
+        if HAS_SMOOTHING:
+            loss = loss - label_smoothing * zsum / V
+        zterm = 0.0
+        lse = z_y + nll
+        if HAS_Z_LOSS:
+            zterm = z_loss * lse * lse
+        poison = tl.where(in_range, 0.0, float("nan"))
+        tl.store(loss_ptr + row, loss + zterm + poison)
+        tl.store(zloss_ptr + row, zterm + poison)
+
+        # 4. sweep 2: the gradient, scaled by the row's factor
+        if WRITE_GRAD:
+            inv = 1.0 / denom
+            coef = inv
+            target_grad = -s * inv
+            smooth_each = 0.0
+            if HAS_SMOOTHING:
+                smooth_each = label_smoothing / V
+                target_grad += label_smoothing - smooth_each
+            if HAS_Z_LOSS:
+                coef = inv * (1.0 + 2.0 * z_loss * lse)
+                target_grad += 2.0 * z_loss * lse * e_y * inv
+            row_scale = tl.load(scale_ptr + row * stride_s).to(tl.float32) + poison
+            if SINGLE_BLOCK:
+                # one block means m is the block's own max: exp(z_j - m) is reused as is
+                p = _exp(tl.where(cols == y, -float("inf"), x) - m) * coef - smooth_each
+                g = tl.where(cols == y, target_grad, p) * row_scale
+                tl.store(grad_row + cols * stride_gv, g.to(grad_ptr.dtype.element_ty),
+                         mask=cols < V)
+            else:
+                n_blocks: tl.constexpr = (V + BLOCK_V - 1) // BLOCK_V
+                for i in range(0, n_blocks):
+                    offs = (n_blocks - 1 - i) * BLOCK_V + cols
+                    valid = offs < V
+                    x = tl.load(logits_row + offs * stride_lv, mask=valid,
+                                other=-float("inf"), eviction_policy="evict_first")
+                    p = _exp(x.to(tl.float32) - m) * coef - smooth_each
+                    g = tl.where(offs == y, target_grad, p) * row_scale
+                    tl.store(grad_row + offs * stride_gv, g.to(grad_ptr.dtype.element_ty),
+                             mask=valid, eviction_policy="evict_first")
+
+
+@triton.jit
+def _scale_rows_kernel(
+    grad_ptr,  # (N, V), scaled in place
+    scale_ptr,  # (N,) or one value (stride 0)
+    V,
+    stride_gn, stride_gv, stride_s,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    factor = tl.load(scale_ptr + row * stride_s).to(tl.float32)
+    # the forward already applied the factor a mean or a sum expects: most rows stop here
+    if factor != 1.0:
+        offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        valid = offs < V
+        ptrs = grad_ptr + row * stride_gn + offs * stride_gv
+        g = tl.load(ptrs, mask=valid).to(tl.float32)
+        tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scale: torch.Tensor,
+                          ignore_index: int, label_smoothing: float, z_loss: float,
+                          block_v=None):
+    """Per-row loss and z-loss term (fp32, shape (N,)) of ``logits`` (N, V); writes the
+    gradient times ``scale`` (one fp32 value or (N,)) into ``grad`` (N, V) unless it is
+    None. ``grad`` may be ``logits`` itself. ``block_v`` overrides the block size (tests)."""
+    N, V = logits.shape
+    loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+    zloss = torch.empty_like(loss)
+    if N == 0:
+        return loss, zloss
+    block, single, warps = launch_config(V, logits.element_size())
+    if block_v is not None:
+        block, single = block_v, block_v >= V
+    write_grad = grad is not None
+    out = grad if write_grad else logits
+    _cross_entropy_kernel[(N,)](
+        logits, out, target, scale, loss, zloss,
+        logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), target.stride(0),
+        scale.stride(0) if scale.dim() else 0,
+        ignore_index, label_smoothing, z_loss,
+        V=V, BLOCK_V=block, SINGLE_BLOCK=single, WRITE_GRAD=write_grad,
+        HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss > 0.0,
+        num_warps=warps,
+    )
+    return loss, zloss
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """Multiply row i of ``grad`` (N, V) by ``scale[i]`` (or by the one value of a 0-d
+    ``scale``) in place; rows whose factor is exactly 1 are not touched."""
+    N, V = grad.shape
+    if N == 0 or V == 0:
+        return
+    grid = (N, triton.cdiv(V, _SCALE_BLOCK))
+    _scale_rows_kernel[grid](grad, scale, V, grad.stride(0), grad.stride(1),
+                             scale.stride(0) if scale.dim() else 0, BLOCK_V=_SCALE_BLOCK,
+                             num_warps=8)

@@ -1,0 +1,319 @@
+"""fastlab.ops.cross_entropy: the Triton kernel (interpreted on CPU) and the reference,
+against float64 torch where torch is accurate and against exact math where it is not."""
+import math
+
+import mpmath
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlab.kernels.cross_entropy import cross_entropy_forward
+from fastlab.nn.cross_entropy import CrossEntropyLoss
+from fastlab.ops._dispatch import backend, interpreting
+from fastlab.ops.cross_entropy import cross_entropy, cross_entropy_ref
+from fastlab.testing import assert_close, non_contiguous, randn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKENDS = ["kernel", "reference"]
+#: Largest relative error of a gradient entry rounded once to each dtype (half an ulp),
+#: doubled for the float32 computation that precedes the rounding. Triton's interpreter
+#: truncates float32 -> bfloat16 instead of rounding, so a whole ulp there.
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2**-11,
+             torch.bfloat16: 2**-7 if interpreting() else 2**-8}
+#: Below fp16's normal range the rounded gradient keeps an absolute error of half the
+#: smallest subnormal (2**-25); e.g. exp(-20) rounds to 0 there.
+GRAD_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2**-25}
+
+
+def _targets(n, V, seed, ignore_every=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, V, (n,), generator=g)
+    if ignore_every:
+        t[::ignore_every] = -100
+    return t.to(DEVICE)
+
+
+def _torch_loss(x64, t, ignore_index, label_smoothing, reduction, z_loss):
+    """F.cross_entropy in float64 (accurate for these moderate logits) + the z-loss term."""
+    V = x64.shape[-1]
+    rows = F.cross_entropy(x64.reshape(-1, V), t.reshape(-1), ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction="none")
+    valid = t.reshape(-1) != ignore_index
+    rows = rows + z_loss * torch.logsumexp(x64.reshape(-1, V), -1) ** 2 * valid
+    if reduction == "none":
+        return rows.reshape(t.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum().clamp(min=1)
+
+
+def _check_once(shape, dtype, bk, *, ignore_every=0, label_smoothing=0.0, z_loss=0.0,
+                reduction="mean", strided=False, seed=0):
+    V = shape[-1]
+    x = randn(shape, dtype, DEVICE, seed=seed, scale=3.0)
+    if strided:
+        x = non_contiguous(x)
+    x.requires_grad_(True)
+    t = _targets(math.prod(shape[:-1]), V, seed, ignore_every).reshape(shape[:-1])
+    x64 = x.detach().double().requires_grad_(True)
+    expected = _torch_loss(x64, t, -100, label_smoothing, reduction, z_loss)
+    weights = randn(expected.shape, torch.float64, DEVICE, seed=seed + 1)
+    (g64,) = torch.autograd.grad((expected * weights).sum(), x64)
+    with backend(bk):
+        loss = cross_entropy(x, t, label_smoothing=label_smoothing, z_loss=z_loss,
+                             reduction=reduction)
+        (g,) = torch.autograd.grad((loss * weights.float()).sum(), x)
+    assert loss.dtype == torch.float32 and g.dtype == dtype
+    assert_close(loss, expected, torch.float32, scale=2.0)
+    assert_close(g, g64, dtype)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [
+    dict(shape=(37, 1003)),
+    dict(shape=(3, 7, 129), ignore_every=4, reduction="sum", strided=True),
+    dict(shape=(37, 1003), ignore_every=3, label_smoothing=0.1),
+    dict(shape=(53, 257), ignore_every=5, z_loss=1e-3, reduction="none"),
+    dict(shape=(37, 1003), label_smoothing=0.05, z_loss=1e-2, strided=True),
+], ids=["plain", "3d-sum-strided", "smoothing", "zloss-none", "all-options-strided"])
+def test_matches_float64_torch(case, dtype, bk):
+    _check_once(dtype=dtype, bk=bk, **case)
+
+
+def _exact(row, y):
+    """Loss and gradient of one row in 60-digit arithmetic."""
+    with mpmath.workdps(60):
+        z = [mpmath.mpf(float(v)) for v in row]
+        t = mpmath.fsum(mpmath.exp(v - z[y]) for j, v in enumerate(z) if j != y)
+        lse = z[y] + mpmath.log1p(t)
+        grad = [mpmath.exp(v - lse) for v in z]
+        grad[y] = -t / (1 + t)
+        return float(mpmath.log1p(t)), [float(g) for g in grad]
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("margin", [0, 5, 20, 40, 80])
+def test_confident_target_matches_exact_math(margin, dtype, bk):
+    V = 53
+    x = randn((3, V), torch.float32, DEVICE, seed=margin).clamp(-1, 1)
+    t = torch.tensor([0, 17, V - 1], device=DEVICE)
+    x[torch.arange(3), t] = margin + x[torch.arange(3), t]
+    x = x.to(dtype).requires_grad_(True)
+    with backend(bk):
+        loss = cross_entropy(x, t, reduction="none")
+        (g,) = torch.autograd.grad(loss.sum(), x)
+    for i in range(3):
+        want_loss, want_grad = _exact(x[i].detach().cpu(), int(t[i]))
+        want_grad = torch.tensor(want_grad, dtype=torch.float64)
+        assert want_loss > 0
+        assert abs(float(loss[i].detach()) - want_loss) <= 1e-5 * want_loss, (i, float(loss[i]))
+        err = (g[i].double().cpu() - want_grad).abs()
+        bound = GRAD_RTOL[dtype] * want_grad.abs() + GRAD_ATOL[dtype]
+        assert bool((err <= bound).all()), (i, float((err / bound).max()))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)])
+def test_streaming_blocks_match_reference(options, dtype, inplace):
+    """Rows longer than one block take the two-sweep path; force it with small blocks."""
+    N, V = 21, 1003
+    x = randn((N, V), dtype, DEVICE, seed=3, scale=4.0)
+    t = _targets(N, V, 3, ignore_every=5)
+    x[1, t[1]] += 40  # a confident row, where the compensated sum matters
+    scale = torch.rand(N, device=DEVICE) + 0.5
+    ls, zl = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
+    with backend("reference"):
+        want = cross_entropy_ref(x, t, reduction="none", label_smoothing=ls, z_loss=zl)
+    x64 = x.double().requires_grad_(True)
+    (gwant,) = torch.autograd.grad(
+        (cross_entropy_ref(x64, t, reduction="none", label_smoothing=ls, z_loss=zl)
+         * scale.double()).sum(), x64)
+    buf = x.clone() if inplace else None
+    grad = buf if inplace else torch.empty_like(x)
+    loss, _ = cross_entropy_forward(buf if inplace else x, t, grad, scale, -100, ls, zl,
+                                    block_v=128)
+    assert_close(loss, want, torch.float32)
+    assert_close(grad, gwant, dtype)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_none_reduction_scales_each_row_by_its_own_grad(bk):
+    x = randn((7, 33), torch.float32, DEVICE, seed=5, requires_grad=True)
+    t = _targets(7, 33, 5)
+    w = torch.arange(1.0, 8.0, device=DEVICE)
+    with backend(bk):
+        (g,) = torch.autograd.grad((cross_entropy(x, t, reduction="none") * w).sum(), x)
+        (g1,) = torch.autograd.grad(cross_entropy(x, t, reduction="none").sum(), x)
+    assert_close(g, g1 * w[:, None], torch.float32)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_grad(reduction, bk):
+    x = randn((5, 11), torch.bfloat16, DEVICE, seed=6, requires_grad=True)
+    t = torch.full((5,), -100, device=DEVICE)
+    with backend(bk):
+        loss = cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.all(loss == 0) and torch.all(g == 0)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_z_loss_is_added_and_reported(bk):
+    x = randn((9, 40), torch.float32, DEVICE, seed=7)
+    t = _targets(9, 40, 7, ignore_every=4)
+    lse2 = torch.logsumexp(x.double(), -1) ** 2
+    valid = t != -100
+    with backend(bk):
+        base, z0 = cross_entropy(x, t, return_z_loss=True)
+        loss, z = cross_entropy(x, t, z_loss=1e-2, return_z_loss=True)
+    assert float(z0) == 0.0
+    want_z = 1e-2 * (lse2 * valid).sum() / valid.sum()
+    assert_close(z, want_z, torch.float32)
+    assert_close(loss, base.double() + want_z, torch.float32)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_inplace_backward_writes_grad_over_logits(bk):
+    h = randn((13, 8), torch.float32, DEVICE, seed=8, requires_grad=True)
+    w = randn((8, 71), torch.float32, DEVICE, seed=9)
+    t = _targets(13, 71, 8, ignore_every=3)
+    with backend(bk):
+        (want,) = torch.autograd.grad(cross_entropy(h @ w, t), h)
+        logits = h @ w
+        (got,) = torch.autograd.grad(cross_entropy(logits, t, inplace_backward=True), h)
+        x = (h @ w).detach().requires_grad_(True)
+        (gx,) = torch.autograd.grad(cross_entropy(x, t), x)
+    assert_close(got, want, torch.float32)
+    assert_close(logits.detach(), gx, torch.float32)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_nan_and_inf_propagate(bk):
+    x = randn((4, 19), torch.float32, DEVICE, seed=10)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, 7] = float("-inf")  # a masked class is fine
+    t = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    with backend(bk):
+        loss = cross_entropy(x, t, reduction="none")
+    assert torch.isfinite(loss[[0, 3]]).all()
+    assert torch.isnan(loss[1]) and not torch.isfinite(loss[2])
+
+
+def test_gradcheck_float64():
+    """gradcheck the reference's autograd; the op's written-out gradient (float64 runs the
+    reference path) must equal it. gradcheck cannot run the op itself: it calls backward
+    twice on one graph, which the op refuses (see the next test)."""
+    x = randn((5, 7), torch.float64, "cpu", seed=11, requires_grad=True)
+    t = torch.tensor([0, 6, -100, 3, 2])
+    x[1, 6].data += 50
+    options = dict(label_smoothing=0.1, z_loss=1e-2)
+    assert torch.autograd.gradcheck(lambda v: cross_entropy_ref(v, t, **options), (x,))
+    for reduction in ("mean", "none"):
+        w = torch.rand(5, dtype=torch.float64) if reduction == "none" else 1.0
+        (want,) = torch.autograd.grad(
+            (cross_entropy_ref(x, t, reduction=reduction, **options) * w).sum(), x)
+        (got,) = torch.autograd.grad(
+            (cross_entropy(x, t, reduction=reduction, **options) * w).sum(), x)
+        assert_close(got, want, torch.float64)
+
+
+def test_second_backward_through_one_graph_raises():
+    x = randn((3, 5), torch.float32, "cpu", seed=18, requires_grad=True)
+    loss = cross_entropy(x, torch.tensor([0, 1, 2]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_compiled_equals_eager_with_ignored_targets():
+    x = randn((12, 37), torch.bfloat16, DEVICE, seed=12)
+    t = _targets(12, 37, 12, ignore_every=3)
+
+    def step(v):
+        return cross_entropy(v, t, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True)
+    with backend("kernel"):
+        results = []
+        for fn in (step, compiled):
+            v = x.clone().requires_grad_(True)
+            loss = fn(v)
+            (g,) = torch.autograd.grad(loss, v)
+            results.append((loss, g))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_opcheck():
+    x = randn((6, 17), torch.float32, DEVICE, seed=13)
+    t = _targets(6, 17, 13, ignore_every=4)
+    args = (-100, 0.1, 1e-3, "mean", False)
+    torch.library.opcheck(torch.ops.fastlab.cross_entropy_forward.default, (x, t, *args))
+    torch.library.opcheck(torch.ops.fastlab.cross_entropy_forward_grad.default,
+                          (x, t, torch.empty_like(x), *args))
+    torch.library.opcheck(torch.ops.fastlab.scale_grad.default,
+                          (torch.randn(6, 17, device=DEVICE), torch.rand(6, device=DEVICE)))
+
+
+def test_module_matches_functional_and_takes_torch_arguments():
+    x = randn((2, 5, 31), torch.float32, DEVICE, seed=14)
+    t = _targets(10, 31, 14, ignore_every=3).reshape(2, 5)
+    module = CrossEntropyLoss(ignore_index=-100, reduction="sum", label_smoothing=0.1)
+    assert_close(module(x, t), cross_entropy(x, t, reduction="sum", label_smoothing=0.1))
+    legacy = CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_bad_target_values(bk):
+    x = randn((4, 9), torch.float32, DEVICE, seed=15)
+    with backend(bk):
+        with pytest.raises(ValueError, match=r"target holds class index 9, outside \[0, 9\)"):
+            cross_entropy(x, torch.tensor([0, 9, 1, 2], device=DEVICE), check_targets=True)
+        with pytest.raises(ValueError, match="target holds class index -3"):
+            cross_entropy(x, torch.tensor([0, -3, 1, 2], device=DEVICE), check_targets=True)
+        # unchecked: the bad row poisons the loss instead of reading out of bounds
+        rows = cross_entropy(x, torch.tensor([0, 9, 1, -100], device=DEVICE),
+                             reduction="none", check_targets=False)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all() and rows[3] == 0
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, t: cross_entropy(x, t.float()), TypeError, "target must hold class indices"),
+    (lambda x, t: cross_entropy(x.long(), t), TypeError, "logits must be a float32"),
+    (lambda x, t: cross_entropy(x, t[:2]), ValueError, r"target must have shape \(4,\)"),
+    (lambda x, t: cross_entropy(x[:, :0], t), ValueError, "V >= 1"),
+    (lambda x, t: cross_entropy(x, t.to("meta")), ValueError, "same device"),
+    (lambda x, t: cross_entropy(x, t, reduction="avg"), ValueError, "reduction must be"),
+    (lambda x, t: cross_entropy(x, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda x, t: cross_entropy(x, t, z_loss=-1.0), ValueError, "z_loss must be"),
+    (lambda x, t: cross_entropy(x, t, ignore_index=0.5), TypeError, "ignore_index must be"),
+    (lambda x, t: CrossEntropyLoss(weight=torch.ones(9)), ValueError, "weight"),
+], ids=["float-target", "int-logits", "shape", "no-classes", "device", "reduction",
+        "smoothing", "z-loss", "ignore-index", "class-weight"])
+def test_bad_arguments(call, error, match):
+    x = randn((4, 9), torch.float32, DEVICE, seed=16)
+    t = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    with pytest.raises(error, match=match):
+        call(x, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [32768, 128256])
+def test_real_size_matches_float64(V):
+    x = randn((512, V), torch.bfloat16, "cuda", seed=17, scale=4.0, requires_grad=True)
+    t = _targets(512, V, 17, ignore_every=7)
+    x[3, t[3]].data += 60
+    loss = cross_entropy(x, t, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    want = cross_entropy_ref(x64, t, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    (gwant,) = torch.autograd.grad(want.sum(), x64)
+    assert_close(loss, want, torch.float32, scale=2.0)
+    assert_close(g, gwant, torch.bfloat16)

@@ -1,0 +1,132 @@
+"""fastlab.ops.fused_linear_cross_entropy against the unfused float64 reference."""
+import pytest
+import torch
+
+from fastlab.ops._dispatch import backend
+from fastlab.ops.fused_linear_cross_entropy import (fused_linear_cross_entropy,
+                                                    fused_linear_cross_entropy_ref)
+from fastlab.testing import assert_close, randn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(N, H, V, dtype, with_bias, seed, ignore_every=0, device=DEVICE):
+    hidden = randn((N, H), dtype, device, seed=seed, requires_grad=True)
+    weight = randn((V, H), dtype, device, seed=seed + 1, scale=H ** -0.5 * 3,
+                   requires_grad=True)
+    bias = randn((V,), dtype, device, seed=seed + 2, requires_grad=True) if with_bias else None
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, V, (N,), generator=g)
+    if ignore_every:
+        target[::ignore_every] = -100
+    return hidden, weight, bias, target.to(device)
+
+
+def _check_once(N, H, V, dtype, bk, *, with_bias, chunk_size, reduction="mean", **options):
+    hidden, weight, bias, target = _inputs(N, H, V, dtype, with_bias, seed=N + V,
+                                           ignore_every=4)
+    params = [p for p in (hidden, weight, bias) if p is not None]
+    want = fused_linear_cross_entropy_ref(hidden, weight, target, bias, reduction=reduction,
+                                          **options)
+    w = randn(want.shape, torch.float64, DEVICE, seed=3) if reduction == "none" else 1.0
+    want_grads = torch.autograd.grad((want * w).sum(), params)
+    with backend(bk):
+        loss = fused_linear_cross_entropy(hidden, weight, target, bias, reduction=reduction,
+                                          chunk_size=chunk_size, **options)
+        grads = torch.autograd.grad((loss * w).sum(), params)
+    assert loss.dtype == torch.float32
+    # the logits are rounded to the inputs' dtype before the loss, as in any bf16 model
+    assert_close(loss, want, dtype, scale=0.5)
+    for got, expected in zip(grads, want_grads):
+        assert got.dtype == dtype
+        assert_close(got, expected, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("bk", ["kernel", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    dict(with_bias=False, chunk_size=None),
+    dict(with_bias=True, chunk_size=8, label_smoothing=0.1, z_loss=1e-3),
+    dict(with_bias=True, chunk_size=16, reduction="none", z_loss=1e-3),
+    dict(with_bias=False, chunk_size=5, reduction="sum", label_smoothing=0.2),
+], ids=["plain", "options-chunked", "none-chunked", "sum-chunked"])
+def test_matches_unfused_reference(case, dtype, bk):
+    _check_once(37, 24, 203, dtype, bk, **case)
+
+
+def test_weight_gradient_accumulates_in_fp32():
+    """One token per chunk: 64 additions. Rounding the running sum to bf16 after each would
+    drift by several ulps; accumulated in fp32 it is one rounding from the exact sum of the
+    same bf16 terms (each token's logits gradient times its hidden row)."""
+    from fastlab.ops.cross_entropy import cross_entropy
+
+    hidden, weight, _, target = _inputs(64, 16, 33, torch.bfloat16, False, seed=5)
+    with backend("kernel"):
+        (got,) = torch.autograd.grad(
+            fused_linear_cross_entropy(hidden, weight, target, reduction="sum",
+                                       chunk_size=1), weight)
+        # row by row, as the chunks compute them (a bf16 matmul's rounding depends on shape)
+        logits = torch.cat([hidden[n:n + 1] @ weight.T for n in range(64)])
+        logits = logits.detach().requires_grad_(True)
+        (g_logits,) = torch.autograd.grad(cross_entropy(logits, target, reduction="sum"),
+                                          logits)
+    h = hidden.detach().double()
+    exact = g_logits.double().T @ h
+    size = g_logits.double().abs().T @ h.abs()
+    err = (got.double() - exact).abs()
+    assert bool((err <= 2**-8 * exact.abs() + 1e-6 * size).all()), float((err / (
+        2**-8 * exact.abs() + 1e-6 * size)).max())
+
+
+def test_options_reach_the_loss_and_z_loss_is_reported():
+    hidden, weight, bias, target = _inputs(9, 8, 21, torch.float32, True, seed=6,
+                                           ignore_every=3)
+    with backend("kernel"):
+        plain, z0 = fused_linear_cross_entropy(hidden, weight, target, bias,
+                                               return_z_loss=True)
+        loss, z = fused_linear_cross_entropy(hidden, weight, target, bias, z_loss=1e-2,
+                                             label_smoothing=0.1, return_z_loss=True)
+    want, want_z = fused_linear_cross_entropy_ref(hidden, weight, target, bias, z_loss=1e-2,
+                                                  label_smoothing=0.1, return_z_loss=True)
+    assert float(z0) == 0.0 and float(z) > 0.0
+    assert_close(loss, want, torch.float32)
+    assert_close(z, want_z, torch.float32)
+    assert not torch.allclose(plain, loss)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda h, w, t: fused_linear_cross_entropy(h, w[:, :3], t), ValueError,
+     r"weight must have shape \(V, 8\)"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w.double(), t), ValueError,
+     "must match hidden"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t, torch.zeros(3)), ValueError,
+     r"bias must be a \(21,\) tensor"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t[:3]), ValueError,
+     "target must have shape"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t.float()), TypeError,
+     "target must hold class indices"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_size=0), ValueError,
+     "chunk_size must be"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t + 21), ValueError,
+     "outside \\[0, 21\\)"),
+], ids=["hidden-size", "dtype", "bias", "target-shape", "float-target", "chunk", "range"])
+def test_bad_arguments(call, error, match):
+    hidden, weight, _, target = _inputs(9, 8, 21, torch.float32, False, seed=7)
+    with pytest.raises(error, match=match):
+        call(hidden, weight, target)
+
+
+@pytest.mark.gpu
+def test_real_size_matches_unfused():
+    hidden, weight, bias, target = _inputs(2048, 1024, 32768, torch.bfloat16, True, seed=8,
+                                           ignore_every=9, device="cuda")
+    params = (hidden, weight, bias)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias, label_smoothing=0.1,
+                                      chunk_size=512)
+    grads = torch.autograd.grad(loss, params)
+    logits = (hidden.float() @ weight.float().T + bias.float())
+    want = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+    want_grads = torch.autograd.grad(want, params)
+    assert_close(loss, want, torch.bfloat16)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, torch.bfloat16, scale=2.0)
