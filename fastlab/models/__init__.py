@@ -1,4 +1,5 @@
 """Small reference models built on fastlab.nn."""
+from fastlab.models.generate import generate, sample
 from fastlab.models.gpt import GPT, GPTConfig
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "generate", "sample"]

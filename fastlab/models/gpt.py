@@ -1,11 +1,12 @@
 """GPT-style decoder: pre-norm blocks of causal attention and a GELU MLP, tied embeddings."""
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from fastlab.nn.attention import Attention
+from fastlab.nn.kvcache import KVCache
 from fastlab.ops.cross_entropy import cross_entropy
 
 
@@ -30,8 +31,9 @@ class Block(nn.Module):
             nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                new_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache=cache, new_lens=new_lens)
         return x + self.mlp(self.ln2(x))
 
 
@@ -55,19 +57,56 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        """Logits (B, S, V); with ``targets`` also the mean cross-entropy (ignore -100)."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                caches: Optional[List[KVCache]] = None, new_lens: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None):
+        """Logits (B, S, V); with ``targets`` also the mean cross-entropy (ignore -100).
+
+        With ``caches`` (one :class:`KVCache` per block, see :meth:`new_kv_caches`) the
+        tokens continue each sequence where its cache ends: their keys/values are appended
+        and they attend over the whole cache. ``new_lens`` (B,) marks how many leading
+        tokens of each row are real (a right-padded batch of prompts of different lengths).
+        ``logits_at`` (B,) computes the logits of one position per row only, (B, 1, V):
+        a prefill needs just the last prompt token's, not S x V of them.
+        """
         s = idx.shape[1]
         if s > self.cfg.block_size:
             raise ValueError(f"sequence length {s} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(s, device=idx.device)
+        if logits_at is not None and targets is not None:
+            raise ValueError("logits_at computes one position per row; the loss needs all: "
+                             "pass targets or logits_at, not both")
+        if caches is None:
+            pos = torch.arange(s, device=idx.device)
+        else:
+            if len(caches) != len(self.blocks):
+                raise ValueError(f"caches must hold one KVCache per block ({len(self.blocks)}), "
+                                 f"got {len(caches)}")
+            # Each row continues at its own length. Padding positions past the end of a
+            # short row are clamped; the first cache rejects the call if real ones overflow.
+            pos = caches[0].lengths.long()[:, None] + torch.arange(s, device=idx.device)
+            pos = pos.clamp(max=self.cfg.block_size - 1)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], new_lens)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits, None
         return logits, cross_entropy(logits, targets)
+
+    def new_kv_caches(self, batch: int, max_len: Optional[int] = None,
+                      dtype: Optional[torch.dtype] = None) -> List[KVCache]:
+        """Empty caches, one per block, for ``batch`` sequences of up to ``max_len`` tokens
+        (default and at most ``block_size``), in the parameters' dtype and device."""
+        max_len = self.cfg.block_size if max_len is None else max_len
+        if not 1 <= max_len <= self.cfg.block_size:
+            raise ValueError(f"max_len must lie in [1, block_size={self.cfg.block_size}], "
+                             f"got {max_len}")
+        weight = self.head.weight
+        attn = self.blocks[0].attn
+        return [KVCache(batch, attn.n_kv_head, max_len, attn.head_dim, dtype or weight.dtype,
+                        weight.device) for _ in self.blocks]
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
