@@ -10,7 +10,14 @@ from fastlab.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from fastlab.ops.fused_linear_cross_entropy import (fused_linear_cross_entropy,
                                                     fused_linear_cross_entropy_ref)
 from fastlab.ops.kvcache import attention_with_kvcache, attention_with_kvcache_ref
+from fastlab.ops.segment_pool import (hierarchical_pool, lengths_from_offsets, offsets_from_lengths,
+                                      offsets_from_mask, padded_to_ragged, ragged_to_padded,
+                                      segment_broadcast, segment_broadcast_ref, segment_ids,
+                                      segment_pool, segment_pool_ref)
 
 __all__ = ["backend", "attention", "attention_ref", "cross_entropy", "cross_entropy_ref",
            "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
-           "attention_with_kvcache", "attention_with_kvcache_ref"]
+           "attention_with_kvcache", "attention_with_kvcache_ref", "segment_pool",
+           "segment_pool_ref", "segment_broadcast", "segment_broadcast_ref", "hierarchical_pool",
+           "offsets_from_lengths", "lengths_from_offsets", "offsets_from_mask", "segment_ids",
+           "ragged_to_padded", "padded_to_ragged"]
