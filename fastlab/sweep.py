@@ -75,11 +75,11 @@ def main(argv=None) -> int:
             name = _run_name(combo)
             summary_path = os.path.join(sweep_dir, name, "summary.json")
             summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-            results.append({"params": combo, "returncode": proc.returncode, **summary})
+            results.append({**summary, "config": combo, "returncode": proc.returncode})
             print(f"{name}: rc={proc.returncode} final={summary.get('final')}", flush=True)
         time.sleep(0.2)
     order = {_run_name(c): i for i, c in enumerate(combos)}
-    results.sort(key=lambda r: order[_run_name(r["params"])])
+    results.sort(key=lambda r: order[_run_name(r["config"])])
     with open(os.path.join(sweep_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     metric = metric or _default_metric(results)
@@ -107,7 +107,7 @@ def write_table(sweep_dir, grid, results, metric) -> None:
              "|" + "---|" * (len(keys) + 3)]
     for r in results:
         last = r.get("last_train") or {}
-        lines.append("| " + " | ".join([r["params"][k] for k in keys] + [
+        lines.append("| " + " | ".join([r["config"][k] for k in keys] + [
             f"{_value(r, metric):.4f}", f"{last.get('tok_s', float('nan')):.0f}",
             f"{r.get('wall_s', float('nan'))}"]) + " |")
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
@@ -122,7 +122,7 @@ def heatmap(sweep_dir, grid, results, metric) -> None:
     (k1, v1), (k2, v2) = grid.items()
     table = [[float("nan")] * len(v2) for _ in v1]
     for r in results:
-        table[v1.index(r["params"][k1])][v2.index(r["params"][k2])] = _value(r, metric)
+        table[v1.index(r["config"][k1])][v2.index(r["config"][k2])] = _value(r, metric)
     fig, ax = plt.subplots(figsize=(1.2 * len(v2) + 3, 0.8 * len(v1) + 2))
     im = ax.imshow(table, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(v2)), v2)

@@ -5,7 +5,8 @@ from fastlab.tasks.addition import EQUALS, IGNORE, PLUS, Addition, _held_out
 
 
 def _number(digits):
-    return int("".join(str(int(d)) for d in digits))
+    """The value of digits written least significant first."""
+    return int("".join(str(int(d)) for d in reversed(digits)))
 
 
 def test_addition_sequences_encode_correct_sums():
@@ -16,7 +17,7 @@ def test_addition_sequences_encode_correct_sums():
     for row in seq:
         a, b = _number(row[:4]), _number(row[5:9])
         assert row[4] == PLUS and row[9] == EQUALS
-        assert _number(row[10:].flip(0)) == a + b
+        assert _number(row[10:]) == a + b
     assert (y[:, : task.prompt_len - 1] == IGNORE).all()
     assert (y[:, task.prompt_len - 1:] != IGNORE).all()
 
@@ -32,6 +33,6 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_training_never_draws_held_out_problems():
     task = Addition(n_digits=3)
     x, _ = task.batch(0, 4096, "cpu")
-    a = sum(x[:, i] * 10 ** (2 - i) for i in range(3))
-    b = sum(x[:, 4 + i] * 10 ** (2 - i) for i in range(3))
+    a = sum(x[:, i] * 10 ** i for i in range(3))
+    b = sum(x[:, 4 + i] * 10 ** i for i in range(3))
     assert not _held_out(a, b).any()

@@ -1,6 +1,7 @@
-"""n-digit addition: ``a+b=`` followed by the sum, digits reversed (least significant first).
+"""n-digit addition with every number written least significant digit first: ``a+b=s``.
 
-Reversing the sum lets a causal model emit each digit after the carry it depends on. Problems
+Reversed, the sum's k-th digit follows the carry it depends on, and it sits at a fixed
+distance from the k-th digits of a and b, which a small causal model finds quickly. Problems
 whose (a, b) hash into the held-out bucket are never drawn for training; evaluation draws
 only from that bucket and decodes greedily, so exact match measures generalisation.
 """
@@ -23,10 +24,10 @@ def _held_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * 7919 + b * 104729) % HELD_OUT_MOD == 0
 
 
-def _digits(x: torch.Tensor, n: int, reverse: bool) -> torch.Tensor:
-    powers = 10 ** torch.arange(n - 1, -1, -1, device=x.device)
-    d = (x[:, None] // powers) % 10
-    return d.flip(1) if reverse else d
+def _digits(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The n digits of each x, least significant first."""
+    powers = 10 ** torch.arange(n, device=x.device)
+    return (x[:, None] // powers) % 10
 
 
 class Addition(Task):
@@ -63,8 +64,8 @@ class Addition(Task):
     def encode(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n, dev = self.n, a.device
         col = lambda v: torch.full((a.shape[0], 1), v, device=dev, dtype=torch.long)  # noqa: E731
-        return torch.cat([_digits(a, n, False), col(PLUS), _digits(b, n, False), col(EQUALS),
-                          _digits(a + b, n + 1, True)], dim=1)
+        return torch.cat([_digits(a, n), col(PLUS), _digits(b, n), col(EQUALS),
+                          _digits(a + b, n + 1)], dim=1)
 
     def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0
               ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fastlab.ops.cross_entropy import cross_entropy
+from fastlab.optim import AdamW
 from fastlab.optim.schedules import lr_multiplier
 from fastlab.tasks import build_task
 from fastlab.train import checkpoint, distributed
@@ -49,8 +50,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=True)
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 max_grad_norm=cfg.max_grad_norm or None)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -208,12 +209,9 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                     (scaler.scale(loss * scale) if scaler else loss * scale).backward()
                     timer.stop(t)
 
+            # AdamW clips inside its update pass and skips the step for every parameter
+            # when found_inf is set or the gradient norm is not finite
             t = timer.start("optimizer")
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.optim.max_grad_norm:
-                optimizer.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.optim.max_grad_norm)
             if scaler:  # the guard's NaN loss makes the scaler's found_inf true
                 scaler.step(optimizer)
                 scaler.update()

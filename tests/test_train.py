@@ -1,0 +1,217 @@
+"""The trainer never loses a run: exact resume, signals, atomic checkpoints, spike guard,
+token-weighted accumulation, configuration errors, report and sweep outputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastlab.train import checkpoint
+from fastlab.train.config import build_config, help_text
+from fastlab.train.loop import train
+
+TINY = ["task.n_digits=2", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
+        "train.batch_size=16", "eval.samples=64", "log.progress=false", "train.device=cpu",
+        "log.nvml=false"]
+
+
+def _cfg(tmp_path, *extra):
+    return build_config(overrides=TINY + [f"log.out_dir={tmp_path}", *extra])
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_reproduces_uninterrupted_losses(tmp_path):
+    steps = ["train.steps=30", "log.every=1", "checkpoint.every=10", "eval.every=100",
+             "model.dropout=0.1"]
+    clean_dir = str(tmp_path / "clean")
+    train(_cfg(tmp_path, *steps), run_dir=clean_dir)
+
+    crash_dir = str(tmp_path / "crash")
+
+    def crash_at_17(step, x, y):
+        if step == 17:
+            raise _Crash
+        return x, y
+
+    with pytest.raises(_Crash):
+        train(_cfg(tmp_path, *steps), run_dir=crash_dir, batch_hook=crash_at_17)
+    assert checkpoint.latest(crash_dir).endswith("ckpt-00000010.pt")
+    train(_cfg(tmp_path, *steps), run_dir=crash_dir)  # resumes from step 10
+
+    clean, resumed = _losses(clean_dir), _losses(crash_dir)
+    assert sorted(resumed) == list(range(1, 31))
+    assert [clean[s] for s in range(1, 31)] == [resumed[s] for s in range(1, 31)]
+
+
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastlab.train", *TINY, "train.steps=100000", "log.every=5",
+           "checkpoint.every=100000", f"log.out_dir={tmp_path}", "log.name=run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()
+    path = checkpoint.latest(str(run_dir))
+    assert path is not None, out.decode()
+    state = checkpoint.load(path)
+    assert state["step"] > 0 and "model" in state and "optimizer" in state
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"].startswith("signal")
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt-00000001.pt")
+    checkpoint.atomic_save({"w": torch.arange(5)}, path)
+    before = open(path, "rb").read()
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"w": torch.zeros(5)}, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ckpt-00000001.pt"]
+    assert torch.equal(checkpoint.load(path)["w"], torch.arange(5))
+
+
+def test_keep_last_k_checkpoints(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save_step({"step": step}, str(tmp_path), step, keep=2)
+    assert [s for s, _ in checkpoint.checkpoints(str(tmp_path))] == [4, 5]
+
+
+@pytest.mark.slow
+def test_spikes_are_skipped_and_the_run_ends_as_a_clean_one(tmp_path):
+    # one-digit sums are learnt within 150 steps, so a poisoned batch is a clear spike
+    steps = ["task.n_digits=1", "model.d_model=64", "train.steps=300", "log.every=10",
+             "eval.every=300", "eval.samples=500", "guard.max_spikes=100"]
+    clean = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "clean"))
+
+    def poison(step, x, y):
+        if step in (160, 200, 240):  # labels from the wrong problems: a huge loss
+            y = torch.where(y == -100, y, (y + 5) % 10)
+        return x, y
+
+    spiky = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "spiky"), batch_hook=poison)
+    events = [json.loads(l) for l in open(tmp_path / "spiky" / "metrics.jsonl")]
+    skipped = sum(e.get("spikes", 0) for e in events if e["kind"] == "event")
+    assert skipped == 3
+    assert abs(spiky["final"]["exact_match"] - clean["final"]["exact_match"]) <= 0.01
+
+
+def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
+    from fastlab.models import gpt
+
+    forward = gpt.GPT.forward
+    calls = {"n": 0}
+
+    def nan_once(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls["n"] += 1
+        if calls["n"] == 12:
+            logits = logits * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(gpt.GPT, "forward", nan_once)
+    summary = train(_cfg(tmp_path, "train.steps=20", "log.every=5", "eval.every=100"),
+                    run_dir=str(tmp_path / "run"))
+    state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert torch.isfinite(torch.tensor(summary["last_train"]["loss"]))
+
+
+def test_rollback_after_repeated_spikes_lowers_the_lr(tmp_path):
+    steps = ["task.n_digits=1", "model.d_model=64", "train.steps=180", "log.every=10",
+             "eval.every=1000", "guard.max_spikes=3", "guard.snapshot_every=10",
+             "optim.schedule=constant"]
+
+    def poison(step, x, y):
+        if 162 <= step < 167:
+            y = torch.where(y == -100, y, (y + 5) % 10)
+        return x, y
+
+    summary = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "run"), batch_hook=poison)
+    events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    rollbacks = [e for e in events if e["kind"] == "event" and "rolled back" in e["message"]]
+    assert summary["rollbacks"] == 1 and len(rollbacks) == 1
+    assert rollbacks[0]["step"] == 170 and rollbacks[0]["rollback_to"] == 160
+    lrs = {e["step"]: e["lr"] for e in events if e["kind"] == "train"}
+    assert lrs[180] == pytest.approx(0.5 * lrs[160])
+
+
+def test_accumulating_four_micro_batches_equals_one_batch(tmp_path):
+    base = ["train.steps=5", "log.every=1", "eval.every=100", "guard.enabled=false",
+            "train.batch_size=32"]
+    one = train(_cfg(tmp_path, *base), run_dir=str(tmp_path / "one"))
+    four = train(_cfg(tmp_path, *base, "train.grad_accum=4"), run_dir=str(tmp_path / "four"))
+    a = checkpoint.load(checkpoint.latest(str(tmp_path / "one")))["model"]
+    b = checkpoint.load(checkpoint.latest(str(tmp_path / "four")))["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert one["steps"] == four["steps"] == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.lrr=1"], "did you mean optim.lr"),
+    (["train.stepz=3"], "did you mean train.steps"),
+    (["train.steps=abc"], "train.steps expects int"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["train.precision=fp8"], "train.precision must be"),
+    (["model.d_model=30", "model.n_head=4"], "divisible"),
+    (["nosection=1"], "unknown config key"),
+    (["steps"], "expected key=value"),
+])
+def test_bad_config_is_a_clear_error(args, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(overrides=args)
+
+
+def test_config_file_and_help(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[optim]\nlr = 0.01\n[train]\nsteps = 7\n')
+    cfg = build_config(str(file), ["train.steps=9"])
+    assert cfg.optim.lr == 0.01 and cfg.train.steps == 9
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[optim]\nlearning_rate = 0.01\n')
+    with pytest.raises(ValueError, match="optim.learning_rate"):
+        build_config(str(bad))
+    text = help_text()
+    assert "train.steps" in text and "optim.schedule" in text and "'linear'" in text
+
+
+def test_cli_rejects_unknown_key_with_exit_code_2():
+    out = subprocess.run([sys.executable, "-m", "fastlab.train", "optim.lrr=1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean optim.lr" in out.stderr
+
+
+def test_report_writes_plots_and_summary(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_dir = str(tmp_path / "run")
+    train(_cfg(tmp_path, "train.steps=20", "log.every=5", "eval.every=10"), run_dir=run_dir)
+    from fastlab.report import main
+
+    assert main([run_dir]) == 0
+    for name in ("loss.png", "eval.png", "lr.png", "throughput.png", "phases.png", "report.md"):
+        path = os.path.join(run_dir, name)
+        assert os.path.getsize(path) > 0, name
+    with open(os.path.join(run_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
