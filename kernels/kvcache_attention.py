@@ -62,8 +62,6 @@ _MAX_BLOCK_M = 64
 _APPEND_BLOCK_T = 64
 
 
-_INTERPRETING = tl.constexpr(INTERPRETING)
-
 
 def _configs():
     """Autotune space of the attention kernel (key block, warps, pipeline depth)."""
@@ -190,11 +188,6 @@ def _kvcache_attention_kernel(
     q_pos = q_base + qi
     cache_hi = tl.minimum(hi, len_before)
     new_lo = tl.maximum(lo, len_before)
-    if _INTERPRETING:
-        # The interpreter's scalars are 1-element arrays, which ``range`` cannot take with
-        # numpy >= 2; compiled for a GPU this branch does not exist.
-        lo, hi = lo.handle.data.item(), hi.handle.data.item()
-        cache_hi, new_lo = cache_hi.handle.data.item(), new_lo.handle.data.item()
 
     # 4. Keys already in the cache: the hot loop of decoding, loads only, no branches.
     for start in range(lo, cache_hi, BLOCK_N):

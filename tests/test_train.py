@@ -215,3 +215,19 @@ def test_report_writes_plots_and_summary(tmp_path):
         assert os.path.getsize(path) > 0, name
     with open(os.path.join(run_dir, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_writes_table_and_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    cmd = [sys.executable, "-m", "fastlab.sweep", *TINY, "train.steps=4", "eval.every=4",
+           "model.d_model=16,32", "optim.lr=1e-3,3e-3", f"log.out_dir={tmp_path}",
+           "log.name=grid", "--parallel", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert [r["config"] for r in results] == [
+        {"model.d_model": d, "optim.lr": lr} for d in ("16", "32") for lr in ("1e-3", "3e-3")]
+    assert all(r["returncode"] == 0 and "exact_match" in r["final"] for r in results)
+    table = (tmp_path / "grid" / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "exact_match" in table[0]
+    assert (tmp_path / "grid" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"

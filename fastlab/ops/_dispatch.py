@@ -35,6 +35,11 @@ def backend(name: str):
         _state.backend = previous
 
 
+def reference_forced() -> bool:
+    """True inside ``backend("reference")`` (or with FASTLAB_BACKEND=reference)."""
+    return _current() == "reference"
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:

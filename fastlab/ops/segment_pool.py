@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastlab._ext import extension_available, load_extension
-from fastlab.ops._dispatch import _current
+from fastlab.ops._dispatch import reference_forced
 
 REDUCTIONS = ("sum", "mean", "max", "min", "first", "last")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -362,7 +362,7 @@ if _HAVE_EXTENSION:
 # ---------------------------------------------------------------------------------------------
 
 def _use_reference() -> bool:
-    return _current() == "reference"
+    return reference_forced()
 
 
 def _ops():

@@ -21,7 +21,7 @@ def _check(cond: bool, message: str) -> None:
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    n_digits: int = 5
+    n_digits: int = 3
 
     def __post_init__(self):
         _check(self.n_digits >= 1, f"task.n_digits must be >= 1, got {self.n_digits}")
@@ -70,14 +70,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 2000
     batch_size: int = 128
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
     compile: str = "auto"
-    cuda_graphs: bool = False
     dist: str = "ddp"
 
     def __post_init__(self):
@@ -93,7 +92,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 300
+    every: int = 250
     samples: int = 1000
     target: Optional[float] = None
 

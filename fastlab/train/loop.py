@@ -37,7 +37,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 def pick_precision(name: str, device: torch.device) -> str:
     if name != "auto":
-        if name in ("bf16", "fp16") and device.type == "cpu" and name == "fp16":
+        if name == "fp16" and device.type == "cpu":
             raise ValueError("train.precision=fp16 needs a CUDA device")
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
