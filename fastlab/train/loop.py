@@ -45,11 +45,17 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW with weight decay only on matrices (dim >= 2), never on norms and biases."""
+def build_optimizer(model: torch.nn.Module, cfg, sharded: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay only on matrices (dim >= 2), never on norms and biases.
+
+    fastlab's AdamW works on plain tensors; FSDP2's sharded (DTensor) parameters use torch's
+    AdamW, clipped by the loop.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if sharded:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                  max_grad_norm=cfg.max_grad_norm or None)
 
@@ -118,7 +124,8 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     task = build_task(cfg.task.name, **task_kwargs(cfg))
     model = task.build_model(cfg.model).to(device)
     model = distributed.wrap(model, dist, cfg.train.dist, device)
-    optimizer = build_optimizer(model, cfg.optim)
+    sharded = dist.mode == "fsdp"
+    optimizer = build_optimizer(model, cfg.optim, sharded)
     lr_at = lr_multiplier(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps,
                           cfg.optim.min_lr_ratio)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -212,9 +219,19 @@ def train(cfg: Config, run_dir: Optional[str] = None,
             # AdamW clips inside its update pass and skips the step for every parameter
             # when found_inf is set or the gradient norm is not finite
             t = timer.start("optimizer")
+            if sharded and cfg.optim.max_grad_norm:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                optimizer.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.optim.max_grad_norm)
             if scaler:  # the guard's NaN loss makes the scaler's found_inf true
                 scaler.step(optimizer)
                 scaler.update()
+            elif sharded:
+                # torch's AdamW on DTensors takes no found_inf: the skip is decided on the
+                # host, one sync per step under FSDP
+                if bad is None or not bool(bad):
+                    optimizer.step()
             else:
                 if bad is not None:  # the grad-scaler protocol: skip the update on device
                     optimizer.found_inf = bad.float()
