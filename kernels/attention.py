@@ -162,6 +162,28 @@ def _kv_len(KV_LENS, b, Skv, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
+def _query_block(KV_LENS, H, GROUP, Sq, Skv, CAUSAL: tl.constexpr,
+                 HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """Indices of a query-block program (grid: query blocks x batch*heads). Causal blocks
+    near the end see the most keys: they run first so the last wave is made of short ones."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    kv_len = _kv_len(KV_LENS, b, Skv, HAS_KV_LENS)
+    shift = kv_len - Sq
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    return b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, offs_m < Sq
+
+
+@triton.jit
 def _kv_bounds(start_m, Sq, kv_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Key range of query block ``start_m``: [0, full) needs no mask, [full, hi) does.
@@ -242,22 +264,9 @@ def _fwd_kernel(
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # 1. This program's query block and head. Causal blocks near the end see the most
-    #    keys: launch them first so the last wave is made of short programs.
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    kv_len = _kv_len(KV_LENS, b, Skv, HAS_KV_LENS)
-    shift = kv_len - Sq
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
+    # 1. This program's query block and head (longest causal blocks first).
+    b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
+        KV_LENS, H, GROUP, Sq, Skv, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N, HEAD_DIM)
 
     # 2. The query tile stays in registers for the whole key loop.
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -288,7 +297,7 @@ def _fwd_kernel(
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     _store_tile(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                 out.to(O.dtype.element_ty), row_ok, offs_d, D, HEAD_DIM)
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
 
 
 _fwd_tuned = triton.autotune(_configs(_FWD_CANDIDATES), key=_KEY,
@@ -488,20 +497,8 @@ def _bwd_dq_kernel(
     HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first, as forward).
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    kv_len = _kv_len(KV_LENS, b, Skv, HAS_KV_LENS)
-    shift = kv_len - Sq
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
+    b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
+        KV_LENS, H, GROUP, Sq, Skv, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N, HEAD_DIM)
 
     # 2. Everything per query row stays in registers: Q, dO, LSE, delta.
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -510,8 +507,8 @@ def _bwd_dq_kernel(
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                     + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                     row_ok, offs_d, D, HEAD_DIM, True)
-    lse2 = _log2_lse(LSE + pid_bh.to(tl.int64) * Sq, offs_m, row_ok)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    lse2 = _log2_lse(LSE + tl.program_id(1).to(tl.int64) * Sq, offs_m, row_ok)
+    delta = tl.load(DELTA + tl.program_id(1).to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
     k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
               + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd)
     v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
