@@ -268,8 +268,10 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 if cfg.guard.enabled:
                     _guard_snapshot_or_rollback(guard, cfg, spikes, step, model, optimizer, log)
                 log.log("train", step, metrics)
-                log.show(step, {k: metrics[k] for k in ("loss", "steps_s", "tok_s", "mfu",
-                                                        "gpu_util") if k in metrics})
+                shown = ("loss", "steps_s", "tok_s", "mfu", "gpu_util", "ms_data", "ms_forward",
+                         "ms_backward", "ms_optimizer")
+                log.show(step, {k.removeprefix("ms_") + ("_ms" if k.startswith("ms_") else ""):
+                                metrics[k] for k in shown if k in metrics})
                 window_steps, window_t0 = 0, time.perf_counter()
 
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
