@@ -1,9 +1,11 @@
 """Helpers shared by the Triton kernels.
 
-Under ``TRITON_INTERPRET=1`` (how CPU CI runs the kernels) two things differ from the GPU:
-``tl.dot`` on bfloat16 operands returns wrong values, and libdevice functions do not run.
-The helpers here keep one code path for both: :func:`dot` upcasts bfloat16 operands only
-when interpreting, and :func:`log1p` is built from ``tl.log`` so it runs everywhere.
+Under ``TRITON_INTERPRET=1`` (how CPU CI runs the kernels) three things differ from the GPU:
+``tl.dot`` on bfloat16 operands returns wrong values, an fp32 -> bfloat16 cast truncates
+instead of rounding to nearest even, and libdevice functions do not run. The helpers here
+keep one code path for both: :func:`dot` upcasts bfloat16 operands only when interpreting,
+:func:`cast` rounds bfloat16 on the bits only when interpreting, and :func:`log1p` is built
+from ``tl.log`` so it runs everywhere.
 """
 import os
 
@@ -24,6 +26,18 @@ def dot(a, b, acc):
         if b.dtype == tl.bfloat16:
             b = b.to(tl.float32)
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounded to nearest even, as the GPU's cast does, also when interpreting."""
+    if _INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a (quiet) NaN
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING
+from ._common import cast
 
 #: Columns of the per-tensor address table (int64). Unused columns hold 0.
 PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER, STEP, NUMEL = (
@@ -62,17 +62,6 @@ SCALARS = tl.constexpr(4)
 CLIP_EPS = tl.constexpr(1e-6)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-#: The CPU interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even).
-_BF16_BY_BITS = tl.constexpr(INTERPRETING)
-
-
-@triton.jit
-def _to_bf16_by_bits(x):
-    """fp32 -> bf16 rounded to nearest even on the bits, as the GPU's cast does."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a (quiet) NaN
-    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -171,8 +160,6 @@ def _adamw_block(
 ):
     """The AdamW update of ``BLOCK`` elements; ``MASKED`` only for a tensor's last block."""
     mask = offs < numel if MASKED else None
-    STATE_BITS: tl.constexpr = _BF16_BY_BITS and exp_avg.dtype.element_ty == tl.bfloat16
-    PARAM_BITS: tl.constexpr = _BF16_BY_BITS and param.dtype.element_ty == tl.bfloat16
     weights = master if MASTER_WEIGHTS else param
     g = tl.load(grad + offs, mask=mask).to(tl.float32)
     p = tl.load(weights + offs, mask=mask).to(tl.float32)
@@ -188,21 +175,16 @@ def _adamw_block(
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
         v_max = tl.maximum(tl.load(max_exp_avg_sq + offs, mask=mask).to(tl.float32), v)
-        tl.store(max_exp_avg_sq + offs, _to_bf16_by_bits(v_max) if STATE_BITS
-                 else v_max.to(max_exp_avg_sq.dtype.element_ty), mask=mask)
+        tl.store(max_exp_avg_sq + offs, cast(v_max, max_exp_avg_sq.dtype.element_ty), mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v_max), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - lr_t * tl.div_rn(m, denom)
-    tl.store(exp_avg + offs,
-             _to_bf16_by_bits(m) if STATE_BITS else m.to(exp_avg.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq + offs,
-             _to_bf16_by_bits(v) if STATE_BITS else v.to(exp_avg_sq.dtype.element_ty),
-             mask=mask)
+    tl.store(exp_avg + offs, cast(m, exp_avg.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq + offs, cast(v, exp_avg_sq.dtype.element_ty), mask=mask)
     if MASTER_WEIGHTS:
         tl.store(master + offs, p, mask=mask)
-    tl.store(param + offs,
-             _to_bf16_by_bits(p) if PARAM_BITS else p.to(param.dtype.element_ty), mask=mask)
+    tl.store(param + offs, cast(p, param.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlab.kernels._common import dot, log1p
+from fastlab.kernels._common import cast, dot, log1p
 from fastlab.testing import randn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -15,6 +15,13 @@ def _log1p_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(y_ptr + offs, log1p(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, cast(tl.load(x_ptr + offs, mask=mask), tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -47,3 +54,14 @@ def test_dot_accumulates_in_fp32(dtype):
     # fp32 operands may go through tf32 on the GPU (10-bit mantissa)
     tol = 2e-2 if dtype == torch.float32 and DEVICE == "cuda" else 1e-4
     torch.testing.assert_close(c.double(), expected, rtol=tol, atol=tol)
+
+
+def test_cast_to_bf16_rounds_to_nearest_even_like_torch():
+    x = torch.cat([randn((1000,), torch.float32, DEVICE, seed=3) * 1e3,
+                   torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, float("nan"), float("inf"),
+                                 -float("inf"), 0.0, -0.0], device=DEVICE)])
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _cast_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), BLOCK=256)
+    nan = x.isnan()
+    assert torch.equal(y[~nan], x[~nan].to(torch.bfloat16))
+    assert y[nan].isnan().all()
