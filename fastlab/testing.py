@@ -15,9 +15,6 @@ TOLERANCES = {
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 
-#: Sizes that are neither powers of two nor multiples of common block sizes.
-ODD_SIZES = (1, 3, 7, 37, 53, 129)
-
 
 def tolerance(dtype: torch.dtype, scale: float = 1.0) -> Tuple[float, float]:
     """(rtol, atol) for ``dtype``, both multiplied by ``scale`` (for long reductions)."""

@@ -361,10 +361,6 @@ if _HAVE_EXTENSION:
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def _use_reference() -> bool:
-    return reference_forced()
-
-
 def _ops():
     """torch.ops.fastlab, or the extension's ImportError saying how to build it."""
     if not _HAVE_EXTENSION:
@@ -379,7 +375,7 @@ def segment_pool(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean", *
     ``reduce``: "sum", "mean", "max", "min", "first" or "last". Empty units give 0.
     ``validate=True`` checks offsets' values on CUDA too (one host sync); CPU always checks.
     """
-    if _use_reference():
+    if reference_forced():
         return segment_pool_ref(x, offsets, reduce)
     # max/min write the (S, D) arg rows only when a backward will read them
     return_arg = torch.is_grad_enabled() and x.requires_grad
@@ -398,7 +394,7 @@ def segment_broadcast(y: torch.Tensor, offsets: torch.Tensor, total: Optional[in
     """
     if total is None:
         total = base.shape[0] if base is not None else int(offsets[-1])  # host sync without base
-    if _use_reference():
+    if reference_forced():
         return segment_broadcast_ref(y, offsets, total, shift, base)
     return _ops().segment_broadcast(y, offsets, total, shift, base, False, validate)
 

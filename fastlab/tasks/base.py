@@ -23,10 +23,6 @@ class Task:
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
         raise NotImplementedError
 
-    def tokens_in(self, targets: torch.Tensor) -> int:
-        """Tokens that carry loss in a batch (for token-weighted accumulation)."""
-        return int((targets != -100).sum())
-
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator whose state depends only on (seed, step)."""

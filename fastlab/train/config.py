@@ -65,7 +65,7 @@ class OptimConfig:
         _check(self.schedule in SCHEDULES,
                f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
 
 
 @dataclass
@@ -124,7 +124,7 @@ class GuardConfig:
     def __post_init__(self):
         _check(self.window >= 4, f"guard.window must be >= 4, got {self.window}")
         _check(self.factor > 1, f"guard.factor must be > 1, got {self.factor}")
-        _check(0 < self.lr_backoff <= 1, f"guard.lr_backoff must be in (0, 1]")
+        _check(0 < self.lr_backoff <= 1, "guard.lr_backoff must be in (0, 1]")
 
 
 @dataclass
@@ -236,12 +236,6 @@ def build_config(file: Optional[str] = None, overrides: Optional[List[str]] = No
             raise _unknown(key)
         chosen[section][name] = _parse(value, hints[name], key)
     return Config(**{s: cls(**chosen[s]) for s, cls in sections.items()})
-
-
-def config_from_dict(data: Dict[str, Dict[str, Any]]) -> Config:
-    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. from a run directory)."""
-    return build_config(overrides=[f"{k}={'none' if v is None else v}"
-                                   for k, v in _flatten(data).items()])
 
 
 def help_text() -> str:

@@ -4,7 +4,7 @@ Host syncs happen only at log, eval and checkpoint steps (each is marked); a pla
 queues its work and moves on.
 """
 import contextlib
-import math
+import dataclasses
 import os
 import random
 import signal
@@ -121,7 +121,8 @@ def train(cfg: Config, run_dir: Optional[str] = None,
         raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
                          f"world size x train.grad_accum ({dist.world} x {cfg.train.grad_accum})")
 
-    task = build_task(cfg.task.name, **task_kwargs(cfg))
+    task_options = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "name"}
+    task = build_task(cfg.task.name, **task_options)
     model = task.build_model(cfg.model).to(device)
     model = distributed.wrap(model, dist, cfg.train.dist, device)
     sharded = dist.mode == "fsdp"
@@ -323,12 +324,6 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     sampler.close()
     distributed.shutdown(dist)
     return summary
-
-
-def task_kwargs(cfg: Config) -> Dict[str, Any]:
-    if cfg.task.name == "addition":
-        return {"n_digits": cfg.task.n_digits}
-    return {}
 
 
 def _guard_snapshot_or_rollback(guard, cfg, spikes, step, model, optimizer, log) -> None:
