@@ -47,9 +47,11 @@ def extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17"]
+    # the C++ standard is left to torch.utils.cpp_extension: it must match the one torch
+    # was built with (C++20 from torch 2.10 on); a mismatch breaks exceptions across the ABI
+    cxx = ["-O3"]
     if want_cuda():
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension(
             "fastlab._C",
             cpp + cu,

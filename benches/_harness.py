@@ -132,6 +132,26 @@ class Recorder:
         os.replace(path + ".tmp", path)
 
 
+def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph; the returned callable replays it.
+
+    Replay launches the whole captured sequence at once, so its time is the GPU time of the
+    kernels alone, without the per-kernel host launch cost: what a training step captured
+    in a graph pays. ``fn`` must be warm (compiled, autotuned) and must not sync the host.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
 def cuda_timer() -> float:
     """Timer for pytest-benchmark (``--benchmark-timer benches._harness.cuda_timer``): it
     synchronises, so each round's span covers the GPU work of its calls, and only there."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from benches._harness import cuda_graph
 from benches.conftest import optional_import
 from fastlab.ops.attention import attention, attention_ref
 from fastlab.testing import assert_close, randn
@@ -57,7 +58,9 @@ CASES = [
 SMALL = 256  # sequences up to this also run SDPA's math backend, a real peer there
 PROVIDERS = ["fastlab", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex",
              "xformers"]
-MODES = ["fwd", "full"]
+#: ``-graph`` modes replay the call from a CUDA graph (short sequences only): small shapes
+#: are launch-bound in eager mode, and the graph shows the kernels' own speed.
+MODES = ["fwd", "full", "fwd-graph", "full-graph"]
 #: Heads and batch rows checked against the float32 reference (it materialises S x S).
 CHECK_BATCH, CHECK_HEADS = 1, 2
 
@@ -140,31 +143,42 @@ def _check(fn, q, k, v, grad_out, case: Case, mode: str) -> None:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_attention(bench, case, provider, mode):
+    base_mode, graphed = mode.split("-")[0], mode.endswith("-graph")
+    if graphed and case.seq > SMALL:
+        pytest.skip("graph modes only for short sequences, where launches dominate")
     shape = (case.batch, case.heads, case.seq, case.head_dim)
-    q, k, v = (randn(shape, case.dtype, "cuda", seed=s, requires_grad=mode == "full")
+    q, k, v = (randn(shape, case.dtype, "cuda", seed=s, requires_grad=base_mode == "full")
                for s in (1, 2, 3))
     grad_out = randn(shape, case.dtype, "cuda", seed=4)
     fn = _provider(provider, case)
     try:
         out = fn(q, k, v, case.causal)
-        if mode == "full":
+        if base_mode == "full":
             torch.autograd.grad(out, (q, k, v), grad_out)
     except Exception as exc:  # a peer refusing this dtype, head dim or shape
         if provider == "fastlab":
             raise
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         pytest.skip(f"{provider} does not run {case.name}: {reason}")
-    _check(fn, q, k, v, grad_out, case, mode)
+    _check(fn, q, k, v, grad_out, case, base_mode)
 
-    if mode == "fwd":
+    if base_mode == "fwd":
         def run():
             return fn(q, k, v, case.causal)
     else:
         def run():
             return torch.autograd.grad(fn(q, k, v, case.causal), (q, k, v), grad_out)
+    if graphed:
+        try:
+            run = cuda_graph(run)
+        except Exception as exc:
+            if provider == "fastlab":
+                raise
+            pytest.skip(f"{provider} cannot be captured in a CUDA graph: "
+                        f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
 
-    bench.measure(OP, case.name, mode, provider, run, floor_bytes=case.floor_bytes(mode),
-                  floor_flops=case.flops(mode),
+    bench.measure(OP, case.name, mode, provider, run, floor_bytes=case.floor_bytes(base_mode),
+                  floor_flops=case.flops(base_mode),
                   shape=dict(batch=case.batch, heads=case.heads, seq=case.seq,
                              head_dim=case.head_dim, dtype=str(case.dtype),
                              causal=case.causal))

@@ -44,17 +44,27 @@ def _liger_ce():
     return lambda x, t: loss(x, t)
 
 
-def _check_ce(fn, x, t):
-    """Loss and gradient of the first CHECK_ROWS rows against float64."""
+def _check_ce(fn, x, t, strict=True):
+    """Loss and gradient of the first CHECK_ROWS rows against float64.
+
+    fastlab must match; a peer that does not (liger returns the loss in the logits' dtype)
+    is still timed, and its error goes into the record.
+    """
     xs = x[:CHECK_ROWS].detach().clone().requires_grad_(True)
     ts = t[:CHECK_ROWS]
-    loss = fn(xs, ts)
-    (g,) = torch.autograd.grad(loss, xs)
+    # the reference first: some providers (liger, fastlab_inplace) overwrite the logits
+    # with their gradient during the call
     x64 = xs.detach().double().requires_grad_(True)
     want = cross_entropy_ref(x64, ts)
     (gwant,) = torch.autograd.grad(want, x64)
-    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g.double(), gwant, rtol=2e-2, atol=1e-6)
+    loss = fn(xs, ts)
+    (g,) = torch.autograd.grad(loss, xs)
+    errors = dict(loss_rel_err=float((loss.double() - want).abs() / want.abs()),
+                  grad_max_abs_err=float((g.double() - gwant).abs().max()))
+    if strict:
+        torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g.double(), gwant, rtol=2e-2, atol=1e-6)
+    return errors
 
 
 def _full_step(fn, x, t):
@@ -80,14 +90,15 @@ def test_cross_entropy(bench, case, provider):
     if provider == "fastlab_inplace":
         # each call overwrites the logits with their gradient; later calls time the same
         # work on those values, and the gradient returned is the logits buffer itself
-        _check_ce(lambda a, b: cross_entropy(a * 1, b, inplace_backward=True), x, t)
+        shape.update(_check_ce(lambda a, b: cross_entropy(a * 1, b, inplace_backward=True),
+                               x, t))
 
         def step():
             return torch.autograd.grad(cross_entropy(x, t, inplace_backward=True), x)
         bench.measure("cross_entropy", case, "full", provider, step,
                       floor_bytes=floor_bytes, shape=shape)
         return
-    _check_ce(fn, x, t)
+    shape.update(_check_ce(fn, x, t, strict=provider == "fastlab"))
     bench.measure("cross_entropy", case, "full", provider, _full_step(fn, x, t),
                   floor_bytes=floor_bytes, shape=shape)
     with torch.no_grad():

@@ -19,15 +19,15 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 } 2>&1 | tee "$out/env.txt"
 
-if ! python3 -c 'import fastlab._C' 2>/dev/null; then
+if ! python3 -c 'import torch, fastlab._C' 2>/dev/null; then
   FASTLAB_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1 \
     || { tail -30 "$out/install.log"; echo "install failed"; exit 1; }
 fi
-python3 -c 'import fastlab, fastlab.kernels, fastlab._C; print("fastlab", fastlab.__version__)'
+python3 -c 'import torch, fastlab, fastlab.kernels, fastlab._C; print("fastlab", fastlab.__version__)'
 
 tests_rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" 2>&1 \
+  python3 -m pytest tests -m gpu -v -rfs -p no:cacheprovider --junitxml="$out/tests.xml" 2>&1 \
     | tee "$out/tests.log" | tail -40
   tests_rc=${PIPESTATUS[0]}
 fi

@@ -58,29 +58,24 @@ void check_offsets(const char* op, const at::Tensor& offsets, const at::Tensor& 
                     "; use int64 offsets");
 }
 
-// offsets' first value, last value, and whether it never decreases. On CUDA this copies
-// three numbers to the host: the only host sync of these ops, hence opt-in there.
+// offsets' first value, last value, and whether it never decreases. CUDA offsets are
+// copied to the host first (S + 1 integers and a stream sync: the reason the check is
+// opt-in there), then both devices share one loop.
 std::array<int64_t, 3> summarize_offsets(const at::Tensor& offsets) {
-  if (offsets.is_cpu()) {
-    std::array<int64_t, 3> summary{0, 0, 1};
-    const at::Tensor o = offsets.contiguous();
-    AT_DISPATCH_INDEX_TYPES(o.scalar_type(), "summarize_offsets", [&] {
-      const index_t* p = o.const_data_ptr<index_t>();
-      const int64_t n = o.numel();
-      summary = {p[0], p[n - 1], 1};
-      for (int64_t i = 1; i < n; ++i) {
-        if (p[i] < p[i - 1]) {
-          summary[2] = 0;
-          break;
-        }
+  const at::Tensor o = offsets.is_cpu() ? offsets.contiguous() : offsets.to(at::kCPU).contiguous();
+  std::array<int64_t, 3> summary{0, 0, 1};
+  AT_DISPATCH_INDEX_TYPES(o.scalar_type(), "summarize_offsets", [&] {
+    const index_t* p = o.const_data_ptr<index_t>();
+    const int64_t n = o.numel();
+    summary = {static_cast<int64_t>(p[0]), static_cast<int64_t>(p[n - 1]), 1};
+    for (int64_t i = 1; i < n; ++i) {
+      if (p[i] < p[i - 1]) {
+        summary[2] = 0;
+        break;
       }
-    });
-    return summary;
-  }
-  const at::Tensor o = offsets.to(at::kLong);
-  const at::Tensor packed = at::stack({o[0], o[-1], (o.diff() >= 0).all().to(at::kLong)}).cpu();
-  const int64_t* p = packed.const_data_ptr<int64_t>();
-  return {p[0], p[1], p[2]};
+    }
+  });
+  return summary;
 }
 
 void check_offset_values(const char* op, const at::Tensor& offsets, int64_t total) {

@@ -66,6 +66,12 @@ def _check_once(batch, hq, hkv, q_len, kv_len, d, causal, dtype, *, kv_lens=None
             assert torch.equal(a.isneginf(), b.isneginf()), "rows without keys differ"
             a, b = a.nan_to_num(0.0, 0.0, 0.0), b.nan_to_num(0.0, 0.0, 0.0)
             assert_close(a, b, torch.float32, scale=_tol_scale(dtype), msg=name)
+        elif dtype == torch.float32 and ON_GPU:
+            # TF32 products carry a 2**-11 relative error of the operands' magnitude, so
+            # the error of a sum scales with the tensor's largest values, not each element's
+            atol = 2e-3 * float(b.abs().max())
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=atol,
+                                       msg=lambda m: f"{name}: {m}")
         else:
             assert_close(a, b, dtype, scale=_tol_scale(dtype), msg=name)
     return got

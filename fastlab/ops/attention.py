@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastlab.ops._dispatch import use_triton
+from fastlab.ops._dispatch import call_op, use_triton
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -100,10 +100,9 @@ def _kernel_wanted(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
     return q.dtype in _KERNEL_DTYPES and use_triton(q, *tensors)
 
 
-@torch.library.custom_op("fastlab::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   kv_lens: Optional[torch.Tensor], causal: bool,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        kv_lens: Optional[torch.Tensor], causal: bool,
+                        scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     if _kernel_wanted(q, k, v):
         from fastlab.kernels.attention import attention_forward
 
@@ -114,16 +113,10 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.empty_like(q).copy_(ref), lse.to(_compute_dtype(q.dtype))
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, kv_lens, causal, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
-
-
-@torch.library.custom_op("fastlab::attention_bwd", mutates_args=())
-def _attention_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor,
-                   k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   kv_lens: Optional[torch.Tensor], causal: bool,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_impl(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
+                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, kv_lens: Optional[torch.Tensor], causal: bool,
+                        scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _kernel_wanted(q, k, v, grad_out):
         from fastlab.kernels.attention import attention_backward
 
@@ -132,6 +125,17 @@ def _attention_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: 
     grads = _attention_backward_ref(grad_out, grad_lse, q, k, v, out, lse, kv_lens, causal,
                                     scale)
     return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
+
+
+_attention_fwd = torch.library.custom_op("fastlab::attention_fwd", mutates_args=())(
+    _attention_fwd_impl)
+_attention_bwd = torch.library.custom_op("fastlab::attention_bwd", mutates_args=())(
+    _attention_bwd_impl)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, kv_lens, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))
 
 
 @_attention_bwd.register_fake
@@ -152,12 +156,34 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kv_lens = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(grad_out, grad_lse, q, k, v, out, lse, kv_lens, ctx.causal,
-                                ctx.scale)
+    dq, dk, dv = call_op(_attention_bwd, _attention_bwd_impl, grad_out, grad_lse, q, k, v,
+                         out, lse, kv_lens, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Attention(torch.autograd.Function):
+    """Eager-mode autograd around the same bodies as the custom ops, without their
+    dispatcher overhead (see :func:`fastlab.ops._dispatch.call_op`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_lens, causal, scale):
+        out, lse = _attention_fwd_impl(q, k, v, kv_lens, causal, scale)
+        _setup_context(ctx, (q, k, v, kv_lens, causal, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse)
+
+
+def _run_attention(q, k, v, kv_lens, causal, scale):
+    if torch.compiler.is_compiling() or not all(
+            type(x) in (torch.Tensor, torch.nn.Parameter) for x in (q, k, v)):
+        return _attention_fwd(q, k, v, kv_lens, causal, scale)
+    return _Attention.apply(q, k, v, kv_lens, causal, scale)
 
 
 def _check_inputs(q, k, v, kv_lens, scale) -> None:
@@ -236,5 +262,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _check_inputs(q, k, v, kv_lens, scale)
-    out, lse = _attention_fwd(q, k, v, kv_lens, bool(causal), float(scale))
+    out, lse = _run_attention(q, k, v, kv_lens, bool(causal), float(scale))
     return (out, lse) if return_lse else out

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastlab.ops._dispatch import use_triton
+from fastlab.ops._dispatch import call_op, use_triton
 
 _REDUCTIONS = ("none", "mean", "sum")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -186,31 +186,40 @@ def _fake_outputs(logits: Tensor, reduction: str) -> Tuple[Tensor, Tensor]:
     return logits.new_empty(shape, dtype=out_dtype), logits.new_empty(shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("fastlab::cross_entropy_forward", mutates_args=())
-def _forward_op(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
-                z_loss: float, reduction: str, check_targets: bool) -> Tuple[Tensor, Tensor]:
+def _forward_op_impl(logits: Tensor, target: Tensor, ignore_index: int,
+                     label_smoothing: float, z_loss: float, reduction: str,
+                     check_targets: bool) -> Tuple[Tensor, Tensor]:
     return _forward_impl(logits, target, None, ignore_index, label_smoothing, z_loss,
                          reduction, check_targets)
 
 
-@torch.library.custom_op("fastlab::cross_entropy_forward_grad", mutates_args=("grad",))
-def _forward_grad_op(logits: Tensor, target: Tensor, grad: Tensor, ignore_index: int,
-                     label_smoothing: float, z_loss: float, reduction: str,
-                     check_targets: bool) -> Tuple[Tensor, Tensor]:
+_forward_op = torch.library.custom_op("fastlab::cross_entropy_forward", mutates_args=())(
+    _forward_op_impl)
+
+
+def _forward_grad_op_impl(logits: Tensor, target: Tensor, grad: Tensor, ignore_index: int,
+                          label_smoothing: float, z_loss: float, reduction: str,
+                          check_targets: bool) -> Tuple[Tensor, Tensor]:
     return _forward_impl(logits, target, grad, ignore_index, label_smoothing, z_loss,
                          reduction, check_targets)
 
 
-@torch.library.custom_op("fastlab::cross_entropy_forward_inplace", mutates_args=("logits",))
-def _forward_inplace_op(logits: Tensor, target: Tensor, ignore_index: int,
-                        label_smoothing: float, z_loss: float, reduction: str,
-                        check_targets: bool) -> Tuple[Tensor, Tensor]:
+_forward_grad_op = torch.library.custom_op("fastlab::cross_entropy_forward_grad",
+                                          mutates_args=("grad",))(_forward_grad_op_impl)
+
+
+def _forward_inplace_op_impl(logits: Tensor, target: Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float, reduction: str,
+                             check_targets: bool) -> Tuple[Tensor, Tensor]:
     return _forward_impl(logits, target, logits, ignore_index, label_smoothing, z_loss,
                          reduction, check_targets)
 
 
-@torch.library.custom_op("fastlab::scale_grad", mutates_args=("grad",))
-def _scale_grad_op(grad: Tensor, factor: Tensor) -> None:
+_forward_inplace_op = torch.library.custom_op("fastlab::cross_entropy_forward_inplace",
+                                             mutates_args=("logits",))(_forward_inplace_op_impl)
+
+
+def _scale_grad_op_impl(grad: Tensor, factor: Tensor) -> None:
     """Multiply ``grad`` (..., K) by ``factor``: one value, or one per row (...)."""
     if grad.numel() == 0:
         return
@@ -223,6 +232,10 @@ def _scale_grad_op(grad: Tensor, factor: Tensor) -> None:
     else:
         # out of place then copied back: an in-place bf16 *= fp32 would be refused
         rows.copy_(rows * (per_row[:, None] if per_row.dim() else per_row))
+
+
+_scale_grad_op = torch.library.custom_op("fastlab::scale_grad", mutates_args=("grad",))(
+    _scale_grad_op_impl)
 
 
 @_forward_op.register_fake
@@ -248,7 +261,7 @@ def _(grad, factor):
 
 def scale_grad_(grad: Tensor, factor: Tensor) -> None:
     """In-place ``grad *= factor`` that leaves rows with factor exactly 1 untouched."""
-    torch.ops.fastlab.scale_grad(grad, factor)
+    call_op(_scale_grad_op, _scale_grad_op_impl, grad, factor)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -257,13 +270,14 @@ class _CrossEntropy(torch.autograd.Function):
                 check_targets, inplace_backward):
         args = (ignore_index, label_smoothing, z_loss, reduction, check_targets)
         if inplace_backward:
-            loss, zl = torch.ops.fastlab.cross_entropy_forward_inplace(logits, target, *args)
+            loss, zl = call_op(_forward_inplace_op, _forward_inplace_op_impl, logits, target,
+                               *args)
             grad = logits
         else:
             # contiguous whatever the logits' layout, so it always views as (N, V)
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            loss, zl = torch.ops.fastlab.cross_entropy_forward_grad(logits, target, grad,
-                                                                    *args)
+            loss, zl = call_op(_forward_grad_op, _forward_grad_op_impl, logits, target, grad,
+                               *args)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(zl)
         return loss, zl
@@ -329,5 +343,5 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     if torch.is_grad_enabled() and logits.requires_grad:
         loss, zl = _CrossEntropy.apply(logits, target, *args, bool(inplace_backward))
     else:
-        loss, zl = torch.ops.fastlab.cross_entropy_forward(logits, target, *args)
+        loss, zl = call_op(_forward_op, _forward_op_impl, logits, target, *args)
     return (loss, zl) if return_z_loss else loss

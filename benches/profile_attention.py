@@ -1,0 +1,70 @@
+"""Where the time of one attention training step goes, per kernel, for a few shapes.
+
+    python3 -m benches.profile_attention [B H S D dtype] ...
+
+For each shape: the host time of one forward + backward call (synchronised, so it is the
+larger of launch overhead and GPU time), the CUDA time of each kernel from the PyTorch
+profiler, and the same for SDPA's default backend next to it.
+"""
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastlab.ops.attention import attention
+
+DEFAULT = [(64, 4, 256, 16, "bfloat16"), (64, 4, 256, 16, "float32"),
+           (1024, 8, 64, 4, "bfloat16"), (8, 16, 2048, 64, "bfloat16")]
+
+
+def _step(fn, q, k, v, grad_out):
+    return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+
+def _report(name, fn, q, k, v, grad_out, iters=20):
+    for _ in range(3):
+        _step(fn, q, k, v, grad_out)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        _step(fn, q, k, v, grad_out)
+    torch.cuda.synchronize()
+    host_ms = (time.perf_counter() - start) * 1e3 / iters
+    # launch-bound check: the same calls without waiting between them
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            _step(fn, q, k, v, grad_out)
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if cuda_us > 0 and event.count >= iters:
+            rows.append((cuda_us / iters, event.count // iters, event.key[:70]))
+    rows.sort(reverse=True)
+    gpu_ms = sum(r[0] for r in rows) / 1e3
+    print(f"  {name:8s} host {host_ms:7.3f} ms/step, kernels {gpu_ms:7.3f} ms/step")
+    for us, count, key in rows[:8]:
+        print(f"      {us:9.1f} us x{count}  {key}")
+
+
+def main(argv):
+    shapes = DEFAULT
+    if argv:
+        shapes = [(int(argv[i]), int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]),
+                   argv[i + 4]) for i in range(0, len(argv), 5)]
+    for b, h, s, d, dtype in shapes:
+        dt = getattr(torch, dtype)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dt, generator=gen)
+                   .requires_grad_() for _ in range(3))
+        grad_out = torch.randn(b, h, s, d, device="cuda", dtype=dt, generator=gen)
+        print(f"B{b} H{h} S{s} D{d} {dtype} causal")
+        _report("fastlab", lambda a, b_, c: attention(a, b_, c, causal=True), q, k, v,
+                grad_out)
+        _report("sdpa", lambda a, b_, c: torch.nn.functional.scaled_dot_product_attention(
+            a, b_, c, is_causal=True), q, k, v, grad_out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
