@@ -138,6 +138,26 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(summary["last_train"]["loss"]))
 
 
+def test_noise_of_a_nearly_solved_task_is_not_a_spike():
+    from fastlab.train.config import GuardConfig
+    from fastlab.train.guard import SpikeGuard
+
+    guard = SpikeGuard(GuardConfig(window=8, factor=4.0, min_delta=0.1), torch.device("cpu"))
+    for value in [2e-5, 3e-5, 1e-5, 2e-5, 4e-5, 2e-5, 3e-5, 2e-5]:
+        assert not bool(guard.check(torch.tensor(value)))
+    # 50x the median, but 1e-3 nats: noise, not a spike
+    assert not bool(guard.check(torch.tensor(1e-3)))
+    assert bool(guard.check(torch.tensor(0.5)))
+    assert bool(guard.check(torch.tensor(float("nan"))))
+    assert guard.poll() == 2
+    # a plain relative spike still counts where the loss is large
+    loud = SpikeGuard(GuardConfig(window=8, factor=4.0, min_delta=0.1), torch.device("cpu"))
+    for _ in range(8):
+        loud.check(torch.tensor(2.0))
+    assert not bool(loud.check(torch.tensor(7.9)))
+    assert bool(loud.check(torch.tensor(8.2)))
+
+
 def test_rollback_after_repeated_spikes_lowers_the_lr(tmp_path):
     steps = ["task.n_digits=1", "model.d_model=64", "train.steps=180", "log.every=10",
              "eval.every=1000", "guard.max_spikes=3", "guard.snapshot_every=10",

@@ -117,6 +117,8 @@ class GuardConfig:
     enabled: bool = True
     window: int = 50
     factor: float = 4.0
+    #: a spike must also exceed the median by this much (loss units)
+    min_delta: float = 0.1
     max_spikes: int = 3
     lr_backoff: float = 0.5
     snapshot_every: int = 100
@@ -124,6 +126,7 @@ class GuardConfig:
     def __post_init__(self):
         _check(self.window >= 4, f"guard.window must be >= 4, got {self.window}")
         _check(self.factor > 1, f"guard.factor must be > 1, got {self.factor}")
+        _check(self.min_delta >= 0, f"guard.min_delta must be >= 0, got {self.min_delta}")
         _check(0 < self.lr_backoff <= 1, "guard.lr_backoff must be in (0, 1]")
 
 

@@ -1,7 +1,9 @@
 """Loss-spike guard: skip bad updates on the device, roll back when spikes repeat.
 
 Per step, without a host sync: a loss that is non-finite, or above ``factor`` times the
-median of the last ``window`` good losses, marks the step bad; the trainer then multiplies
+median of the last ``window`` good losses and at least ``min_delta`` above it, marks the
+step bad (the absolute margin keeps the ordinary noise of a nearly solved task, 1e-4 next
+to a median of 2e-5, from counting as a spike); the trainer then multiplies
 the loss it backpropagates by NaN, so the gradients are non-finite and the optimizer (or
 the grad scaler) skips the update for every parameter. Only good losses enter the window.
 
@@ -34,7 +36,8 @@ class SpikeGuard:
         bad = ~torch.isfinite(loss)
         if self.seen >= self.cfg.window // 2:
             median = self.history.nanmedian()
-            bad = bad | (loss > self.cfg.factor * median)
+            bad = bad | ((loss > self.cfg.factor * median)
+                         & (loss > median + self.cfg.min_delta))
         self.history[self.slot] = torch.where(bad, self.history[self.slot], loss)
         self.slot = (self.slot + 1) % self.cfg.window
         self.seen += 1
