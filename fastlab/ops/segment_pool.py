@@ -229,19 +229,35 @@ def _check_segments(op: str, offsets: torch.Tensor, t: torch.Tensor, name: str) 
                          f"boundaries, got {offsets.shape[0]}")
 
 
-def _fake_segment_pool(x, offsets, reduce="mean", validate=False, return_arg=True):
+def _check_pool_args(x, offsets, reduce) -> None:
     if reduce not in REDUCTIONS:
         raise ValueError(f"segment_pool: reduce must be one of 'sum', 'mean', 'max', 'min', "
                          f"'first', 'last', got '{reduce}'")
     _check_features("segment_pool", "x", x)
     _check_offsets("segment_pool", offsets, x, "x", x.shape[0])
+
+
+def _check_offset_values(op: str, offsets: torch.Tensor, total: int) -> None:
+    """offsets start at 0, end at ``total`` and never decrease: a host sync on CUDA."""
+    o = offsets.long()
+    first, last, ordered = torch.stack([o[0], o[-1], (o.diff() >= 0).all().long()]).tolist()
+    if first != 0:
+        raise ValueError(f"{op}: offsets must start at 0, got {first}")
+    if last != total:
+        raise ValueError(f"{op}: offsets must end at the number of rows ({total}), got {last}")
+    if not ordered:
+        raise ValueError(f"{op}: offsets must be non-decreasing")
+
+
+def _fake_segment_pool(x, offsets, reduce="mean", validate=False, return_arg=True):
+    _check_pool_args(x, offsets, reduce)
     segments = offsets.shape[0] - 1
     out = x.new_empty(segments, x.shape[1])
     arg_shape = (segments, x.shape[1]) if reduce in ("max", "min") and return_arg else (0,)
     return out, offsets.new_empty(arg_shape)
 
 
-def _fake_segment_broadcast(y, offsets, total, shift=0, base=None, mean=False, validate=False):
+def _check_broadcast_args(y, offsets, total, shift, base) -> None:
     op = "segment_broadcast"
     _check_features(op, "y", y)
     if total < 0:
@@ -258,6 +274,10 @@ def _fake_segment_broadcast(y, offsets, total, shift=0, base=None, mean=False, v
             raise TypeError(f"{op}: base must have y's dtype {y.dtype}, got {base.dtype}")
         if base.device != y.device:
             raise ValueError(f"{op}: base must be on y's device {y.device}, got {base.device}")
+
+
+def _fake_segment_broadcast(y, offsets, total, shift=0, base=None, mean=False, validate=False):
+    _check_broadcast_args(y, offsets, total, shift, base)
     return y.new_empty(total, y.shape[1])
 
 
@@ -377,6 +397,12 @@ def segment_pool(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean", *
     """
     if reference_forced():
         return segment_pool_ref(x, offsets, reduce)
+    # Bad arguments are refused here, before the extension (which checks them again):
+    # metadata only, plus the offsets' values on CPU always and on CUDA when asked.
+    if not torch.compiler.is_compiling():
+        _check_pool_args(x, offsets, reduce)
+        if validate or offsets.device.type == "cpu":
+            _check_offset_values("segment_pool", offsets, x.shape[0])
     # max/min write the (S, D) arg rows only when a backward will read them
     return_arg = torch.is_grad_enabled() and x.requires_grad
     return _ops().segment_pool(x, offsets, reduce, validate, return_arg)[0]
@@ -396,6 +422,10 @@ def segment_broadcast(y: torch.Tensor, offsets: torch.Tensor, total: Optional[in
         total = base.shape[0] if base is not None else int(offsets[-1])  # host sync without base
     if reference_forced():
         return segment_broadcast_ref(y, offsets, total, shift, base)
+    if not torch.compiler.is_compiling():
+        _check_broadcast_args(y, offsets, total, shift, base)
+        if validate or offsets.device.type == "cpu":
+            _check_offset_values("segment_broadcast", offsets, total)
     return _ops().segment_broadcast(y, offsets, total, shift, base, False, validate)
 
 
