@@ -1,4 +1,5 @@
 """Built-in tasks produce correct, reproducible data and keep held-out problems out."""
+import pytest
 import torch
 
 from fastlab.tasks.addition import EQUALS, IGNORE, PLUS, Addition, _held_out
@@ -36,3 +37,27 @@ def test_training_never_draws_held_out_problems():
     a = sum(x[:, i] * 10 ** i for i in range(3))
     b = sum(x[:, 4 + i] * 10 ** i for i in range(3))
     assert not _held_out(a, b).any()
+
+
+def test_addition_curriculum_keeps_shapes_and_grows_on_the_threshold():
+    task = Addition(n_digits=3, curriculum_start=1, curriculum_threshold=0.8)
+    full = Addition(n_digits=3)
+    x, y = task.batch(0, 64, torch.device("cpu"))
+    fx, fy = full.batch(0, 64, torch.device("cpu"))
+    assert x.shape == fx.shape and y.shape == fy.shape
+    # one-digit operands: digits 1 and 2 of a and of b are 0 (a at 0..2, b at 4..6)
+    assert (x[:, 1:3] == 0).all() and (x[:, 5:7] == 0).all()
+    assert not task.curriculum_done
+    assert task.curriculum({"exact_match": 0.79}) is None and task.level == 1
+    assert "2 of 3" in task.curriculum({"exact_match": 0.8})
+    state = task.state_dict()
+    again = Addition(n_digits=3, curriculum_start=1)
+    again.load_state_dict(state)
+    assert again.level == 2
+    assert torch.equal(again.batch(5, 32, torch.device("cpu"))[0],
+                       task.batch(5, 32, torch.device("cpu"))[0])
+    task.curriculum({"exact_match": 1.0})
+    assert task.curriculum_done and task.curriculum({"exact_match": 1.0}) is None
+    assert task.level == 3
+    with pytest.raises(ValueError, match="curriculum_start"):
+        Addition(n_digits=2, curriculum_start=3)

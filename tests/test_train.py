@@ -158,6 +158,41 @@ def test_noise_of_a_nearly_solved_task_is_not_a_spike():
     assert bool(loud.check(torch.tensor(8.2)))
 
 
+def test_curriculum_grows_the_task_and_resumes_at_its_level(tmp_path):
+    steps = ["task.n_digits=2", "task.curriculum_start=1", "task.curriculum_threshold=0.5",
+             "model.d_model=64", "model.n_layer=2", "train.batch_size=64",
+             "train.steps=400", "log.every=50", "eval.every=50",
+             "eval.samples=200", "eval.target=0.01", "checkpoint.every=50"]
+    summary = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "run"))
+    events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    grown = [e for e in events if e["kind"] == "event" and "curriculum" in e["message"]]
+    assert len(grown) == 1, "1-digit sums are learnt in 400 steps: one level up"
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert evals[0]["digits"] == 1 and evals[-1]["digits"] == 2
+    # the target (0.01, met at level 1 already) is only checked at the last level
+    at_growth = next(e for e in evals if e["step"] == grown[0]["step"])
+    assert at_growth["digits"] == 1 and at_growth["exact_match"] >= 0.5
+    assert summary["steps"] > grown[0]["step"]
+    state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
+    assert state["task"] == {"level": 2}
+    # a resumed run goes on at level 2, it does not start the curriculum over
+    more = [a for a in steps if not a.startswith(("train.steps", "eval.target"))]
+    train(_cfg(tmp_path, *more, f"train.steps={summary['steps'] + 50}"),
+          run_dir=str(tmp_path / "run"))
+    events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [e["digits"] for e in events if e["kind"] == "eval"][-1] == 2
+    assert len([e for e in events if e["kind"] == "event" and "curriculum" in e["message"]]) == 1
+
+
+def test_cuda_graphs_need_a_cuda_device_and_compile(tmp_path):
+    with pytest.raises(ValueError, match="train.compile"):
+        _cfg(tmp_path, "train.cuda_graphs=true", "train.compile=off")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            train(_cfg(tmp_path, "train.cuda_graphs=true", "train.device=cpu"),
+                  run_dir=str(tmp_path / "run"))
+
+
 def test_rollback_after_repeated_spikes_lowers_the_lr(tmp_path):
     steps = ["task.n_digits=1", "model.d_model=64", "train.steps=180", "log.every=10",
              "eval.every=1000", "guard.max_spikes=3", "guard.snapshot_every=10",

@@ -4,8 +4,12 @@ Reversed, the sum's k-th digit follows the carry it depends on, and it sits at a
 distance from the k-th digits of a and b, which a small causal model finds quickly. Problems
 whose (a, b) hash into the held-out bucket are never drawn for training; evaluation draws
 only from that bucket and decodes greedily, so exact match measures generalisation.
+
+Curriculum (``curriculum_start``): operands start with fewer digits and gain one each time
+the held-out exact match reaches ``curriculum_threshold``. The sequence layout stays that
+of ``n_digits`` (short operands have leading zeros), so batch shapes never change.
 """
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,10 +38,17 @@ class Addition(Task):
     name = "addition"
     metric = "exact_match"
 
-    def __init__(self, n_digits: int = 3):
+    def __init__(self, n_digits: int = 3, curriculum_start: int = 0,
+                 curriculum_threshold: float = 0.9):
         if n_digits < 1 or n_digits > 18:
             raise ValueError(f"n_digits must be in [1, 18], got {n_digits}")
+        if not 0 <= curriculum_start <= n_digits:
+            raise ValueError(f"curriculum_start must be in [0, n_digits={n_digits}], "
+                             f"got {curriculum_start}")
         self.n = n_digits
+        #: digits of the operands drawn now: n_digits unless a curriculum is running
+        self.level = curriculum_start or n_digits
+        self.threshold = curriculum_threshold
         self.prompt_len = 2 * n_digits + 2
         self.answer_len = n_digits + 1
         self.seq_len = self.prompt_len + self.answer_len - 1
@@ -48,7 +59,7 @@ class Addition(Task):
                              dropout=model_cfg.dropout))
 
     def _draw(self, n: int, g: torch.Generator, device, held_out: bool):
-        high = 10 ** self.n
+        high = 10 ** self.level
         a = torch.randint(0, high, (4 * n,), generator=g, device=device)
         b = torch.randint(0, high, (4 * n,), generator=g, device=device)
         keep = _held_out(a, b) == held_out
@@ -88,4 +99,20 @@ class Addition(Task):
         model.train(was_training)
         correct_digits = (out == answer).float()
         return {"exact_match": correct_digits.all(1).float().mean().item(),
-                "digit_accuracy": correct_digits.mean().item()}
+                "digit_accuracy": correct_digits.mean().item(), "digits": float(self.level)}
+
+    def curriculum(self, metrics: Dict[str, float]) -> Optional[str]:
+        if self.level < self.n and metrics.get("exact_match", 0.0) >= self.threshold:
+            self.level += 1
+            return f"curriculum: operands now have {self.level} of {self.n} digits"
+        return None
+
+    @property
+    def curriculum_done(self) -> bool:
+        return self.level == self.n
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"level": self.level}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.level = int(state.get("level", self.n))

@@ -1,5 +1,5 @@
 """What the trainer needs from a task: batches, a model, an evaluation."""
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,26 @@ class Task:
 
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
         raise NotImplementedError
+
+    # --- curriculum hook: a task may change its difficulty from its metrics ---------------
+    def curriculum(self, metrics: Dict[str, float]) -> Optional[str]:
+        """Called by the trainer after every evaluation with its metrics; returns a
+        description of the change when the task made itself harder (or easier), else None.
+        Batch shapes must stay fixed across levels (compiled and graph-captured steps)."""
+        return None
+
+    @property
+    def curriculum_done(self) -> bool:
+        """False while the task is below its final difficulty: the trainer then neither
+        stops early on the target metric nor keeps a "best" checkpoint."""
+        return True
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint must hold to resume the task exactly (the curriculum level)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:

@@ -22,9 +22,18 @@ def _check(cond: bool, message: str) -> None:
 class TaskConfig:
     name: str = "addition"
     n_digits: int = 3
+    #: curriculum: start with operands of this many digits (0: none) and add one digit
+    #: each time the held-out exact match reaches curriculum_threshold
+    curriculum_start: int = 0
+    curriculum_threshold: float = 0.9
 
     def __post_init__(self):
         _check(self.n_digits >= 1, f"task.n_digits must be >= 1, got {self.n_digits}")
+        _check(0 <= self.curriculum_start <= self.n_digits,
+               f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
+               f"got {self.curriculum_start}")
+        _check(0 < self.curriculum_threshold <= 1,
+               f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
 
 
 @dataclass
@@ -77,6 +86,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: str = "auto"
+    #: replay forward and backward from CUDA graphs (torch.compile mode "reduce-overhead"):
+    #: for small models whose steps are bound by kernel launches; CUDA only
+    cuda_graphs: bool = False
     dist: str = "ddp"
 
     def __post_init__(self):
@@ -88,6 +100,9 @@ class TrainConfig:
         _check(self.compile in ("auto", "on", "off"),
                f"train.compile must be auto, on or off, got {self.compile!r}")
         _check(self.dist in ("ddp", "fsdp"), f"train.dist must be ddp or fsdp, got {self.dist!r}")
+        _check(not (self.cuda_graphs and self.compile == "off"),
+               "train.cuda_graphs=true captures the compiled model: it needs train.compile "
+               "auto or on, got off")
 
 
 @dataclass

@@ -133,7 +133,12 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     compile_on = cfg.train.compile == "on" or (cfg.train.compile == "auto"
                                                  and device.type == "cuda")
-    forward = torch.compile(model) if compile_on else model
+    if cfg.train.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"train.cuda_graphs=true needs a CUDA device, got {device}")
+    if cfg.train.cuda_graphs:
+        forward = torch.compile(model, mode="reduce-overhead")
+    else:
+        forward = torch.compile(model) if compile_on else model
     raw_model = distributed.unwrap(model)
     guard = SpikeGuard(cfg.guard, device)
 
@@ -155,7 +160,8 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 "optimizer": distributed.optimizer_state(model, optimizer),
                 "scaler": scaler.state_dict() if scaler else None,
                 "guard": guard.state_dict(), "rng": rng_state(), "step": step,
-                "best": best, "tokens": tokens_seen, "config": cfg.to_dict()}
+                "best": best, "tokens": tokens_seen, "task": task.state_dict(),
+                "config": cfg.to_dict()}
 
     # --- resume --------------------------------------------------------------------
     step, best, tokens_seen = 0, None, 0
@@ -169,6 +175,7 @@ def train(cfg: Config, run_dir: Optional[str] = None,
         guard.load_state_dict(saved["guard"])
         set_rng_state(saved["rng"])
         step, best, tokens_seen = saved["step"], saved["best"], saved["tokens"]
+        task.load_state_dict(saved.get("task", {}))
         log.event(step, f"resumed from {os.path.basename(latest)}")
 
     # --- the loop ------------------------------------------------------------------
@@ -203,6 +210,9 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 last = i == len(micro) - 1
                 with distributed.maybe_no_sync(model, dist, not last):
                     t = timer.start("forward")
+                    if cfg.train.cuda_graphs:
+                        # the previous replay's outputs are consumed: let the graph reuse them
+                        torch.compiler.cudagraph_mark_step_begin()
                     with torch.autocast(device.type, dtype=autocast_dtype,
                                         enabled=autocast_dtype is not None):
                         logits, _ = forward(x)
@@ -280,7 +290,12 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 last_eval = {"step": step, **ev}
                 log.log("eval", step, ev)
                 log.event(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-                score = ev.get(task.metric)
+                # scores below the curriculum's last level are not comparable with the
+                # target or with the best so far
+                score = ev.get(task.metric) if task.curriculum_done else None
+                change = task.curriculum(ev)
+                if change:
+                    log.event(step, change)
                 improved = score is not None and (best is None or score > best)
                 if improved:
                     best = score
