@@ -317,3 +317,23 @@ def test_real_size_matches_float64(V):
     (gwant,) = torch.autograd.grad(want.sum(), x64)
     assert_close(loss, want, torch.float32, scale=2.0)
     assert_close(g, gwant, torch.bfloat16)
+
+
+def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("fastlab.ops.cross_entropy")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eager call went through the torch.library dispatcher")
+
+    for name in ("_forward_op", "_forward_grad_op", "_forward_inplace_op", "_scale_grad_op"):
+        monkeypatch.setattr(mod, name, refuse)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 6, 2])
+    (g,) = torch.autograd.grad(mod.cross_entropy(x, t), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x2, t), x2)
+    torch.testing.assert_close(g, want)
+    with torch.no_grad():
+        mod.cross_entropy(x, t)

@@ -183,7 +183,9 @@ def _run_attention(q, k, v, kv_lens, causal, scale):
     if torch.compiler.is_compiling() or not all(
             type(x) in (torch.Tensor, torch.nn.Parameter) for x in (q, k, v)):
         return _attention_fwd(q, k, v, kv_lens, causal, scale)
-    return _Attention.apply(q, k, v, kv_lens, causal, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, kv_lens, causal, scale)
+    return _attention_fwd_impl(q, k, v, kv_lens, causal, scale)  # inference: no graph node
 
 
 def _check_inputs(q, k, v, kv_lens, scale) -> None:
