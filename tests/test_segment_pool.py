@@ -510,3 +510,21 @@ def test_cuda_bad_offsets_are_clamped_and_validate_raises():
 @pytest.mark.gpu
 def test_cuda_backward_is_deterministic():
     _check_backward_is_deterministic(50001, 256, "cuda", seed=35)
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ([1, 3, 5], "must start at 0, got 1"),
+    ([0, 3, 4], r"must end at the number of rows \(5\), got 4"),
+    ([0, 4, 2, 5], "must be non-decreasing"),
+])
+def test_python_offset_check_matches_the_extension(offsets, match):
+    """The value check that CUDA calls with validate=True run in Python, before the
+    extension, says what the extension's check says on CPU."""
+    from fastlab.ops.segment_pool import _check_offset_values
+
+    o = torch.tensor(offsets)
+    with pytest.raises(ValueError, match=match):
+        _check_offset_values("segment_pool", o, 5)
+    with pytest.raises(ValueError, match=match):
+        segment_pool(torch.randn(5, 3), o, "sum")
+    _check_offset_values("segment_pool", torch.tensor([0, 2, 2, 5]), 5)

@@ -75,8 +75,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return triton_available() and all(t.is_cuda for t in tensors)
 
 
-def _plain(x) -> bool:
-    return not isinstance(x, torch.Tensor) or type(x) in (torch.Tensor, torch.nn.Parameter)
+def eager(*args) -> bool:
+    """True outside ``torch.compile`` when no argument is a tensor subclass (fake,
+    functional): there an op's Python body may run without the ``torch.library`` dispatcher.
+    """
+    return not torch.compiler.is_compiling() and all(
+        not isinstance(a, torch.Tensor) or type(a) in (torch.Tensor, torch.nn.Parameter)
+        for a in args)
 
 
 def call_op(op, impl, *args):
@@ -85,8 +90,6 @@ def call_op(op, impl, *args):
     Going through the ``torch.library`` dispatcher costs ~100 us of host time per call in
     eager mode, more than the GPU time of a small attention or a decode step. The op is
     only needed where its schema and fake kernel are: under ``torch.compile`` and with
-    tensor subclasses (fake, functional); both run the same ``impl``.
+    tensor subclasses; both run the same ``impl``.
     """
-    if torch.compiler.is_compiling() or not all(_plain(a) for a in args):
-        return op(*args)
-    return impl(*args)
+    return impl(*args) if eager(*args) else op(*args)

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastlab.ops._dispatch import call_op, use_triton
+from fastlab.ops._dispatch import call_op, eager, use_triton
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -180,8 +180,7 @@ class _Attention(torch.autograd.Function):
 
 
 def _run_attention(q, k, v, kv_lens, causal, scale):
-    if torch.compiler.is_compiling() or not all(
-            type(x) in (torch.Tensor, torch.nn.Parameter) for x in (q, k, v)):
+    if not eager(q, k, v, kv_lens):
         return _attention_fwd(q, k, v, kv_lens, causal, scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, kv_lens, causal, scale)

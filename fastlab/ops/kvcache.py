@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from fastlab.ops._dispatch import use_triton
+from fastlab.ops._dispatch import call_op, use_triton
 from fastlab.ops.attention import attention
 
 
@@ -307,8 +307,8 @@ def kvcache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.
                    new_lens: Optional[torch.Tensor] = None) -> None:
     """Write k_new/v_new after each row's live slots and advance ``lengths``, unchecked
     (:meth:`fastlab.nn.KVCache.append` checks every argument first)."""
-    op = torch.ops.fastlab.kvcache_append if torch.compiler.is_compiling() else _append_impl
-    op(k_cache, v_cache, lengths, k_new, v_new, new_lens)
+    call_op(torch.ops.fastlab.kvcache_append, _append_impl, k_cache, v_cache, lengths, k_new,
+            v_new, new_lens)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -349,8 +349,8 @@ def attention_with_kvcache(q: torch.Tensor, cache, k_new: Optional[torch.Tensor]
         return _attend_training(q, cache, k_new, v_new, new_lens, causal, scale)
     n_new = 0 if k_new is None else k_new.shape[2]
     cache.reserve(n_new, new_lens)
-    op = torch.ops.fastlab.kvcache_attention if torch.compiler.is_compiling() else _attention_impl
-    out = op(q, cache.k_buffer, cache.v_buffer, cache.lengths, k_new, v_new, new_lens, causal,
-             scale, min(cache.length_bound + n_new, cache.max_len))
+    out = call_op(torch.ops.fastlab.kvcache_attention, _attention_impl, q, cache.k_buffer,
+                  cache.v_buffer, cache.lengths, k_new, v_new, new_lens, causal, scale,
+                  min(cache.length_bound + n_new, cache.max_len))
     cache.appended(n_new, new_lens)
     return out

@@ -249,6 +249,24 @@ def _check_offset_values(op: str, offsets: torch.Tensor, total: int) -> None:
         raise ValueError(f"{op}: offsets must be non-decreasing")
 
 
+# Eager calls refuse bad arguments in Python before the extension sees them (the extension
+# checks again: metadata only). Offset values, which need a host copy on CUDA, are checked
+# once: on CUDA here when asked (and the extension is told not to repeat it), on CPU by the
+# extension's loop.
+
+def _prevalidate(op: str, check_args, offsets: torch.Tensor, total: int,
+                validate: bool) -> bool:
+    """Runs ``check_args()`` and, on CUDA when asked, the value check; returns the
+    ``validate`` left to the extension."""
+    if torch.compiler.is_compiling():
+        return validate
+    check_args()
+    if validate and offsets.device.type != "cpu":
+        _check_offset_values(op, offsets, total)
+        return False
+    return validate
+
+
 def _fake_segment_pool(x, offsets, reduce="mean", validate=False, return_arg=True):
     _check_pool_args(x, offsets, reduce)
     segments = offsets.shape[0] - 1
@@ -397,12 +415,8 @@ def segment_pool(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean", *
     """
     if reference_forced():
         return segment_pool_ref(x, offsets, reduce)
-    # Bad arguments are refused here, before the extension (which checks them again):
-    # metadata only, plus the offsets' values on CPU always and on CUDA when asked.
-    if not torch.compiler.is_compiling():
-        _check_pool_args(x, offsets, reduce)
-        if validate or offsets.device.type == "cpu":
-            _check_offset_values("segment_pool", offsets, x.shape[0])
+    validate = _prevalidate("segment_pool", lambda: _check_pool_args(x, offsets, reduce),
+                            offsets, x.shape[0], validate)
     # max/min write the (S, D) arg rows only when a backward will read them
     return_arg = torch.is_grad_enabled() and x.requires_grad
     return _ops().segment_pool(x, offsets, reduce, validate, return_arg)[0]
@@ -422,10 +436,9 @@ def segment_broadcast(y: torch.Tensor, offsets: torch.Tensor, total: Optional[in
         total = base.shape[0] if base is not None else int(offsets[-1])  # host sync without base
     if reference_forced():
         return segment_broadcast_ref(y, offsets, total, shift, base)
-    if not torch.compiler.is_compiling():
-        _check_broadcast_args(y, offsets, total, shift, base)
-        if validate or offsets.device.type == "cpu":
-            _check_offset_values("segment_broadcast", offsets, total)
+    validate = _prevalidate(
+        "segment_broadcast", lambda: _check_broadcast_args(y, offsets, total, shift, base),
+        offsets, total, validate)
     return _ops().segment_broadcast(y, offsets, total, shift, base, False, validate)
 
 

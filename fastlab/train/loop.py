@@ -135,10 +135,9 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                                                  and device.type == "cuda")
     if cfg.train.cuda_graphs and device.type != "cuda":
         raise ValueError(f"train.cuda_graphs=true needs a CUDA device, got {device}")
-    if cfg.train.cuda_graphs:
-        forward = torch.compile(model, mode="reduce-overhead")
-    else:
-        forward = torch.compile(model) if compile_on else model
+    # cuda_graphs needs compile on (the config refuses compile=off with it)
+    mode = "reduce-overhead" if cfg.train.cuda_graphs else None
+    forward = torch.compile(model, mode=mode) if compile_on else model
     raw_model = distributed.unwrap(model)
     guard = SpikeGuard(cfg.guard, device)
 
