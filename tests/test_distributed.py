@@ -1,6 +1,7 @@
-"""Two gloo processes under torchrun match one process with the same global batch, and
-checkpoints move between world sizes."""
+"""Two gloo processes under torchrun match one process with the same global batch,
+checkpoints move between world sizes, and FSDP skips updates with inf/NaN gradients."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,12 +15,12 @@ ARGS = ["task.n_digits=2", "model.n_layer=1", "model.d_model=32", "model.n_head=
         "optim.schedule=constant", "optim.warmup_steps=5"]  # lr independent of train.steps
 
 
-def _run(tmp_path, name, nproc, *extra):
+def _run(tmp_path, name, nproc, *extra, entry=("-m", "fastlab.train")):
     if nproc == 1:
-        cmd = [sys.executable, "-m", "fastlab.train"]
+        cmd = [sys.executable, *entry]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "fastlab.train"]
+               f"--nproc_per_node={nproc}", *entry]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd + ARGS + [f"log.out_dir={tmp_path}", f"log.name={name}", *extra],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -48,3 +49,42 @@ def test_two_ranks_match_one_and_checkpoints_cross_world_sizes(tmp_path, mode):
     _close(more_single, reference, range(13, 19))
     ckpt = torch.load(tmp_path / f"two-{mode}" / "ckpt-00000018.pt", weights_only=False)
     assert ckpt["step"] == 18
+
+
+# the third forward's logits pass back inf gradients while its loss stays finite
+INF_GRADIENT = """
+import sys
+
+import torch
+
+from fastlab.models import gpt
+from fastlab.train.config import build_config
+from fastlab.train.loop import train
+
+forward, calls = gpt.GPT.forward, [0]
+
+
+def inf_gradient(self, idx, targets=None):
+    logits, loss = forward(self, idx, targets)
+    calls[0] += 1
+    if calls[0] == 3:
+        logits.register_hook(lambda g: torch.full_like(g, float("inf")))
+    return logits, loss
+
+
+gpt.GPT.forward = inf_gradient
+train(build_config(overrides=sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_skips_an_update_with_an_infinite_gradient_norm(tmp_path):
+    script = tmp_path / "inf_gradient.py"
+    script.write_text(INF_GRADIENT)
+    losses = _run(tmp_path, "run", 2, "train.steps=6", "train.dist=fsdp", entry=(str(script),))
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        events = [r for r in map(json.loads, f) if r["kind"] == "event"]
+    assert [(e["step"], e["skipped"]) for e in events if "skipped" in e] == [(3, 1)]
+    ckpt = torch.load(tmp_path / "run" / "ckpt-00000006.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -23,9 +23,13 @@ def _cfg(tmp_path, *extra):
     return build_config(overrides=TINY + [f"log.out_dir={tmp_path}", *extra])
 
 
-def _losses(run_dir):
+def _records(run_dir, kind):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in _records(run_dir, "train")}
 
 
 class _Crash(Exception):
@@ -51,11 +55,13 @@ def test_resume_after_crash_reproduces_uninterrupted_losses(tmp_path):
     train(_cfg(tmp_path, *steps), run_dir=crash_dir)  # resumes from step 10
 
     clean, resumed = _losses(clean_dir), _losses(crash_dir)
-    assert sorted(resumed) == list(range(1, 31))
+    # the crashed run logged steps 11-17 past its checkpoint: the resumed run replaced them
+    assert [r["step"] for r in _records(crash_dir, "train")] == list(range(1, 31))
     assert [clean[s] for s in range(1, 31)] == [resumed[s] for s in range(1, 31)]
 
 
-def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_writes_a_loadable_checkpoint(tmp_path, sig):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastlab.train", *TINY, "train.steps=100000", "log.every=5",
            "checkpoint.every=100000", f"log.out_dir={tmp_path}", "log.name=run"]
@@ -64,7 +70,7 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()
     path = checkpoint.latest(str(run_dir))
@@ -73,6 +79,61 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     assert state["step"] > 0 and "model" in state and "optimizer" in state
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by"].startswith("signal")
+
+
+def test_stop_at_eval_target_leaves_a_resumable_checkpoint_and_best(tmp_path):
+    from fastlab.tasks import build_task
+
+    run_dir = str(tmp_path / "run")
+    # exact match >= 0 holds at the first eval: the run stops at step 4
+    cfg = _cfg(tmp_path, "train.steps=50", "eval.every=4", "eval.target=0",
+               "checkpoint.every=1000")
+    summary = train(cfg, run_dir=run_dir)
+    assert summary["steps"] == 4 and summary["stopped_by"].startswith("reached exact_match")
+    assert checkpoint.latest(run_dir).endswith("ckpt-00000004.pt")
+    best = checkpoint.load(os.path.join(run_dir, "best.pt"))
+    assert best["step"] == 4 and best["best"] == summary["best"]
+    model = build_task("addition", n_digits=2).build_model(cfg.model)
+    model.load_state_dict(best["model"])
+
+    summary = train(_cfg(tmp_path, "train.steps=6", "eval.every=1000"), run_dir=run_dir)
+    assert summary["steps"] == 6
+    resumed = [e["message"] for e in _records(run_dir, "event") if "resumed" in e["message"]]
+    assert resumed == ["resumed from ckpt-00000004.pt"]
+
+
+def test_profile_traces_one_window(tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg(tmp_path, "train.steps=26", "log.every=26", "eval.every=1000",
+               "log.profile=true"), run_dir=str(run_dir))
+    assert len(os.listdir(run_dir / "profile")) == 1
+
+
+def test_progress_line_shows_samples_gpu_memory_and_power(tmp_path, monkeypatch, capsys):
+    from fastlab.train import loop
+
+    class Sampler:  # what NVML reports on a GPU
+        def __init__(self, device):
+            pass
+
+        def drain(self):
+            return {"gpu_util": 97.0, "gpu_mem_gb": 12.5, "gpu_power_w": 415.0}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "GPUSampler", Sampler)
+    run_dir = str(tmp_path / "run")
+    train(_cfg(tmp_path, "train.steps=4", "log.every=2", "eval.every=1000",
+               "log.progress=true"), run_dir=run_dir)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[")]
+    assert len(lines) == 3  # steps 2 and 4, and the final line
+    for line in lines[:2]:
+        assert "samples_s=" in line and "gpu_mem_gb=12.5" in line and "gpu_power_w=415" in line
+    seq_len = 2 * 2 + 2 + 2  # two-digit operands: "ab+cd=" and three answer digits, less one
+    for r in _records(run_dir, "train"):
+        assert r["tok_s"] == pytest.approx(r["samples_s"] * seq_len)
+        assert r["gpu_mem_gb"] == 12.5 and r["gpu_power_w"] == 415.0
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -136,6 +197,55 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
     state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert torch.isfinite(torch.tensor(summary["last_train"]["loss"]))
+
+
+def _inf_gradient_at_call(monkeypatch, n):
+    """Make the ``n``-th forward's logits pass back inf gradients; its loss stays finite."""
+    from fastlab.models import gpt
+
+    forward = gpt.GPT.forward
+    calls = {"n": 0}
+
+    def inf_grad(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls["n"] += 1
+        if calls["n"] == n:
+            logits.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return logits, loss
+
+    monkeypatch.setattr(gpt.GPT, "forward", inf_grad)
+
+
+def test_optimizer_skips_are_counted_apart_from_spikes(tmp_path, monkeypatch):
+    _inf_gradient_at_call(monkeypatch, 7)
+    run_dir = str(tmp_path / "run")
+    train(_cfg(tmp_path, "train.steps=10", "log.every=5", "eval.every=1000"), run_dir=run_dir)
+    events = _records(run_dir, "event")
+    assert [(e["step"], e["skipped"]) for e in events if "skipped" in e] == [(10, 1)]
+    assert not any("spikes" in e for e in events)
+    assert [r.get("skipped") for r in _records(run_dir, "train")] == [None, 1]
+    state = checkpoint.load(checkpoint.latest(run_dir))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resumed_guard_counts_spikes_as_the_uninterrupted_one():
+    from fastlab.train.config import GuardConfig
+    from fastlab.train.guard import SpikeGuard
+
+    cfg, cpu = GuardConfig(window=8), torch.device("cpu")
+    losses = [2.0, 2.1, 1.9, 2.0, 9.0, 2.0, float("nan"), 2.0, 1.9, 9.5, 2.1]
+    skips = [0, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0]
+    whole, first = SpikeGuard(cfg, cpu), SpikeGuard(cfg, cpu)
+    for loss, skip in zip(losses, skips):
+        whole.count_skipped(torch.tensor(float(skip)), whole.check(torch.tensor(loss)))
+    # a checkpoint after 6 steps, between two polls, saved and resumed
+    for loss, skip in zip(losses[:6], skips[:6]):
+        first.count_skipped(torch.tensor(float(skip)), first.check(torch.tensor(loss)))
+    resumed = SpikeGuard(cfg, cpu)
+    resumed.load_state_dict(first.state_dict())
+    for loss, skip in zip(losses[6:], skips[6:]):
+        resumed.count_skipped(torch.tensor(float(skip)), resumed.check(torch.tensor(loss)))
+    assert (resumed.poll(), resumed.poll_skipped()) == (whole.poll(), whole.poll_skipped()) == (3, 2)
 
 
 def test_noise_of_a_nearly_solved_task_is_not_a_spike():
@@ -224,6 +334,24 @@ def test_accumulating_four_micro_batches_equals_one_batch(tmp_path):
     assert one["steps"] == four["steps"] == 5
 
 
+def test_accumulation_weights_tokens_not_micro_batches(tmp_path):
+    # the first of four micro-batches keeps one target token per sample, the others three:
+    # a mean per micro-batch would weight its tokens three times as much as the others'
+    def uneven(step, x, y):
+        y[:8, :-1] = -100  # the answer's digits are the last targets: keep its last one
+        return x, y
+
+    base = ["train.steps=4", "log.every=1", "eval.every=100", "guard.enabled=false",
+            "train.batch_size=32", "optim.schedule=constant", "optim.warmup_steps=0"]
+    train(_cfg(tmp_path, *base), run_dir=str(tmp_path / "one"), batch_hook=uneven)
+    train(_cfg(tmp_path, *base, "train.grad_accum=4"), run_dir=str(tmp_path / "four"),
+          batch_hook=uneven)
+    a = checkpoint.load(checkpoint.latest(str(tmp_path / "one")))["model"]
+    b = checkpoint.load(checkpoint.latest(str(tmp_path / "four")))["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["optim.lrr=1"], "did you mean optim.lr"),
     (["train.stepz=3"], "did you mean train.steps"),
@@ -250,6 +378,27 @@ def test_config_file_and_help(tmp_path):
         build_config(str(bad))
     text = help_text()
     assert "train.steps" in text and "optim.schedule" in text and "'linear'" in text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nsteps = true\n", "train.steps expects int, got bool True"),
+    ("[train]\nsteps = 2.5\n", "train.steps expects int, got float"),
+    ("[log]\nname = ['a', 'b']\n", "log.name expects str, got list"),
+    ("[optim]\nlr = false\n", "optim.lr expects float, got bool"),
+    ("[log]\nprogress = 1\n", "log.progress expects bool, got int"),
+])
+def test_config_file_value_of_the_wrong_type_is_a_clear_error(tmp_path, text, message):
+    file = tmp_path / "c.toml"
+    file.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        build_config(str(file))
+
+
+def test_config_file_int_serves_a_float(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("[optim]\nlr = 1\n[eval]\ntarget = 1\n")
+    cfg = build_config(str(file))
+    assert type(cfg.optim.lr) is float and type(cfg.eval.target) is float
 
 
 def test_cli_rejects_unknown_key_with_exit_code_2():

@@ -178,14 +178,18 @@ def known_keys() -> List[str]:
     return [f"{s}.{f.name}" for s, cls in _sections().items() for f in dataclasses.fields(cls)]
 
 
-def _parse(text: str, tp, key: str):
-    """Turn the command-line string ``text`` into a value of the field type ``tp``."""
+def _parse(text: Any, tp, key: str):
+    """Turn ``text`` into a value of the field type ``tp``: a command-line string is parsed,
+    a typed value from a file must already have that type (an int also serves a float)."""
     if typing.get_origin(tp) is typing.Union:  # Optional[X]
-        if text.lower() in ("none", "null", ""):
+        if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if isinstance(text, tp) if isinstance(tp, type) else False:
-        return text
+    if not isinstance(text, str):
+        # exact types: bool is a subclass of int, but `steps = true` is no step count
+        if type(text) is tp or (tp is float and type(text) is int):
+            return tp(text)
+        raise ValueError(f"{key} expects {tp.__name__}, got {type(text).__name__} {text!r}")
     try:
         if tp is bool:
             if str(text).lower() in ("1", "true", "yes", "on"):

@@ -16,22 +16,30 @@ def _fmt(value: Any) -> str:
 
 
 class RunLogger:
-    """Writes every record to metrics.jsonl; shows a progress line on stderr."""
+    """Writes every record to metrics.jsonl; shows a progress line on stderr.
+
+    A run resumed from the checkpoint of ``resume_step`` first drops the records of steps
+    after it, which the interrupted run wrote and the resumed run writes again.
+    """
 
     def __init__(self, run_dir: str, total_steps: int, enabled: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.total = total_steps
         self.progress = progress and enabled
         self.tty = sys.stderr.isatty()
         self.t0 = time.time()
-        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if enabled and resume_step is not None and os.path.exists(path):
+            drop_records_after(path, resume_step)
+        self._file = open(path, "a") if enabled else None
         self._tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
             except Exception:  # tensorboard is optional
                 self._tb = None
 
@@ -73,6 +81,25 @@ class RunLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Rewrite the jsonl file ``path`` (atomically) without the records of steps > ``step``."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the torn last line of a killed run
+                continue
+            if record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_json(path: str, data: Dict[str, Any], indent: Optional[int] = 2) -> None:

@@ -146,7 +146,11 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.json"))
-    log = RunLogger(run_dir, cfg.train.steps, enabled=is_main, progress=cfg.log.progress)
+    found = checkpoint.checkpoints(run_dir) if cfg.checkpoint.resume else []
+    resume_step, latest = found[-1] if found else (None, None)
+    # a resumed run first drops the records written after its checkpoint
+    log = RunLogger(run_dir, cfg.train.steps, enabled=is_main, progress=cfg.log.progress,
+                    resume_step=resume_step)
     timer = PhaseTimer(device)
     sampler = GPUSampler(device) if (cfg.log.nvml and is_main) else GPUSampler(torch.device("cpu"))
     seq_len = getattr(task, "seq_len", None)
@@ -164,7 +168,6 @@ def train(cfg: Config, run_dir: Optional[str] = None,
 
     # --- resume --------------------------------------------------------------------
     step, best, tokens_seen = 0, None, 0
-    latest = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
     if latest:
         saved = checkpoint.load(latest)
         distributed.load_model_state(model, saved["model"])
@@ -176,6 +179,7 @@ def train(cfg: Config, run_dir: Optional[str] = None,
         step, best, tokens_seen = saved["step"], saved["best"], saved["tokens"]
         task.load_state_dict(saved.get("task", {}))
         log.event(step, f"resumed from {os.path.basename(latest)}")
+    saved_step = step  # the newest step checkpoint's step: the end of run saves unless equal
 
     # --- the loop ------------------------------------------------------------------
     loss_sum = torch.zeros((), device=device)
@@ -229,24 +233,31 @@ def train(cfg: Config, run_dir: Optional[str] = None,
             # AdamW clips inside its update pass and skips the step for every parameter
             # when found_inf is set or the gradient norm is not finite
             t = timer.start("optimizer")
+            skipped = bad
             if sharded and cfg.optim.max_grad_norm:
                 if scaler:
                     scaler.unscale_(optimizer)
-                optimizer.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.optim.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                optimizer.last_grad_norm = norm
+                # a finite loss can still give inf/NaN gradients: skip as fastlab's AdamW does
+                skipped = ~norm.isfinite() if bad is None else bad | ~norm.isfinite()
             if scaler:  # the guard's NaN loss makes the scaler's found_inf true
                 scaler.step(optimizer)
                 scaler.update()
             elif sharded:
                 # torch's AdamW on DTensors takes no found_inf: the skip is decided on the
                 # host, one sync per step under FSDP
-                if bad is None or not bool(bad):
+                if skipped is None or not bool(skipped):
                     optimizer.step()
             else:
                 if bad is not None:  # the grad-scaler protocol: skip the update on device
                     optimizer.found_inf = bad.float()
                 optimizer.step()
                 optimizer.__dict__.pop("found_inf", None)
+            if not sharded:  # set by fastlab's AdamW, also under the grad scaler
+                skipped = optimizer.last_step_skipped
+            guard.count_skipped(skipped, bad)
             optimizer.zero_grad(set_to_none=True)
             timer.stop(t)
             loss_sum += step_loss
@@ -260,11 +271,12 @@ def train(cfg: Config, run_dir: Optional[str] = None,
             if step % cfg.log.every == 0 or step == cfg.train.steps:
                 mean_loss = float(loss_sum) / window_steps  # host sync
                 loss_sum.zero_()
-                spikes = guard.poll()
+                spikes, skips = guard.poll(), guard.poll_skipped()
                 elapsed = time.perf_counter() - window_t0
-                tok_s = window_steps * cfg.train.batch_size * (seq_len or 1) / elapsed
+                samples_s = window_steps * cfg.train.batch_size / elapsed
+                tok_s = samples_s * (seq_len or 1)
                 metrics = {"loss": mean_loss, "lr": lr, "steps_s": window_steps / elapsed,
-                           "tok_s": tok_s}
+                           "samples_s": samples_s, "tok_s": tok_s}
                 if flops_per_token and peak:
                     metrics["mfu"] = tok_s * flops_per_token / (peak * dist.world)
                 grad_norm = getattr(optimizer, "last_grad_norm", None)
@@ -275,11 +287,15 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 if spikes:
                     metrics["spikes"] = spikes
                     log.event(step, f"{spikes} spike(s) skipped", spikes=spikes)
+                if skips:
+                    metrics["skipped"] = skips
+                    log.event(step, f"{skips} update(s) skipped by the optimizer: inf/NaN "
+                                    "gradients", skipped=skips)
                 if cfg.guard.enabled:
                     _guard_snapshot_or_rollback(guard, cfg, spikes, step, model, optimizer, log)
                 log.log("train", step, metrics)
-                shown = ("loss", "steps_s", "tok_s", "mfu", "gpu_util", "ms_data", "ms_forward",
-                         "ms_backward", "ms_optimizer")
+                shown = ("loss", "steps_s", "samples_s", "tok_s", "mfu", "gpu_util", "gpu_mem_gb",
+                         "gpu_power_w", "ms_data", "ms_forward", "ms_backward", "ms_optimizer")
                 log.show(step, {k.removeprefix("ms_") + ("_ms" if k.startswith("ms_") else ""):
                                 metrics[k] for k in shown if k in metrics})
                 window_steps, window_t0 = 0, time.perf_counter()
@@ -312,6 +328,7 @@ def train(cfg: Config, run_dir: Optional[str] = None,
                 snapshot = state()
                 if is_main:
                     checkpoint.save_step(snapshot, run_dir, step, cfg.checkpoint.keep)
+                saved_step = step
                 distributed.barrier(dist)
             if stop_now:
                 stopped_by = f"signal {stop.signal or 'on another rank'}"
@@ -322,7 +339,7 @@ def train(cfg: Config, run_dir: Optional[str] = None,
     final = {k: v for k, v in last_eval.items() if k != "step"}
     if last_eval.get("step") != step:
         final = task.evaluate(raw_model, cfg.eval.samples, device)
-    if stopped_by is None:
+    if saved_step != step:  # a run stopped at the eval target is resumable too
         snapshot = state()
         if is_main:
             checkpoint.save_step(snapshot, run_dir, step, cfg.checkpoint.keep)
@@ -361,5 +378,7 @@ def _profiler(cfg: Config, run_dir: str):
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if torch.cuda.is_available() else [])
-    return profile(activities=activities, schedule=schedule(wait=5, warmup=2, active=5),
+    # one trace of steps 8-12, past start-up: a trace every 12 steps would fill the disk
+    window = schedule(wait=5, warmup=2, active=5, repeat=1)
+    return profile(activities=activities, schedule=window,
                    on_trace_ready=tensorboard_trace_handler(os.path.join(run_dir, "profile")))
