@@ -89,6 +89,7 @@ class Recorder:
         """Time ``fn`` and record it. ``flops`` (default ``floor_flops``) gives TFLOP/s."""
         import triton
 
+        torch.cuda.empty_cache()  # what earlier cases left cached would fragment memory
         fn()  # compile / autotune outside the timed region
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

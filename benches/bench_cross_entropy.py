@@ -106,6 +106,50 @@ def test_cross_entropy(bench, case, provider):
                       floor_bytes=N * V * x.element_size(), shape=shape)
 
 
+def _sweep_configs():
+    """Launch configurations the sweep times: (name, config for cross_entropy_forward)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = []
+    for block_kb, warps in ((16, 16), (32, 16), (32, 32), (8, 8)):
+        for per_sm in (None, 1, 2, 4):
+            cfg = dict(single=False, block_v=block_kb * 512, warps=warps)
+            if per_sm:
+                cfg["programs"] = sms * per_sm
+            out.append((f"stream-b{block_kb}k-w{warps}-p{per_sm or 'N'}", cfg))
+    for warps in (8, 16, 32):
+        out.append((f"single-w{warps}", dict(single=True, warps=warps)))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_cross_entropy_launch_sweep(bench, case):
+    """The kernel alone (loss and gradient in one launch) under each launch configuration:
+    the data behind ``launch_config``'s choices. Mode ``sweep``: not compared with peers."""
+    from fastlab.kernels.cross_entropy import cross_entropy_forward, next_power_of_2
+
+    N, V = CE_CASES[case]
+    x = (torch.randn(N, V, device="cuda") * 3).to(torch.bfloat16)
+    t = _targets(N, V)
+    grad = torch.empty_like(x)
+    scale = torch.ones((), device="cuda")
+    with torch.no_grad():
+        want = F.cross_entropy(x[:CHECK_ROWS].double(), t[:CHECK_ROWS], reduction="none")
+    for name, cfg in _sweep_configs():
+        if cfg["single"]:
+            if V * 2 > 65536:
+                continue  # a row must fit one block
+            cfg = dict(cfg, block_v=next_power_of_2(V))
+        loss, _ = cross_entropy_forward(x, t, grad, scale, -100, 0.0, 0.0, config=cfg)
+        got = loss[:CHECK_ROWS].double()
+        torch.testing.assert_close(got, want.masked_fill(t[:CHECK_ROWS] == -100, 0.0),
+                                   rtol=1e-4, atol=1e-5)
+        bench.measure("cross_entropy", case, "sweep", f"kernel-{name}",
+                      lambda: cross_entropy_forward(x, t, grad, scale, -100, 0.0, 0.0,
+                                                    config=cfg),
+                      floor_bytes=2 * N * V * 2, shape=dict(N=N, V=V, config=cfg),
+                      warmup=10, rep=40)
+
+
 def _flce_providers():
     def matmul_ce(h, w, t):
         return F.cross_entropy((h @ w.T).float(), t)

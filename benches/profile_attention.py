@@ -1,11 +1,14 @@
 """Where the time of one attention training step goes, per kernel, for a few shapes.
 
-    python3 -m benches.profile_attention [B H S D dtype] ...
+    python3 -m benches.profile_attention [--cprofile] [B H S D dtype] ...
 
 For each shape: the host time of one forward + backward call (synchronised, so it is the
 larger of launch overhead and GPU time), the CUDA time of each kernel from the PyTorch
-profiler, and the same for SDPA's default backend next to it.
+profiler, and the same for SDPA's default backend next to it. ``--cprofile`` adds the
+Python functions that take the host time of fastlab's step (cProfile, by own time).
 """
+import cProfile
+import pstats
 import sys
 import time
 
@@ -48,7 +51,20 @@ def _report(name, fn, q, k, v, grad_out, iters=20):
         print(f"      {us:9.1f} us x{count}  {key}")
 
 
+def _host_profile(fn, q, k, v, grad_out, iters=50):
+    """The Python functions behind the host time of ``iters`` steps, by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        _step(fn, q, k, v, grad_out)
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+
+
 def main(argv):
+    use_cprofile = "--cprofile" in argv
+    argv = [a for a in argv if a != "--cprofile"]
     shapes = DEFAULT
     if argv:
         shapes = [(int(argv[i]), int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]),
@@ -64,6 +80,9 @@ def main(argv):
                 grad_out)
         _report("sdpa", lambda a, b_, c: torch.nn.functional.scaled_dot_product_attention(
             a, b_, c, is_causal=True), q, k, v, grad_out)
+        if use_cprofile:
+            _host_profile(lambda a, b_, c: attention(a, b_, c, causal=True), q, k, v,
+                          grad_out)
 
 
 if __name__ == "__main__":

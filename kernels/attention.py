@@ -11,12 +11,13 @@ Algorithm (flash attention 2):
   forward   one program per (query block, batch * q head): stream key/value blocks, keep
             an online softmax in base 2 (``scale * log2(e)`` folded into one multiply),
             write O and the natural-log LSE (B, H, Sq) in float32.
-  backward  (1) preprocess: delta = rowsum(dO * O) - dLSE, per query row.
+  backward  (1) dQ: one program per (query block, batch * q head) loops over key blocks;
+                it first computes delta = rowsum(dO * O) - dLSE of its rows, which it
+                needs itself, and writes it for (2): no separate launch for delta.
             (2) dK/dV: one program per (key block, batch * kv head) loops over the q heads
                 of its group and over the query blocks, recomputing P from the LSE; the
                 group sum stays in registers, so no atomics and the result is
                 deterministic.
-            (3) dQ: one program per (query block, batch * q head) loops over key blocks.
 Key blocks above the causal diagonal are skipped; only blocks that cut the diagonal or
 the key length run the masked variant of the inner loop (``MASK`` constexpr).
 
@@ -67,10 +68,6 @@ _DQ_CANDIDATES = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 
 _INTERPRET_FWD = dict(BLOCK_M=16, BLOCK_N=16)
 _INTERPRET_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
 _INTERPRET_DQ = dict(BLOCK_M=32, BLOCK_N=16)
-
-#: Rows per program of the delta preprocess: a memory-bound row reduction, 64 rows of up to
-#: 256 dims keep a 4-warp program busy without spilling.
-_PRE_BLOCK_M = 64
 
 
 def _keep(configs, named_args, **kwargs):
@@ -310,35 +307,6 @@ _fwd_tuned = triton.autotune(_configs(_FWD_CANDIDATES), key=_KEY,
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA,  # O, DO (B, H, Sq, D); DLSE, DELTA (B, H, Sq) fp32 contiguous
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_db, stride_dh, stride_ds, stride_dd,
-    H, Sq,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # delta_i = sum_d dO_id * O_id, the softmax-backward row term; a gradient flowing into
-    # the LSE adds dLSE_i * P_ij to dS_ij, which is the same as delta_i - dLSE_i.
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                   row_ok, offs_d, D, HEAD_DIM, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                    + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                    row_ok, offs_d, D, HEAD_DIM, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = pid_bh.to(tl.int64) * Sq + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row, mask=row_ok, other=0.0)
-    tl.store(DELTA + row, delta, mask=row_ok)
-
-
-@triton.jit
 def _log2_lse(LSE_ROW, offs_m, row_ok):
     """LSE of the rows in base 2; +inf for rows that saw no key (and padding rows), so
     that exp2(score - lse) is exactly 0 there."""
@@ -484,24 +452,29 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KV_LENS,  # Q, DO, DQ (B, H, Sq, D); K, V
-                                           # (B, H // GROUP, Skv, D); LSE, DELTA
-                                           # (B, H, Sq) fp32; KV_LENS (B,) int
+    Q, K, V, DO, O, DQ, LSE, DLSE, DELTA, KV_LENS,  # Q, DO, O, DQ (B, H, Sq, D); K, V
+                                                    # (B, H // GROUP, Skv, D); LSE, DLSE,
+                                                    # DELTA (B, H, Sq) fp32; KV_LENS (B,)
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_ob, stride_oh, stride_os, stride_od,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET,
     qk_scale, sm_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first, as forward).
     b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
         KV_LENS, H, GROUP, Sq, Skv, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N, HEAD_DIM)
 
-    # 2. Everything per query row stays in registers: Q, dO, LSE, delta.
+    # 2. Everything per query row stays in registers: Q, dO, LSE, delta. This kernel runs
+    #    first and writes delta_i = sum_d dO_id * O_id for the dK/dV kernel (the softmax-
+    #    backward row term; a gradient flowing into the LSE adds dLSE_i * P_ij to dS_ij,
+    #    which is the same as delta_i - dLSE_i): no separate launch computes it.
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                    + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                    row_ok, offs_d, D, HEAD_DIM, True)
@@ -509,7 +482,14 @@ def _bwd_dq_kernel(
                     + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                     row_ok, offs_d, D, HEAD_DIM, True)
     lse2 = _log2_lse(LSE + tl.program_id(1).to(tl.int64) * Sq, offs_m, row_ok)
-    delta = tl.load(DELTA + tl.program_id(1).to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                   + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                   row_ok, offs_d, D, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = tl.program_id(1).to(tl.int64) * Sq + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0)
+    tl.store(DELTA + rows, delta, mask=row_ok)
     k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
               + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd)
     v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -541,12 +521,29 @@ _dq_tuned = triton.autotune(_configs(_DQ_CANDIDATES), key=_KEY,
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-def _launch(tuned, plain, interpret_config, grid, *args, **kwargs):
-    """Run the autotuned kernel, or the plain one with a fixed config when interpreting."""
+#: Tuned configuration per (kernel, dtype, key values): see _launch().
+_BEST = {}
+
+
+def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
+    """Run ``plain`` with the configuration ``tuned`` picked for ``key``.
+
+    The first call for a key autotunes; later calls launch the plain kernel with the
+    remembered configuration, skipping the autotuner's per-call argument handling (tens of
+    microseconds of host time per launch, as much as a short sequence's kernels take on
+    the GPU). ``key`` must determine the autotuner's own key: the values of ``_KEY`` and
+    the dtypes of the tensor arguments. Under the interpreter a fixed configuration runs.
+    """
     if INTERPRETING:
         plain[grid(interpret_config)](*args, **kwargs, **interpret_config)
-    else:
+        return
+    best = _BEST.get((plain, key))
+    if best is None:
         tuned[grid](*args, **kwargs)
+        _BEST[(plain, key)] = best = (dict(tuned.best_config.all_kwargs()),
+                                      dict(tuned.best_config.kwargs))
+        return
+    plain[grid(best[1])](*args, **kwargs, **best[0])
 
 
 def _shape_args(q: torch.Tensor, k: torch.Tensor):
@@ -566,9 +563,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if out.numel() == 0:
         return out, lse
     shape = _shape_args(q, k)
+    lens = kv_lens if kv_lens is not None else lse
+    key = (q.dtype, lens.dtype, shape["Q_BUCKET"], shape["KV_BUCKET"], shape["HEAD_DIM"],
+           causal)
     _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
-            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads),
-            q, k, v, out, lse, kv_lens if kv_lens is not None else lse,
+            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads), key,
+            q, k, v, out, lse, lens,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, heads // k.shape[1], q_len, kv_len, shape.pop("Q_BUCKET"),
             shape.pop("KV_BUCKET"), scale * LOG2E,
@@ -589,29 +589,26 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     q_bucket, kv_bucket = shape.pop("Q_BUCKET"), shape.pop("KV_BUCKET")
     lens = kv_lens if kv_lens is not None else lse
     group = heads // kv_heads
+    key = (q.dtype, grad_out.dtype, lens.dtype, q_bucket, kv_bucket, shape["HEAD_DIM"],
+           causal)
 
-    # 1. delta = rowsum(dO * O) - dLSE
+    # 1. dQ per query block; it also writes delta = rowsum(dO * O) - dLSE for step 2
     delta = torch.empty_like(lse)
     dlse = grad_lse.contiguous() if grad_lse is not None else lse
-    _bwd_preprocess_kernel[(triton.cdiv(q_len, _PRE_BLOCK_M), batch * heads)](
-        out, grad_out, dlse, delta, *out.stride(), *grad_out.stride(), heads, q_len,
-        D=shape["D"], HEAD_DIM=shape["HEAD_DIM"], HAS_DLSE=grad_lse is not None,
-        BLOCK_M=_PRE_BLOCK_M)
+    _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
+            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads), key,
+            q, k, v, grad_out, out, dq, lse, dlse, delta, lens,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
+            *dq.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket, scale * LOG2E,
+            scale, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
+            HAS_DLSE=grad_lse is not None, **shape)
 
     # 2. dK, dV per key block, summed over the query heads of each group
     _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
-            lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads),
+            lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads), key,
             q, k, v, grad_out, dk, dv, lse, delta, lens,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
             *dv.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket,
             scale * LOG2E, scale, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **shape)
-
-    # 3. dQ per query block
-    _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
-            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads),
-            q, k, v, grad_out, dq, lse, delta, lens,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            heads, group, q_len, kv_len, q_bucket, kv_bucket, scale * LOG2E, scale,
-            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **shape)
     return dq, dk, dv
 

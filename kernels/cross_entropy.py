@@ -27,6 +27,8 @@ recovers the rounding error of x * log2(e) with an FMA (exp2 alone would be off 
 |x| * 2**-24 relative), and ``_log1p`` evaluates small arguments with a series instead of
 log(1 + t), whose hardware log is accurate only in absolute terms near 1.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -37,10 +39,10 @@ LOG2E_HI = tl.constexpr(1.4426950216293335)  # log2(e) rounded to float32
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)  # log2(e) - LOG2E_HI
 LN2 = tl.constexpr(0.6931471824645996)
 
-#: Rows up to this many bytes are loaded once and kept in registers between the sweeps:
-#: 64 KiB is 32768 bf16 / 16384 fp32 values, 32 per thread over 32 warps, which still fits
-#: the register file of one SM without spilling.
-_SINGLE_BLOCK_BYTES = 65536
+#: Rows up to this many bytes are loaded once and kept in registers between the sweeps
+#: (16 KiB: 8192 bf16 values, 32 per thread over 8 warps). Longer rows stream: at 64 KiB
+#: the streaming sweeps measured faster than a register-resident row over 32 warps.
+_SINGLE_BLOCK_BYTES = 16384
 #: Bytes of logits one streaming block loads: 16 KiB over 16 warps is two 16-byte vector
 #: loads per thread, and small enough for several programs per SM to hide HBM latency.
 _STREAM_BLOCK_BYTES = 16384
@@ -50,15 +52,28 @@ _STREAM_WARPS = 16
 _SINGLE_VALUES_PER_THREAD = 32
 #: Block of the gradient-scaling kernel: 8192 values = 16 elementwise values per thread.
 _SCALE_BLOCK = 8192
+#: Programs per SM of the gradient-scaling kernel; each strides over (row, block) tiles.
+_SCALE_PROGRAMS_PER_SM = 8
 
 
-def launch_config(V: int, itemsize: int):
-    """(BLOCK_V, SINGLE_BLOCK, num_warps) for rows of V values of ``itemsize`` bytes."""
-    if V * itemsize <= _SINGLE_BLOCK_BYTES:
+def launch_config(V: int, itemsize: int, n_rows: int):
+    """dict(block_v, single, warps, programs) for ``n_rows`` rows of V values of
+    ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows).
+
+    Chosen from a sweep on an H100 (benches/bench_cross_entropy.py, mode ``sweep``): one
+    program per row beat every persistent grid (fewer rows in flight keep more of them in
+    L2 for sweep 2, but cannot keep enough loads in flight); 8 KiB blocks over 8 warps
+    were best for 64 KiB rows (also better than holding the row in registers), 16 KiB
+    over 16 warps for 256 KiB rows.
+    """
+    row_bytes = V * itemsize
+    if row_bytes <= _SINGLE_BLOCK_BYTES:
         block = next_power_of_2(V)
         warps = min(32, max(4, block // (32 * _SINGLE_VALUES_PER_THREAD)))
-        return block, True, warps
-    return _STREAM_BLOCK_BYTES // itemsize, False, _STREAM_WARPS
+        return dict(block_v=block, single=True, warps=warps, programs=n_rows)
+    block_bytes, warps = (8192, 8) if row_bytes <= 65536 else (_STREAM_BLOCK_BYTES,
+                                                               _STREAM_WARPS)
+    return dict(block_v=block_bytes // itemsize, single=False, warps=warps, programs=n_rows)
 
 
 @triton.jit
@@ -108,6 +123,7 @@ def _cross_entropy_kernel(
     scale_ptr,  # (N,) or one fp32 value (stride 0): factor of each row's gradient
     loss_ptr,  # (N,) fp32: loss of each row, z-loss term included
     zloss_ptr,  # (N,) fp32: z-loss term of each row
+    N,  # rows
     # strides
     stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
     # options
@@ -121,7 +137,25 @@ def _cross_entropy_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # programs stride over the rows: with fewer programs than rows, the rows in flight at
+    # once (programs x row bytes) stay small enough for sweep 2 to re-read them from L2
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+        _cross_entropy_row(
+            tl.full([], 0, tl.int64) + row, logits_ptr, grad_ptr, target_ptr, scale_ptr, loss_ptr,
+            zloss_ptr, stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
+            ignore_index, label_smoothing, z_loss, V, BLOCK_V, SINGLE_BLOCK, WRITE_GRAD,
+            HAS_SMOOTHING, HAS_Z_LOSS)
+
+
+@triton.jit
+def _cross_entropy_row(
+    row, logits_ptr, grad_ptr, target_ptr, scale_ptr, loss_ptr, zloss_ptr,
+    stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
+    ignore_index, label_smoothing, z_loss,
+    V: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+):
+    """Loss, z-loss term and (with WRITE_GRAD) gradient of one row (steps 1-4 above)."""
     cols = tl.arange(0, BLOCK_V)
     logits_row = logits_ptr + row * stride_ln
     grad_row = grad_ptr + row * stride_gn
@@ -213,45 +247,53 @@ def _cross_entropy_kernel(
 def _scale_rows_kernel(
     grad_ptr,  # (N, V), scaled in place
     scale_ptr,  # (N,) or one value (stride 0)
-    V,
+    N, V,
     stride_gn, stride_gv, stride_s,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    factor = tl.load(scale_ptr + row * stride_s).to(tl.float32)
-    # the forward already applied the factor a mean or a sum expects: most rows stop here
-    if factor != 1.0:
-        offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        valid = offs < V
-        ptrs = grad_ptr + row * stride_gn + offs * stride_gv
-        g = tl.load(ptrs, mask=valid).to(tl.float32)
-        tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=valid)
+    # the forward already applied the factor a mean or a sum expects: with one factor of
+    # exactly 1 (the usual backward of a scalar loss) every program stops at once
+    first = tl.load(scale_ptr).to(tl.float32)
+    if (stride_s != 0) | (first != 1.0):
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        for tile in range(tl.program_id(0), N * n_blocks, tl.num_programs(0)):
+            tile64 = tl.full([], 0, tl.int64) + tile
+            row = tile64 // n_blocks
+            factor = tl.load(scale_ptr + row * stride_s).to(tl.float32)
+            if factor != 1.0:
+                offs = (tile64 % n_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+                valid = offs < V
+                ptrs = grad_ptr + row * stride_gn + offs * stride_gv
+                g = tl.load(ptrs, mask=valid).to(tl.float32)
+                tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scale: torch.Tensor,
                           ignore_index: int, label_smoothing: float, z_loss: float,
-                          block_v=None):
+                          block_v=None, config=None):
     """Per-row loss and z-loss term (fp32, shape (N,)) of ``logits`` (N, V); writes the
     gradient times ``scale`` (one fp32 value or (N,)) into ``grad`` (N, V) unless it is
-    None. ``grad`` may be ``logits`` itself. ``block_v`` overrides the block size (tests)."""
+    None. ``grad`` may be ``logits`` itself. ``block_v`` (tests) or ``config`` (benches:
+    any keys of :func:`launch_config`'s dict) override the launch configuration."""
     N, V = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
     if N == 0:
         return loss, zloss
-    block, single, warps = launch_config(V, logits.element_size())
+    cfg = launch_config(V, logits.element_size(), N)
     if block_v is not None:
-        block, single = block_v, block_v >= V
+        cfg.update(block_v=block_v, single=block_v >= V)
+    cfg.update(config or {})
     write_grad = grad is not None
     out = grad if write_grad else logits
-    _cross_entropy_kernel[(N,)](
-        logits, out, target, scale, loss, zloss,
+    _cross_entropy_kernel[(max(1, min(N, cfg["programs"])),)](
+        logits, out, target, scale, loss, zloss, N,
         logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), target.stride(0),
         scale.stride(0) if scale.dim() else 0,
         ignore_index, label_smoothing, z_loss,
-        V=V, BLOCK_V=block, SINGLE_BLOCK=single, WRITE_GRAD=write_grad,
+        V=V, BLOCK_V=cfg["block_v"], SINGLE_BLOCK=cfg["single"], WRITE_GRAD=write_grad,
         HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss > 0.0,
-        num_warps=warps,
+        num_warps=cfg["warps"],
     )
     return loss, zloss
 
@@ -262,7 +304,15 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     N, V = grad.shape
     if N == 0 or V == 0:
         return
-    grid = (N, triton.cdiv(V, _SCALE_BLOCK))
-    _scale_rows_kernel[grid](grad, scale, V, grad.stride(0), grad.stride(1),
+    tiles = N * triton.cdiv(V, _SCALE_BLOCK)
+    grid = (max(1, min(tiles, _SCALE_PROGRAMS_PER_SM * _sm_count(grad.device))),)
+    _scale_rows_kernel[grid](grad, scale, N, V, grad.stride(0), grad.stride(1),
                              scale.stride(0) if scale.dim() else 0, BLOCK_V=_SCALE_BLOCK,
                              num_warps=8)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -117,9 +117,11 @@ def test_confident_target_matches_exact_math(margin, dtype, bk):
 
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_v, programs", [(128, None), (128, 4), (None, 3)])
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)])
-def test_streaming_blocks_match_reference(options, dtype, inplace):
-    """Rows longer than one block take the two-sweep path; force it with small blocks."""
+def test_streaming_blocks_match_reference(options, dtype, inplace, block_v, programs):
+    """Rows longer than one block take the two-sweep path; force it with small blocks.
+    With fewer programs than rows, each program strides over several rows."""
     N, V = 21, 1003
     x = randn((N, V), dtype, DEVICE, seed=3, scale=4.0)
     t = _targets(N, V, 3, ignore_every=5)
@@ -134,8 +136,9 @@ def test_streaming_blocks_match_reference(options, dtype, inplace):
          * scale.double()).sum(), x64)
     buf = x.clone() if inplace else None
     grad = buf if inplace else torch.empty_like(x)
+    config = dict(programs=programs) if programs else None
     loss, _ = cross_entropy_forward(buf if inplace else x, t, grad, scale, -100, ls, zl,
-                                    block_v=128)
+                                    block_v=block_v, config=config)
     assert_close(loss, want, torch.float32)
     assert_close(grad, gwant, dtype)
 
