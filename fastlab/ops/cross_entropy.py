@@ -161,20 +161,36 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
     if check_targets:
         check_target_range(target, V, ignore_index)
     x, t = _as_rows(logits, target)
-    scale = _grad_scale(t, ignore_index, reduction)
     grad2d = None if grad is None else grad.view(-1, V)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lead = logits.shape[:-1]
     if _kernel_ok(logits, target):
         from fastlab.kernels.cross_entropy import cross_entropy_forward
 
+        # few launches around the kernel: on short rows the small reductions would cost
+        # more host time than the kernel takes on the GPU
+        if reduction == "mean":
+            n_valid = (t != ignore_index).sum().clamp(min=1).to(torch.float32)
+            scale = 1.0 / n_valid
+        else:
+            scale = torch.ones((), device=t.device, dtype=torch.float32)
         rows, zrows = cross_entropy_forward(x, t, grad2d, scale, ignore_index,
                                             label_smoothing, z_loss)
-    else:
-        rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
-                                         grad2d is not None)
-        if grad2d is not None:
-            grad2d.copy_(g * scale.double())
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lead = logits.shape[:-1]
+        if reduction == "none":
+            return rows.reshape(lead), zrows.reshape(lead)
+        if z_loss > 0.0:
+            loss, zl = rows.sum(), zrows.sum()
+        else:  # the kernel wrote zeros: no reduction needed
+            loss, zl = rows.sum(), torch.zeros((), device=x.device, dtype=torch.float32)
+        if reduction == "mean":
+            loss = loss / n_valid
+            zl = zl / n_valid if z_loss > 0.0 else zl
+        return loss, zl
+    scale = _grad_scale(t, ignore_index, reduction)
+    rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
+                                     grad2d is not None)
+    if grad2d is not None:
+        grad2d.copy_(g * scale.double())
     loss = _reduce(rows, t, ignore_index, reduction, lead).to(out_dtype)
     zl = _reduce(zrows, t, ignore_index, reduction, lead).to(out_dtype)
     return loss, zl
