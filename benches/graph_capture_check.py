@@ -17,6 +17,7 @@ from fastlab.ops.attention import attention
 
 def main(argv):
     b, h, s, d = (int(a) for a in argv) if argv else (64, 4, 256, 16)
+    failed = 0
     for dtype in (torch.bfloat16, torch.float32):
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True)
                    for _ in range(3))
@@ -33,11 +34,11 @@ def main(argv):
             replay()
             torch.cuda.synchronize()
             print(f"{dtype}: captured and replayed", flush=True)
-        except Exception:  # report and go on with the next dtype
+        except Exception:  # report, and go on with the next dtype
             traceback.print_exc()
             print(f"{dtype}: capture FAILED", flush=True)
-            return 1
-    return 0
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
