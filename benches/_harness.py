@@ -147,8 +147,18 @@ def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    # autograd nodes remember the stream they were built on: a leaf first used eagerly on
+    # the default stream makes the backward's final sync cross the capture boundary. Where
+    # torch offers it, autograd redirects such stale streams to the capturing one.
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if override is not None:
+        override(True)
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    finally:
+        if override is not None:
+            override(False)
     torch.cuda.synchronize()
     return graph.replay
 

@@ -162,6 +162,10 @@ def test_attention(bench, case, provider, mode):
         pytest.skip(f"{provider} does not run {case.name}: {reason}")
     _check(fn, q, k, v, grad_out, case, base_mode)
 
+    if graphed:
+        # fresh leaves for the capture: ones already used eagerly on the default stream
+        # carry that stream in their autograd nodes (see benches._harness.cuda_graph)
+        q, k, v = (x.detach().clone().requires_grad_(x.requires_grad) for x in (q, k, v))
     if base_mode == "fwd":
         def run():
             return fn(q, k, v, case.causal)
