@@ -151,6 +151,8 @@ def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     # the default stream makes the backward's final sync cross the capture boundary. Where
     # torch offers it, autograd redirects such stale streams to the capturing one.
     override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    current = getattr(torch._C, "_override_stale_capture_stream", None)
+    previous = current() if current is not None else False
     if override is not None:
         override(True)
     try:
@@ -158,7 +160,7 @@ def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
             fn()
     finally:
         if override is not None:
-            override(False)
+            override(previous)
     torch.cuda.synchronize()
     return graph.replay
 

@@ -1,6 +1,7 @@
 """Cross-entropy over the last dimension: loss and gradient of each row in one launch.
 
-Algorithm (one program per row of ``logits`` (N, V), target class y):
+Algorithm, per row of ``logits`` (N, V) with target class y (one program per row by
+default; a smaller grid makes each program stride over rows):
 
 1. Load y and its logit z_y before anything else, so the running max m starts at z_y and,
    whenever the target holds the max, the sum below never needs rescaling.
@@ -41,7 +42,8 @@ LN2 = tl.constexpr(0.6931471824645996)
 
 #: Rows up to this many bytes are loaded once and kept in registers between the sweeps
 #: (16 KiB: 8192 bf16 values, 32 per thread over 8 warps). Longer rows stream: at 64 KiB
-#: the streaming sweeps measured faster than a register-resident row over 32 warps.
+#: the streaming sweeps measured faster than a register-resident row over 32 warps; rows
+#: between 16 and 64 KiB were not measured, the cut between them is a choice.
 _SINGLE_BLOCK_BYTES = 16384
 #: Bytes of logits one streaming block loads: 16 KiB over 16 warps is two 16-byte vector
 #: loads per thread, and small enough for several programs per SM to hide HBM latency.
@@ -137,8 +139,8 @@ def _cross_entropy_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
 ):
-    # programs stride over the rows: with fewer programs than rows, the rows in flight at
-    # once (programs x row bytes) stay small enough for sweep 2 to re-read them from L2
+    # programs stride over the rows (one row each with the default grid of N programs;
+    # fewer programs keep fewer rows in flight, a configuration the launch sweep times)
     for row in range(tl.program_id(0), N, tl.num_programs(0)):
         _cross_entropy_row(
             tl.full([], 0, tl.int64) + row, logits_ptr, grad_ptr, target_ptr, scale_ptr, loss_ptr,
@@ -284,6 +286,9 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scal
     if block_v is not None:
         cfg.update(block_v=block_v, single=block_v >= V)
     cfg.update(config or {})
+    if cfg["single"] and cfg["block_v"] < V:
+        raise ValueError(f"a single-block launch needs block_v >= V = {V}, got "
+                         f"{cfg['block_v']}")
     write_grad = grad is not None
     out = grad if write_grad else logits
     _cross_entropy_kernel[(max(1, min(N, cfg["programs"])),)](

@@ -282,9 +282,14 @@ def test_bad_target_values(bk):
         with pytest.raises(ValueError, match="target holds class index -3"):
             cross_entropy(x, torch.tensor([0, -3, 1, 2], device=DEVICE), check_targets=True)
         # unchecked: the bad row poisons the loss instead of reading out of bounds
-        rows = cross_entropy(x, torch.tensor([0, 9, 1, -100], device=DEVICE),
-                             reduction="none", check_targets=False)
+        bad = torch.tensor([0, 9, 1, -100], device=DEVICE)
+        rows = cross_entropy(x, bad, reduction="none", check_targets=False)
+        # the reported z-loss is poisoned as well, for every reduction, also at z_loss=0
+        reduced = [cross_entropy(x, bad, reduction=r, check_targets=False, return_z_loss=True)
+                   for r in ("mean", "sum")]
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all() and rows[3] == 0
+    for loss, zl in reduced:
+        assert torch.isnan(loss) and torch.isnan(zl)
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -178,13 +178,9 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
                                             label_smoothing, z_loss)
         if reduction == "none":
             return rows.reshape(lead), zrows.reshape(lead)
-        if z_loss > 0.0:
-            loss, zl = rows.sum(), zrows.sum()
-        else:  # the kernel wrote zeros: no reduction needed
-            loss, zl = rows.sum(), torch.zeros((), device=x.device, dtype=torch.float32)
+        loss, zl = rows.sum(), zrows.sum()  # z rows carry the NaN of a bad target too
         if reduction == "mean":
-            loss = loss / n_valid
-            zl = zl / n_valid if z_loss > 0.0 else zl
+            loss, zl = loss / n_valid, zl / n_valid
         return loss, zl
     scale = _grad_scale(t, ignore_index, reduction)
     rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
