@@ -53,7 +53,8 @@ _LOG2E = tl.constexpr(LOG2E)
 #: already sit in registers. dQ: the mirror image (wide query tile, narrow key tile).
 #: Tiles with BLOCK_M = 16 and a wide BLOCK_N serve a few queries over a long cache;
 #: single-stage tiles serve short sequences (see keep()).
-_FWD_CANDIDATES = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+_FWD_CANDIDATES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3),
+                   (128, 64, 8, 4), (128, 64, 8, 5),
                    (128, 64, 4, 3), (64, 64, 4, 2),
                    (64, 32, 4, 3), (32, 32, 4, 2), (64, 64, 4, 1), (16, 128, 4, 3),
                    (16, 16, 2, 2)]
