@@ -272,19 +272,17 @@ def _scale_rows_kernel(
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scale: torch.Tensor,
                           ignore_index: int, label_smoothing: float, z_loss: float,
-                          block_v=None, config=None):
+                          config=None):
     """Per-row loss and z-loss term (fp32, shape (N,)) of ``logits`` (N, V); writes the
     gradient times ``scale`` (one fp32 value or (N,)) into ``grad`` (N, V) unless it is
-    None. ``grad`` may be ``logits`` itself. ``block_v`` (tests) or ``config`` (benches:
-    any keys of :func:`launch_config`'s dict) override the launch configuration."""
+    None. ``grad`` may be ``logits`` itself. ``config`` (tests, benches: any keys of
+    :func:`launch_config`'s dict) overrides the launch configuration."""
     N, V = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
     if N == 0:
         return loss, zloss
     cfg = launch_config(V, logits.element_size(), N)
-    if block_v is not None:
-        cfg.update(block_v=block_v, single=block_v >= V)
     cfg.update(config or {})
     if cfg["single"] and cfg["block_v"] < V:
         raise ValueError(f"a single-block launch needs block_v >= V = {V}, got "

@@ -136,9 +136,11 @@ def test_streaming_blocks_match_reference(options, dtype, inplace, block_v, prog
          * scale.double()).sum(), x64)
     buf = x.clone() if inplace else None
     grad = buf if inplace else torch.empty_like(x)
-    config = dict(programs=programs) if programs else None
+    config = dict(block_v=block_v, single=False) if block_v else {}
+    if programs:
+        config["programs"] = programs
     loss, _ = cross_entropy_forward(buf if inplace else x, t, grad, scale, -100, ls, zl,
-                                    block_v=block_v, config=config)
+                                    config=config)
     assert_close(loss, want, torch.float32)
     assert_close(grad, gwant, dtype)
 

@@ -74,13 +74,21 @@ def _row_losses(z: Tensor, terms: dict, label_smoothing: float, z_loss: float):
     return loss, zterm
 
 
-def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str, lead_shape):
+def _valid_count(target: Tensor, ignore_index: int) -> Tensor:
+    """Number of non-ignored targets, at least 1 (an all-ignored mean is 0, not NaN)."""
+    return (target != ignore_index).sum().clamp(min=1)
+
+
+def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str, lead_shape,
+            n_valid: Optional[Tensor] = None):
+    """Per-row values to the reduction's result; ``n_valid`` (a mean's divisor) is counted
+    from ``target`` unless the caller already has it."""
     if reduction == "none":
         return rows.reshape(lead_shape)
     total = rows.sum()
     if reduction == "sum":
         return total
-    return total / (target != ignore_index).sum().clamp(min=1)
+    return total / (_valid_count(target, ignore_index) if n_valid is None else n_valid)
 
 
 def cross_entropy_ref(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
@@ -145,12 +153,14 @@ def _kernel_ok(*tensors: Tensor) -> bool:
     return tensors[0].dtype != torch.float64 and use_triton(*tensors)
 
 
-def _grad_scale(target: Tensor, ignore_index: int, reduction: str) -> Tensor:
-    """The factor the forward applies to every row's gradient: 1/n_valid for a mean."""
+def _grad_scale(target: Tensor, ignore_index: int,
+                reduction: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """(factor, n_valid): the factor the forward applies to every row's gradient, 1/n_valid
+    for a mean, and n_valid itself (None unless a mean) for :func:`_reduce`."""
     if reduction == "mean":
-        n_valid = (target != ignore_index).sum().clamp(min=1)
-        return 1.0 / n_valid.to(torch.float32)
-    return torch.ones((), device=target.device, dtype=torch.float32)
+        n_valid = _valid_count(target, ignore_index)
+        return 1.0 / n_valid.to(torch.float32), n_valid
+    return torch.ones((), device=target.device, dtype=torch.float32), None
 
 
 def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore_index: int,
@@ -162,33 +172,22 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
         check_target_range(target, V, ignore_index)
     x, t = _as_rows(logits, target)
     grad2d = None if grad is None else grad.view(-1, V)
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lead = logits.shape[:-1]
+    scale, n_valid = _grad_scale(t, ignore_index, reduction)
     if _kernel_ok(logits, target):
         from fastlab.kernels.cross_entropy import cross_entropy_forward
 
-        # few launches around the kernel: on short rows the small reductions would cost
-        # more host time than the kernel takes on the GPU
-        if reduction == "mean":
-            n_valid = (t != ignore_index).sum().clamp(min=1).to(torch.float32)
-            scale = 1.0 / n_valid
-        else:
-            scale = torch.ones((), device=t.device, dtype=torch.float32)
         rows, zrows = cross_entropy_forward(x, t, grad2d, scale, ignore_index,
                                             label_smoothing, z_loss)
-        if reduction == "none":
-            return rows.reshape(lead), zrows.reshape(lead)
-        loss, zl = rows.sum(), zrows.sum()  # z rows carry the NaN of a bad target too
-        if reduction == "mean":
-            loss, zl = loss / n_valid, zl / n_valid
-        return loss, zl
-    scale = _grad_scale(t, ignore_index, reduction)
-    rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
-                                     grad2d is not None)
-    if grad2d is not None:
-        grad2d.copy_(g * scale.double())
-    loss = _reduce(rows, t, ignore_index, reduction, lead).to(out_dtype)
-    zl = _reduce(zrows, t, ignore_index, reduction, lead).to(out_dtype)
+    else:
+        rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
+                                         grad2d is not None)
+        if grad2d is not None:
+            grad2d.copy_(g * scale.double())
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lead = logits.shape[:-1]
+    # the z rows carry a bad target's NaN too, whatever z_loss is
+    loss = _reduce(rows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
+    zl = _reduce(zrows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
     return loss, zl
 
 

@@ -155,13 +155,13 @@ def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     if check_targets:
         check_target_range(target, weight.shape[0], ignore_index)
     t = target.reshape(-1)
-    scale = _grad_scale(t, ignore_index, reduction)
+    scale, n_valid = _grad_scale(t, ignore_index, reduction)
     rows, zrows, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
                                    label_smoothing, z_loss, with_grad, chunk_size)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lead = hidden.shape[:-1]
-    loss = _reduce(rows, t, ignore_index, reduction, lead).to(out_dtype)
-    zl = _reduce(zrows, t, ignore_index, reduction, lead).to(out_dtype)
+    loss = _reduce(rows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
+    zl = _reduce(zrows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
     if not with_grad:
         gh = gw = gb = None
     return (loss, zl, _empty_grad(hidden, None if gh is None else gh.view_as(hidden)),
