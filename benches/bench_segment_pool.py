@@ -15,6 +15,7 @@ checked against the reference before it is timed.
 on the same shapes scaled down (no GPU needed).
 """
 import functools
+import os
 import time
 
 import pytest
@@ -40,6 +41,9 @@ LEVELS = [(32, 16), (48, 16), (64, 6), (96, 3), (128, 4)]
 LEVEL_BYTES = 1 << 28  # 256 MiB of x per level case: far beyond L2, a few ms of HBM traffic
 HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
+# The pooling kernel variants beside the default (32 KiB stages): the register kernel and
+# 16 KiB stages, picked through the extension's FASTLAB_SEGMENT_POOL_STAGE override.
+VARIANTS = {"fastlab-registers": "0", "fastlab-stage16": "16"}
 
 
 def _lengths(segments, max_len, seed):
@@ -83,6 +87,8 @@ def _mean_fn(provider, case):
     x, offsets, ids, counts = case["x"], case["offsets"], case["ids"], case["counts"]
     if provider == "fastlab":
         return lambda x: segment_pool(x, offsets, "mean")
+    if provider in VARIANTS:
+        return functools.partial(_pool_variant, VARIANTS[provider], offsets)
     if provider == "segment_reduce":
         return lambda x: torch.segment_reduce(x, "mean", offsets=offsets, axis=0)
     if provider == "index_add":
@@ -90,6 +96,14 @@ def _mean_fn(provider, case):
         return lambda x: zeros.index_add(0, ids, x) / counts
     scatter = optional_import("torch_scatter")
     return lambda x: scatter.segment_csr(x, offsets, reduce="mean")
+
+
+def _pool_variant(stage, offsets, x):
+    os.environ["FASTLAB_SEGMENT_POOL_STAGE"] = stage
+    try:
+        return segment_pool(x, offsets, "mean")
+    finally:
+        del os.environ["FASTLAB_SEGMENT_POOL_STAGE"]
 
 
 def _measure_pool(bench, case_name, provider):
@@ -112,12 +126,13 @@ def _measure_pool(bench, case_name, provider):
                   floor_bytes=2 * pooled_bytes, shape=shape)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS + list(VARIANTS))
 def test_headline(bench, provider):
     _measure_pool(bench, "headline", provider)
 
 
-@pytest.mark.parametrize("provider", ["fastlab", "segment_reduce", "torch_scatter"])
+@pytest.mark.parametrize("provider", ["fastlab", "segment_reduce", "torch_scatter",
+                                      *VARIANTS])
 @pytest.mark.parametrize("features", [features for features, _ in LEVELS])
 def test_levels(bench, features, provider):
     _measure_pool(bench, f"level_D{features}", provider)

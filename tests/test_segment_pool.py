@@ -493,6 +493,21 @@ def test_cuda_real_sizes(reduce, features, max_len):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["0", "16", "32"])
+def test_cuda_pool_kernels_agree(stage, monkeypatch):
+    """The register kernel and the staged kernel at both stage sizes (forced through the
+    extension's FASTLAB_SEGMENT_POOL_STAGE), with units spanning many stages (3000 rows of
+    512 bytes against 32 KiB), empty units, one-vector rows and int32 offsets."""
+    monkeypatch.setenv("FASTLAB_SEGMENT_POOL_STAGE", stage)
+    for reduce in REDUCTIONS:
+        for features, units, max_len in [(256, 41, 3000), (24, 301, 7), (96, 2001, 3)]:
+            _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, features, units,
+                             max_len, "cuda")
+        _check_pool_once(reduce, torch.float32, "contiguous", torch.int32, 64, 2001, 40, "cuda")
+        _check_pool_once(reduce, torch.float16, "contiguous", torch.int32, 8, 3001, 20, "cuda")
+
+
+@pytest.mark.gpu
 def test_cuda_bad_offsets_are_clamped_and_validate_raises():
     x = torch.randn(1000, 64, device="cuda")
     bad = torch.tensor([5, -7, 3000, 400, 1000, 2**40], device="cuda")

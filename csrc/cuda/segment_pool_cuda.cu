@@ -8,7 +8,7 @@
 // 1. Mapping. A group of `lanes` consecutive threads owns one segment, and lane l owns the
 //    column vectors l, l + lanes, ... of every row of that segment. Lanes never exchange
 //    data: each output element is reduced by one thread, sequentially over rows, so there
-//    are no shuffles, no shared memory and no atomics; the order of accumulation is fixed,
+//    are no shuffles and no atomics; the order of accumulation is fixed,
 //    which makes forward and backward deterministic and equal to the CPU kernel's order.
 //    lanes = min(D / VEC, kThreads): at D = 256 bf16 (32 vectors) one warp per segment; at
 //    D = 32 bf16 (4 vectors) eight segments per warp. Sub-warp groups are what keep the
@@ -17,10 +17,15 @@
 // 2. Vectorised access. VEC = 16 bytes / sizeof(scalar) elements (8 for bf16/fp16) when D,
 //    the row strides and every pointer allow it, else the largest power of two that does
 //    (down to 1 for odd D), chosen on the host from shapes and pointers only.
-// 3. Memory-level parallelism. Rows are loaded kUnroll at a time before they are combined,
-//    so each thread has kUnroll independent loads in flight. Little's law on an H100 wants
-//    ~3.3 TB/s x ~1 us = ~3.3 MB in flight; at the ~64 registers of the bf16 kernels (1024
-//    resident threads per SM) that is 132 x 1024 x 4 x 16 B = 8.6 MB available.
+// 3. Memory-level parallelism. Short units give a thread too few rows to cover the memory
+//    latency with its own loads (a 2-row unit: two 16-byte loads in flight per thread), and
+//    registers cap what any thread can hold in flight. So sum/mean/max/min over 16-byte
+//    vectors go through shared memory: a block's units are consecutive, their rows one
+//    contiguous window of x, which the block streams through a 32 KiB stage with cp.async
+//    (no register round trip; every thread issues its share of the copies at once), then each
+//    group folds its unit's rows from the stage. Several stages in flight per SM keep ~200 KB
+//    of loads outstanding whatever the unit lengths. Other widths and first/last use the
+//    register kernel, which issues kUnroll predicated row loads per pass.
 // 4. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
 //    and replaces() in segment_pool.h are shared with the CPU kernel).
@@ -39,6 +44,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -100,6 +107,46 @@ __device__ __forceinline__ void fold(acc_t (&acc)[VEC], index_t (&where)[VEC],
   }
 }
 
+// Starts (first row of the segment) or continues a segment's reduction with one row.
+template <Reduce R, typename acc_t, typename index_t, typename scalar_t, int VEC>
+__device__ __forceinline__ void fold_row(acc_t (&acc)[VEC], index_t (&where)[VEC],
+                                         const Vec<scalar_t, VEC>& row, int64_t r, bool first) {
+  if (first) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      acc[k] = static_cast<acc_t>(row.v[k]);
+      where[k] = static_cast<index_t>(r);
+    }
+  } else {
+    fold<R>(acc, where, row, r);
+  }
+}
+
+// Writes segment s's result: one rounding per element, mean divided by the row count like
+// the reference; an empty segment gives 0 and, for max/min, the arg sentinel N (no row).
+template <Reduce R, typename acc_t, typename index_t, typename scalar_t, int VEC>
+__device__ __forceinline__ void finish(const acc_t (&acc)[VEC], const index_t (&where)[VEC],
+                                       int64_t rows, int64_t total, scalar_t* out,
+                                       index_t* arg) {
+  Vec<scalar_t, VEC> result;
+  Vec<index_t, VEC> result_arg;
+  const acc_t count = static_cast<acc_t>(rows);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const acc_t value = R == Reduce::Mean ? acc[k] / count : acc[k];
+    result.v[k] = rows == 0 ? scalar_t(0) : static_cast<scalar_t>(value);
+    result_arg.v[k] = rows == 0 ? static_cast<index_t>(total) : where[k];
+  }
+  store(out, result);
+  if constexpr (R == Reduce::Max || R == Reduce::Min) {
+    if (arg != nullptr) store(arg, result_arg);
+  }
+}
+
+// Register kernel: any width, any reduction. A group of `lanes` threads owns one segment;
+// each thread walks its column vector down the segment kUnroll rows a pass, every load of
+// a pass issued (predicated on the row being in the segment) before any is folded, so a
+// short unit has all its rows in flight at once.
 template <typename scalar_t, typename index_t, int VEC, Reduce R>
 __global__ void __launch_bounds__(kThreads) segment_pool_kernel(
     const scalar_t* __restrict__ x,        // (N, D), row stride x_row
@@ -108,63 +155,124 @@ __global__ void __launch_bounds__(kThreads) segment_pool_kernel(
     index_t* __restrict__ arg,             // (S, D) contiguous, max/min only; may be null
     int64_t total, int64_t segments, int64_t features, int64_t x_row, int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kSelects = R == Reduce::Max || R == Reduce::Min;
   int64_t s;
   int lane;
   if (!my_segment(lanes, segments, s, lane)) return;
   int64_t begin, end;
   segment_bounds(offsets, s, total, begin, end);
+  const int64_t rows = end - begin;
   const int64_t cols = features / VEC;
   for (int64_t c = lane; c < cols; c += lanes) {
     const int64_t col = c * VEC;
-    Vec<scalar_t, VEC> result;
-    Vec<index_t, VEC> result_arg;
-    // 1. Empty segment: 0, and for max/min the arg sentinel N (no row).
-    if (begin == end) {
+    if constexpr (R == Reduce::First || R == Reduce::Last) {
+      // first/last: a copy of one row (0 for an empty segment)
+      Vec<scalar_t, VEC> result;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        result.v[k] = scalar_t(0);
-        result_arg.v[k] = static_cast<index_t>(total);
+      for (int k = 0; k < VEC; ++k) result.v[k] = scalar_t(0);
+      if (rows > 0) {
+        result = load<scalar_t, VEC>(x + (R == Reduce::First ? begin : end - 1) * x_row + col);
       }
       store(out + s * features + col, result);
-      if (kSelects && arg != nullptr) store(arg + s * features + col, result_arg);
-      continue;
-    }
-    // 2. first/last: a copy of one row.
-    if constexpr (R == Reduce::First || R == Reduce::Last) {
-      const int64_t r = R == Reduce::First ? begin : end - 1;
-      store(out + s * features + col, load<scalar_t, VEC>(x + r * x_row + col));
-      continue;
-    }
-    // 3. Start from the first row, so max/min of all -inf rows still points at a row.
-    acc_t acc[VEC];
-    index_t where[VEC];
-    const Vec<scalar_t, VEC> first = load<scalar_t, VEC>(x + begin * x_row + col);
+    } else {
+      acc_t acc[VEC];
+      index_t where[VEC];
+      for (int64_t i = 0; i < rows; i += kUnroll) {
+        const scalar_t* row = x + (begin + i) * x_row + col;
+        Vec<scalar_t, VEC> batch[kUnroll];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      acc[k] = static_cast<acc_t>(first.v[k]);
-      where[k] = static_cast<index_t>(begin);
-    }
-    // 4. The other rows, kUnroll loads issued before any is consumed, folded in row order.
-    int64_t r = begin + 1;
-    for (; r + kUnroll <= end; r += kUnroll) {
-      Vec<scalar_t, VEC> rows[kUnroll];
+        for (int u = 0; u < kUnroll; ++u) {
+          if (i + u < rows) batch[u] = load<scalar_t, VEC>(row + u * x_row);
+        }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) rows[u] = load<scalar_t, VEC>(x + (r + u) * x_row + col);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) fold<R>(acc, where, rows[u], r + u);
+        for (int u = 0; u < kUnroll; ++u) {
+          if (i + u < rows) fold_row<R>(acc, where, batch[u], begin + i + u, i + u == 0);
+        }
+      }
+      finish<R>(acc, where, rows, total, out + s * features + col,
+                arg == nullptr ? nullptr : arg + s * features + col);
     }
-    for (; r < end; ++r) fold<R>(acc, where, load<scalar_t, VEC>(x + r * x_row + col), r);
-    // 5. One rounding per element; mean divides by the row count like the reference.
-    const acc_t count = static_cast<acc_t>(end - begin);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      result.v[k] = static_cast<scalar_t>(R == Reduce::Mean ? acc[k] / count : acc[k]);
-      result_arg.v[k] = where[k];
-    }
-    store(out + s * features + col, result);
-    if (kSelects && arg != nullptr) store(arg + s * features + col, result_arg);
   }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FASTLAB_CP_ASYNC 1
+#endif
+
+// 16 bytes global -> shared without a register round trip (cp.async, sm_80+), so a block
+// can have its whole stage in flight at once.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
+#ifdef FASTLAB_CP_ASYNC
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(src));
+#else
+  *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait() {
+#ifdef FASTLAB_CP_ASYNC
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Staged kernel: 16-byte vectors, at most kThreads vectors a row, sum/mean/max/min. The
+// block's segments are consecutive, so their rows form one contiguous window of x. The
+// block streams that window through shared memory, STAGE bytes at a time, with cp.async
+// (every thread issues its share of the stage's 16-byte copies, none waits on a register),
+// then each group folds its segment's rows that lie in the stage, in row order. Bytes in
+// flight per SM are bounded by shared memory (several stages) instead of by registers (a
+// few 16-byte loads a thread), which is what short units need: their rows are too few for
+// per-thread unrolling to cover the memory latency.
+template <typename scalar_t, typename index_t, int VEC, Reduce R, int STAGE>
+__global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
+    const scalar_t* __restrict__ x, const index_t* __restrict__ offsets,
+    scalar_t* __restrict__ out, index_t* __restrict__ arg, int64_t total, int64_t segments,
+    int64_t features, int64_t x_row, int lanes) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  static_assert(sizeof(V) == 16, "the staged kernel copies 16-byte vectors");
+  __shared__ V stage[STAGE / sizeof(V)];
+  const int cols = static_cast<int>(features / VEC);  // <= kThreads (host check)
+  const int groups = blockDim.x / lanes;
+  const int group = threadIdx.x / lanes;
+  const int lane = threadIdx.x % lanes;
+  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * groups;
+  const int64_t block_end = block_first + groups < segments ? block_first + groups : segments;
+  const int64_t s = block_first + group;
+  const bool mine = group < groups && s < segments;
+  int64_t begin = 0, end = 0;
+  if (mine) segment_bounds(offsets, s, total, begin, end);
+  // The window: first segment's begin to last segment's end, clamped. Valid offsets put
+  // every segment of the block inside it; bad ones only lose rows, never read outside x.
+  int64_t lo, hi, unused;
+  segment_bounds(offsets, block_first, total, lo, unused);
+  segment_bounds(offsets, block_end - 1, total, unused, hi);
+  hi = hi < lo ? lo : hi;
+  const int stage_rows = static_cast<int>(STAGE / sizeof(V)) / cols;
+  acc_t acc[VEC];
+  index_t where[VEC];
+  for (int64_t base = lo; base < hi; base += stage_rows) {
+    const int n = static_cast<int>(hi - base < stage_rows ? hi - base : stage_rows);
+    for (int i = threadIdx.x; i < n * cols; i += blockDim.x) {
+      const int r = i / cols;
+      copy16_async(&stage[i], x + (base + r) * x_row + static_cast<int64_t>(i - r * cols) * VEC);
+    }
+    copy_async_wait();
+    __syncthreads();
+    if (mine) {
+      const int64_t r0 = begin > base ? begin : base;
+      const int64_t r1 = end < base + n ? end : base + n;
+      for (int64_t r = r0; r < r1; ++r) {
+        fold_row<R>(acc, where, stage[(r - base) * cols + lane], r, r == begin);
+      }
+    }
+    __syncthreads();
+  }
+  if (!mine) return;
+  // A segment none of whose rows reached the stage (only with bad offsets) reads as empty.
+  const int64_t rows = begin < lo || end > hi ? 0 : end - begin;
+  finish<R>(acc, where, rows, total, out + s * features + lane * VEC,
+            arg == nullptr ? nullptr : arg + s * features + lane * VEC);
 }
 
 template <typename scalar_t, typename index_t, int VEC, bool kBase>
@@ -320,6 +428,17 @@ Launch plan(int64_t segments, int64_t features, int vec) {
   return {lanes, static_cast<unsigned int>(blocks)};
 }
 
+// Stage size of the staged pooling kernel in KiB, 0 for the register kernel: 32 by default;
+// FASTLAB_SEGMENT_POOL_STAGE = 0, 16 or 32 forces one (benches compare them).
+int pool_stage_kib() {
+  const char* forced = std::getenv("FASTLAB_SEGMENT_POOL_STAGE");
+  if (forced == nullptr || *forced == 0) return 32;
+  const std::string value(forced);
+  TORCH_CHECK(value == "0" || value == "16" || value == "32",
+              "FASTLAB_SEGMENT_POOL_STAGE must be 0, 16 or 32, got '", value, "'");
+  return std::stoi(value);
+}
+
 }  // namespace
 
 void segment_pool_cuda(const at::Tensor& x, const at::Tensor& offsets, Reduce reduce,
@@ -338,13 +457,28 @@ void segment_pool_cuda(const at::Tensor& x, const at::Tensor& offsets, Reduce re
                                {{xp, sizeof(scalar_t), x.stride(0)},
                                 {outp, sizeof(scalar_t), features},
                                 {argp, sizeof(index_t), features}});
+      const int stage_kib = pool_stage_kib();
       dispatch_vec<scalar_t>(vec, [&](auto v) {
         constexpr int VEC = decltype(v)::value;
         const Launch launch = plan(segments, features, VEC);
         dispatch_reduce(reduce, [&](auto r) {
-          segment_pool_kernel<scalar_t, index_t, VEC, decltype(r)::value>
-              <<<launch.blocks, kThreads, 0, stream>>>(xp, op, outp, argp, total, segments,
-                                                       features, x.stride(0), launch.lanes);
+          constexpr Reduce R = decltype(r)::value;
+          constexpr bool kStageable = VEC * sizeof(scalar_t) == 16 && R != Reduce::First &&
+                                      R != Reduce::Last;
+          // staged: 16-byte vectors and one column vector per thread (D <= 256 x VEC)
+          if (kStageable && stage_kib > 0 && features / VEC <= kThreads) {
+            if constexpr (kStageable) {
+              auto staged = stage_kib == 16
+                                ? segment_pool_staged_kernel<scalar_t, index_t, VEC, R, 16384>
+                                : segment_pool_staged_kernel<scalar_t, index_t, VEC, R, 32768>;
+              staged<<<launch.blocks, kThreads, 0, stream>>>(xp, op, outp, argp, total, segments,
+                                                            features, x.stride(0), launch.lanes);
+            }
+          } else {
+            segment_pool_kernel<scalar_t, index_t, VEC, R>
+                <<<launch.blocks, kThreads, 0, stream>>>(xp, op, outp, argp, total, segments,
+                                                         features, x.stride(0), launch.lanes);
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
