@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benches.conftest import optional_import
+from fastlab.kernels import kvcache_attention as kv_kernels
 from fastlab.models.generate import generate
 from fastlab.models.gpt import GPT, GPTConfig
 from fastlab.nn.kvcache import KVCache
@@ -30,6 +31,28 @@ OP = "kvcache_attention"
 DTYPE = torch.bfloat16
 HEAD_DIM = 128
 DECODE = [(16, 32, 4096), (4, 32, 32768)]  # (batch, heads, cache length)
+#: Split planning variants timed beside the default: programs per SM the key splits aim for.
+SPLIT_VARIANTS = (16, 32)
+
+
+def _with_programs_per_sm(n, fn):
+    """fn run with the split planner aiming at n programs per SM (a sweep of its constant)."""
+    def run():
+        default = kv_kernels._PROGRAMS_PER_SM
+        kv_kernels._PROGRAMS_PER_SM = n
+        try:
+            return fn()
+        finally:
+            kv_kernels._PROGRAMS_PER_SM = default
+    return run
+
+
+def _measure_split_variants(bench, case, mode, fastlab, check, nbytes, flops, shape):
+    for n in SPLIT_VARIANTS:
+        run = _with_programs_per_sm(n, fastlab)
+        check(run())
+        bench.measure(OP, case, mode, f"fastlab-pps{n}", run, floor_bytes=nbytes,
+                      floor_flops=flops, shape=shape)
 
 
 def _name(batch, heads, length):
@@ -89,6 +112,9 @@ def test_decode_full_cache(bench, batch, heads, length, mode):
     bench.measure(OP, _name(batch, heads, length), mode, "sdpa", sdpa, floor_bytes=nbytes,
                   floor_flops=flops, shape=shape)
     if mode == "fwd":
+        _measure_split_variants(bench, _name(batch, heads, length), mode, fastlab,
+                                lambda out: _check(out, k_buf, v_buf, full, q), nbytes, flops,
+                                shape)
         _flash_attn_peer(bench, q, k_buf, v_buf, full, mode, _name(batch, heads, length),
                          nbytes, flops, shape)
 
@@ -131,6 +157,8 @@ def test_decode_ragged_cache(bench, batch, heads, length):
                   shape=shape)
     bench.measure(OP, case, "fwd", "sdpa-padded", sdpa, floor_bytes=nbytes, floor_flops=flops,
                   shape=shape)
+    _measure_split_variants(bench, case, "fwd", fastlab,
+                            lambda out: _check(out, k_buf, v_buf, lens, q), nbytes, flops, shape)
     _flash_attn_peer(bench, q, k_buf, v_buf, lens, "fwd", case, nbytes, flops, shape)
 
 

@@ -52,11 +52,13 @@ _LOG2E = tl.constexpr(LOG2E)
 #: to hide K/V loads. dK/dV: narrow query tiles, since K, V, dK and dV of a 128-key block
 #: already sit in registers. dQ: the mirror image (wide query tile, narrow key tile).
 #: Tiles with BLOCK_M = 16 and a wide BLOCK_N serve a few queries over a long cache;
-#: single-stage tiles serve short sequences (see keep()).
+#: single-stage tiles serve short sequences, and at small head dims a key tile as long as
+#: the sequence does the whole row in one step (see keep()).
 _FWD_CANDIDATES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3),
                    (128, 64, 8, 4), (128, 64, 8, 5),
                    (128, 64, 4, 3), (64, 64, 4, 2),
                    (64, 32, 4, 3), (32, 32, 4, 2), (64, 64, 4, 1), (16, 128, 4, 3),
+                   (32, 128, 4, 1), (64, 128, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1),
                    (16, 16, 2, 2)]
 _DKDV_CANDIDATES = [(32, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
                     (64, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)]
@@ -92,8 +94,10 @@ def _keep(configs, named_args, **kwargs):
         # register file allows nothing bigger
         if longest >= 1024 and max(bm, bn) < 64 and head_dim < 256:
             continue
-        # short sequences: 128-wide tiles leave too few programs to fill the SMs
-        if longest <= 256 and max(bm, bn) > 64:
+        # short sequences: 128-wide tiles leave too few programs to fill the SMs; a wide
+        # key tile at a small head dim keeps the query tile (and the program count) and
+        # spends its registers on the scores instead of on D
+        if longest <= 256 and max(bm, bn) > 64 and not (head_dim <= 32 and bm <= 64):
             continue
         # one stage only where loops are a few iterations long: there the registers the
         # pipeline buffers cost (2.4x at D = 16 fp32, ptxas -v) decide the occupancy
