@@ -32,7 +32,7 @@ DTYPE = torch.bfloat16
 HEAD_DIM = 128
 DECODE = [(16, 32, 4096), (4, 32, 32768)]  # (batch, heads, cache length)
 #: Split planning variants timed beside the default: programs per SM the key splits aim for.
-SPLIT_VARIANTS = (16, 32)
+SPLIT_VARIANTS = (8, 16)
 
 
 def _with_programs_per_sm(n, fn):
