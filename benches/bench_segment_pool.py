@@ -41,9 +41,15 @@ LEVELS = [(32, 16), (48, 16), (64, 6), (96, 3), (128, 4)]
 LEVEL_BYTES = 1 << 28  # 256 MiB of x per level case: far beyond L2, a few ms of HBM traffic
 HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
-# The pooling kernel variants beside the default (32 KiB stages): the register kernel and
-# 16 KiB stages, picked through the extension's FASTLAB_SEGMENT_POOL_STAGE override.
-VARIANTS = {"fastlab-registers": "0", "fastlab-stage16": "16"}
+# Pooling kernel variants beside the default (staged, two 8 KiB buffers, 32 KiB windows),
+# forward only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides.
+VARIANTS = {
+    "fastlab-registers": {"FASTLAB_SEGMENT_POOL_STAGE": "0"},
+    "fastlab-buffer4": {"FASTLAB_SEGMENT_POOL_STAGE": "4"},
+    "fastlab-buffer16": {"FASTLAB_SEGMENT_POOL_STAGE": "16"},
+    "fastlab-window16": {"FASTLAB_SEGMENT_POOL_WINDOW": "16"},
+    "fastlab-window64": {"FASTLAB_SEGMENT_POOL_WINDOW": "64"},
+}
 
 
 def _lengths(segments, max_len, seed):
@@ -98,12 +104,13 @@ def _mean_fn(provider, case):
     return lambda x: scatter.segment_csr(x, offsets, reduce="mean")
 
 
-def _pool_variant(stage, offsets, x):
-    os.environ["FASTLAB_SEGMENT_POOL_STAGE"] = stage
+def _pool_variant(env, offsets, x):
+    os.environ.update(env)
     try:
         return segment_pool(x, offsets, "mean")
     finally:
-        del os.environ["FASTLAB_SEGMENT_POOL_STAGE"]
+        for name in env:
+            del os.environ[name]
 
 
 def _measure_pool(bench, case_name, provider):
@@ -121,6 +128,8 @@ def _measure_pool(bench, case_name, provider):
     shape = dict(rows=rows, segments=segments, features=features, dtype=str(DTYPE))
     bench.measure(OP, case_name, "fwd", provider, lambda: pool(x),
                   floor_bytes=pooled_bytes, shape=shape)
+    if provider in VARIANTS:
+        return  # the backward does not depend on the pooling variant
     bench.measure(OP, case_name, "full", provider,
                   lambda: torch.autograd.grad(pool(xg), xg, grad),
                   floor_bytes=2 * pooled_bytes, shape=shape)

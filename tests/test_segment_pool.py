@@ -493,12 +493,14 @@ def test_cuda_real_sizes(reduce, features, max_len):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage", ["0", "16", "32"])
-def test_cuda_pool_kernels_agree(stage, monkeypatch):
-    """The register kernel and the staged kernel at both stage sizes (forced through the
-    extension's FASTLAB_SEGMENT_POOL_STAGE), with units spanning many stages (3000 rows of
-    512 bytes against 32 KiB), empty units, one-vector rows and int32 offsets."""
+@pytest.mark.parametrize("stage, window", [("0", "32"), ("4", "8"), ("8", "32"), ("24", "256")])
+def test_cuda_pool_kernels_agree(stage, window, monkeypatch):
+    """The register kernel and the staged kernel at several buffer and window sizes (forced
+    through the extension's FASTLAB_SEGMENT_POOL_* overrides), with units spanning many
+    buffers (3000 rows of 512 bytes against 4 KiB), empty units, one-vector rows and int32
+    offsets."""
     monkeypatch.setenv("FASTLAB_SEGMENT_POOL_STAGE", stage)
+    monkeypatch.setenv("FASTLAB_SEGMENT_POOL_WINDOW", window)
     for reduce in REDUCTIONS:
         for features, units, max_len in [(256, 41, 3000), (24, 301, 7), (96, 2001, 3)]:
             _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, features, units,

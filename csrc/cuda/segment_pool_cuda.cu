@@ -21,11 +21,11 @@
 //    latency with its own loads (a 2-row unit: two 16-byte loads in flight per thread), and
 //    registers cap what any thread can hold in flight. So sum/mean/max/min over 16-byte
 //    vectors go through shared memory: a block's units are consecutive, their rows one
-//    contiguous window of x, which the block streams through a 32 KiB stage with cp.async
-//    (no register round trip; every thread issues its share of the copies at once), then each
-//    group folds its unit's rows from the stage. Several stages in flight per SM keep ~200 KB
-//    of loads outstanding whatever the unit lengths. Other widths and first/last use the
-//    register kernel, which issues kUnroll predicated row loads per pass.
+//    contiguous window of x (sized from the mean unit length to ~32 KiB), which the block
+//    streams through two 8 KiB buffers with cp.async (no register round trip; the next
+//    buffer fills while the current one is folded), each group folding its units' rows from
+//    the buffer. Other widths and first/last use the register kernel, which issues kUnroll
+//    predicated row loads per pass.
 // 4. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
 //    and replaces() in segment_pool.h are shared with the CPU kernel).
@@ -209,70 +209,106 @@ __device__ __forceinline__ void copy16_async(void* dst, const void* src) {
 #endif
 }
 
-__device__ __forceinline__ void copy_async_wait() {
+__device__ __forceinline__ void copy_async_commit() {
 #ifdef FASTLAB_CP_ASYNC
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
-// Staged kernel: 16-byte vectors, at most kThreads vectors a row, sum/mean/max/min. The
-// block's segments are consecutive, so their rows form one contiguous window of x. The
-// block streams that window through shared memory, STAGE bytes at a time, with cp.async
-// (every thread issues its share of the stage's 16-byte copies, none waits on a register),
-// then each group folds its segment's rows that lie in the stage, in row order. Bytes in
-// flight per SM are bounded by shared memory (several stages) instead of by registers (a
-// few 16-byte loads a thread), which is what short units need: their rows are too few for
-// per-thread unrolling to cover the memory latency.
-template <typename scalar_t, typename index_t, int VEC, Reduce R, int STAGE>
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy_async_wait() {
+#ifdef FASTLAB_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Staged kernel: 16-byte vectors, one column vector per thread (D <= kThreads x VEC),
+// sum/mean/max/min. A block owns groups x segs_per_group consecutive segments (each group
+// `segs_per_group` consecutive ones), so the block's rows form one contiguous window of x.
+// The window streams through two shared-memory buffers of `buffer_rows` rows: while the
+// block folds one, cp.async fills the other (no register round trip: every thread issues
+// its share of a buffer's 16-byte copies at once). Each group walks its segments in row
+// order, folding the rows that lie in the current buffer and writing a segment's result as
+// soon as its last row is folded. Bytes in flight per SM are then set by shared memory,
+// not by the few rows a short unit gives each thread.
+template <typename scalar_t, typename index_t, int VEC, Reduce R>
 __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
     const scalar_t* __restrict__ x, const index_t* __restrict__ offsets,
     scalar_t* __restrict__ out, index_t* __restrict__ arg, int64_t total, int64_t segments,
-    int64_t features, int64_t x_row, int lanes) {
+    int64_t features, int64_t x_row, int lanes, int segs_per_group, int buffer_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   static_assert(sizeof(V) == 16, "the staged kernel copies 16-byte vectors");
-  __shared__ V stage[STAGE / sizeof(V)];
-  const int cols = static_cast<int>(features / VEC);  // <= kThreads (host check)
+  extern __shared__ __align__(16) unsigned char smem[];  // 2 x buffer_rows x cols vectors
+  V* const buffers = reinterpret_cast<V*>(smem);
+  const int cols = static_cast<int>(features / VEC);  // == lanes (host check: <= kThreads)
   const int groups = blockDim.x / lanes;
   const int group = threadIdx.x / lanes;
   const int lane = threadIdx.x % lanes;
-  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * groups;
-  const int64_t block_end = block_first + groups < segments ? block_first + groups : segments;
-  const int64_t s = block_first + group;
-  const bool mine = group < groups && s < segments;
-  int64_t begin = 0, end = 0;
-  if (mine) segment_bounds(offsets, s, total, begin, end);
-  // The window: first segment's begin to last segment's end, clamped. Valid offsets put
-  // every segment of the block inside it; bad ones only lose rows, never read outside x.
+  const int64_t per_block = static_cast<int64_t>(groups) * segs_per_group;
+  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * per_block;
+  const int64_t block_end = block_first + per_block < segments ? block_first + per_block
+                                                               : segments;
+  const int64_t first = block_first + static_cast<int64_t>(group) * segs_per_group;
+  const int64_t last = first + segs_per_group < block_end ? first + segs_per_group : block_end;
+  const bool mine = group < groups && first < last;
+  // The window: the block's first segment's begin to its last segment's end, clamped. Valid
+  // offsets put every segment of the block inside it; bad ones only lose rows (such a
+  // segment reads as empty), never read outside x.
   int64_t lo, hi, unused;
   segment_bounds(offsets, block_first, total, lo, unused);
   segment_bounds(offsets, block_end - 1, total, unused, hi);
   hi = hi < lo ? lo : hi;
-  const int stage_rows = static_cast<int>(STAGE / sizeof(V)) / cols;
-  acc_t acc[VEC];
-  index_t where[VEC];
-  for (int64_t base = lo; base < hi; base += stage_rows) {
-    const int n = static_cast<int>(hi - base < stage_rows ? hi - base : stage_rows);
+  const int64_t chunks = (hi - lo + buffer_rows - 1) / buffer_rows;
+  const int buffer_vectors = buffer_rows * cols;
+
+  auto stage = [&](int64_t chunk) {
+    const int64_t base = lo + chunk * buffer_rows;
+    const int n = static_cast<int>(hi - base < buffer_rows ? hi - base : buffer_rows);
+    V* const buffer = buffers + (chunk & 1) * buffer_vectors;
     for (int i = threadIdx.x; i < n * cols; i += blockDim.x) {
       const int r = i / cols;
-      copy16_async(&stage[i], x + (base + r) * x_row + static_cast<int64_t>(i - r * cols) * VEC);
+      copy16_async(&buffer[i], x + (base + r) * x_row + static_cast<int64_t>(i - r * cols) * VEC);
     }
-    copy_async_wait();
-    __syncthreads();
-    if (mine) {
+  };
+
+  // This group's current segment s, rows [begin, end); `started` once its first row folded.
+  int64_t s = first, begin = 0, end = 0;
+  bool started = false;
+  acc_t acc[VEC];
+  index_t where[VEC];
+  if (mine) segment_bounds(offsets, s, total, begin, end);
+  auto finish_segment = [&]() {
+    finish<R>(acc, where, started ? end - begin : 0, total, out + s * features + lane * VEC,
+              arg == nullptr ? nullptr : arg + s * features + lane * VEC);
+    started = false;
+    if (++s < last) segment_bounds(offsets, s, total, begin, end);
+  };
+
+  if (chunks > 0) stage(0);
+  copy_async_commit();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    if (chunk + 1 < chunks) stage(chunk + 1);
+    copy_async_commit();
+    copy_async_wait<1>();  // this thread's copies of `chunk` have landed ...
+    __syncthreads();       // ... and everyone's
+    const int64_t base = lo + chunk * buffer_rows;
+    const int64_t stop = base + buffer_rows < hi ? base + buffer_rows : hi;
+    const V* const buffer = buffers + (chunk & 1) * buffer_vectors;
+    while (mine && s < last) {
       const int64_t r0 = begin > base ? begin : base;
-      const int64_t r1 = end < base + n ? end : base + n;
+      const int64_t r1 = end < stop ? end : stop;
+      if (r0 < r1 && r0 == begin) started = true;
       for (int64_t r = r0; r < r1; ++r) {
-        fold_row<R>(acc, where, stage[(r - base) * cols + lane], r, r == begin);
+        fold_row<R>(acc, where, buffer[(r - base) * cols + lane], r, r == begin);
       }
+      if (end > stop) break;  // continues in the next buffer
+      finish_segment();
     }
-    __syncthreads();
+    __syncthreads();  // the buffer is refilled two chunks on
   }
-  if (!mine) return;
-  // A segment none of whose rows reached the stage (only with bad offsets) reads as empty.
-  const int64_t rows = begin < lo || end > hi ? 0 : end - begin;
-  finish<R>(acc, where, rows, total, out + s * features + lane * VEC,
-            arg == nullptr ? nullptr : arg + s * features + lane * VEC);
+  while (mine && s < last) finish_segment();  // empty window, or rows lost to bad offsets
 }
 
 template <typename scalar_t, typename index_t, int VEC, bool kBase>
@@ -428,15 +464,45 @@ Launch plan(int64_t segments, int64_t features, int vec) {
   return {lanes, static_cast<unsigned int>(blocks)};
 }
 
-// Stage size of the staged pooling kernel in KiB, 0 for the register kernel: 32 by default;
-// FASTLAB_SEGMENT_POOL_STAGE = 0, 16 or 32 forces one (benches compare them).
-int pool_stage_kib() {
-  const char* forced = std::getenv("FASTLAB_SEGMENT_POOL_STAGE");
-  if (forced == nullptr || *forced == 0) return 32;
+// Staged pooling: bytes of one of the two shared-memory buffers, and bytes of x a block
+// aims to cover (its segments per group follow from the mean unit length N / S, a shape).
+// Measured on an H100 (benches/bench_segment_pool.py variants). Forced for benches by
+// FASTLAB_SEGMENT_POOL_STAGE (buffer KiB: 4, 8, 16 or 24; 0 for the register kernel) and
+// FASTLAB_SEGMENT_POOL_WINDOW (KiB: 8 to 256).
+constexpr int kStageBufferKiB = 8;
+constexpr int kStageWindowKiB = 32;
+
+int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
+  const char* forced = std::getenv(name);
+  if (forced == nullptr || *forced == 0) return fallback;
   const std::string value(forced);
-  TORCH_CHECK(value == "0" || value == "16" || value == "32",
-              "FASTLAB_SEGMENT_POOL_STAGE must be 0, 16 or 32, got '", value, "'");
-  return std::stoi(value);
+  for (const int a : allowed) {
+    if (value == std::to_string(a)) return a;
+  }
+  TORCH_CHECK(false, name, " got '", value, "', which is not one of the allowed sizes");
+}
+
+struct Staging {
+  int segs_per_group;
+  int buffer_rows;
+  size_t smem_bytes;
+};
+
+// The staged kernel's launch for `cols` 16-byte vectors a row, or segs_per_group 0 when the
+// register kernel should run.
+Staging plan_staging(int64_t total, int64_t segments, int64_t cols, int lanes) {
+  const int buffer_kib = env_kib("FASTLAB_SEGMENT_POOL_STAGE", kStageBufferKiB, {0, 4, 8, 16, 24});
+  const int window_kib =
+      env_kib("FASTLAB_SEGMENT_POOL_WINDOW", kStageWindowKiB, {8, 16, 32, 64, 128, 256});
+  if (buffer_kib == 0 || cols > kThreads) return {0, 0, 0};
+  const int64_t row_bytes = cols * 16;
+  const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_kib * 1024 / row_bytes));
+  const int64_t groups = kThreads / lanes;
+  const double rows_per_segment = std::max(1.0, static_cast<double>(total) / std::max<int64_t>(segments, 1));
+  const double group_bytes = groups * rows_per_segment * row_bytes;
+  int segs = 1;
+  while (segs < 64 && segs * group_bytes < window_kib * 1024.0) segs *= 2;
+  return {segs, buffer_rows, static_cast<size_t>(2) * buffer_rows * row_bytes};
 }
 
 }  // namespace
@@ -457,28 +523,32 @@ void segment_pool_cuda(const at::Tensor& x, const at::Tensor& offsets, Reduce re
                                {{xp, sizeof(scalar_t), x.stride(0)},
                                 {outp, sizeof(scalar_t), features},
                                 {argp, sizeof(index_t), features}});
-      const int stage_kib = pool_stage_kib();
       dispatch_vec<scalar_t>(vec, [&](auto v) {
         constexpr int VEC = decltype(v)::value;
         const Launch launch = plan(segments, features, VEC);
+        const Staging staging = VEC * sizeof(scalar_t) == 16
+                                    ? plan_staging(total, segments, features / VEC, launch.lanes)
+                                    : Staging{0, 0, 0};
         dispatch_reduce(reduce, [&](auto r) {
           constexpr Reduce R = decltype(r)::value;
           constexpr bool kStageable = VEC * sizeof(scalar_t) == 16 && R != Reduce::First &&
                                       R != Reduce::Last;
-          // staged: 16-byte vectors and one column vector per thread (D <= 256 x VEC)
-          if (kStageable && stage_kib > 0 && features / VEC <= kThreads) {
-            if constexpr (kStageable) {
-              auto staged = stage_kib == 16
-                                ? segment_pool_staged_kernel<scalar_t, index_t, VEC, R, 16384>
-                                : segment_pool_staged_kernel<scalar_t, index_t, VEC, R, 32768>;
-              staged<<<launch.blocks, kThreads, 0, stream>>>(xp, op, outp, argp, total, segments,
-                                                            features, x.stride(0), launch.lanes);
+          if constexpr (kStageable) {
+            if (staging.segs_per_group > 0) {
+              const int64_t per_block =
+                  static_cast<int64_t>(kThreads / launch.lanes) * staging.segs_per_group;
+              const int64_t blocks = (segments + per_block - 1) / per_block;
+              segment_pool_staged_kernel<scalar_t, index_t, VEC, R>
+                  <<<static_cast<unsigned int>(blocks), kThreads, staging.smem_bytes, stream>>>(
+                      xp, op, outp, argp, total, segments, features, x.stride(0), launch.lanes,
+                      staging.segs_per_group, staging.buffer_rows);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              return;
             }
-          } else {
-            segment_pool_kernel<scalar_t, index_t, VEC, R>
-                <<<launch.blocks, kThreads, 0, stream>>>(xp, op, outp, argp, total, segments,
-                                                         features, x.stride(0), launch.lanes);
           }
+          segment_pool_kernel<scalar_t, index_t, VEC, R>
+              <<<launch.blocks, kThreads, 0, stream>>>(xp, op, outp, argp, total, segments,
+                                                       features, x.stride(0), launch.lanes);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
