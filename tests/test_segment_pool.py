@@ -493,11 +493,11 @@ def test_cuda_real_sizes(reduce, features, max_len):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage, window", [("0", "32"), ("4", "8"), ("8", "32"), ("24", "256")])
+@pytest.mark.parametrize("stage, window", [("0", "16"), ("8", "40"), ("24", "16"), ("48", "4")])
 def test_cuda_pool_kernels_agree(stage, window, monkeypatch):
     """The register kernel and the staged kernel at several buffer and window sizes (forced
     through the extension's FASTLAB_SEGMENT_POOL_* overrides), with units spanning many
-    buffers (3000 rows of 512 bytes against 4 KiB), empty units, one-vector rows and int32
+    buffers (3000 rows of 512 bytes against 8 KiB), empty units, one-vector rows and int32
     offsets."""
     monkeypatch.setenv("FASTLAB_SEGMENT_POOL_STAGE", stage)
     monkeypatch.setenv("FASTLAB_SEGMENT_POOL_WINDOW", window)

@@ -21,10 +21,10 @@
 //    latency with its own loads (a 2-row unit: two 16-byte loads in flight per thread), and
 //    registers cap what any thread can hold in flight. So sum/mean/max/min over 16-byte
 //    vectors go through shared memory: a block's units are consecutive, their rows one
-//    contiguous window of x (sized from the mean unit length to ~32 KiB), which the block
-//    streams through two 8 KiB buffers with cp.async (no register round trip; the next
-//    buffer fills while the current one is folded), each group folding its units' rows from
-//    the buffer. Other widths and first/last use the register kernel, which issues kUnroll
+//    contiguous window of x (sized from the mean unit length to at most ~16 KiB), which the
+//    block copies into a 24 KiB shared buffer with cp.async (no register round trip; every
+//    thread issues its share of the copies at once), each group then folding its units'
+//    rows from the buffer. Other widths and first/last use the register kernel, which issues kUnroll
 //    predicated row loads per pass.
 // 4. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
@@ -226,12 +226,14 @@ __device__ __forceinline__ void copy_async_wait() {
 // Staged kernel: 16-byte vectors, one column vector per thread (D <= kThreads x VEC),
 // sum/mean/max/min. A block owns groups x segs_per_group consecutive segments (each group
 // `segs_per_group` consecutive ones), so the block's rows form one contiguous window of x.
-// The window streams through two shared-memory buffers of `buffer_rows` rows: while the
-// block folds one, cp.async fills the other (no register round trip: every thread issues
-// its share of a buffer's 16-byte copies at once). Each group walks its segments in row
-// order, folding the rows that lie in the current buffer and writing a segment's result as
-// soon as its last row is folded. Bytes in flight per SM are then set by shared memory,
-// not by the few rows a short unit gives each thread.
+// The block copies the window into shared memory with cp.async, `buffer_rows` rows at a
+// time (every thread issues its share of the 16-byte copies at once, none waits on a
+// register), then each group walks its segments in row order, folding the rows that lie in
+// the buffer and writing a segment's result as soon as its last row is folded. The host
+// sizes the window to fit one buffer, so most blocks make one copy round trip; bytes in
+// flight per SM are then set by shared memory, not by the few rows a short unit gives each
+// thread. (Double buffering was measured slower: with windows this small, the extra barrier
+// and the smaller buffers cost more than the overlap gains.)
 template <typename scalar_t, typename index_t, int VEC, Reduce R>
 __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
     const scalar_t* __restrict__ x, const index_t* __restrict__ offsets,
@@ -240,8 +242,8 @@ __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   static_assert(sizeof(V) == 16, "the staged kernel copies 16-byte vectors");
-  extern __shared__ __align__(16) unsigned char smem[];  // 2 x buffer_rows x cols vectors
-  V* const buffers = reinterpret_cast<V*>(smem);
+  extern __shared__ __align__(16) unsigned char smem[];  // buffer_rows x cols vectors
+  V* const buffer = reinterpret_cast<V*>(smem);
   const int cols = static_cast<int>(features / VEC);  // == lanes (host check: <= kThreads)
   const int groups = blockDim.x / lanes;
   const int group = threadIdx.x / lanes;
@@ -260,18 +262,6 @@ __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
   segment_bounds(offsets, block_first, total, lo, unused);
   segment_bounds(offsets, block_end - 1, total, unused, hi);
   hi = hi < lo ? lo : hi;
-  const int64_t chunks = (hi - lo + buffer_rows - 1) / buffer_rows;
-  const int buffer_vectors = buffer_rows * cols;
-
-  auto stage = [&](int64_t chunk) {
-    const int64_t base = lo + chunk * buffer_rows;
-    const int n = static_cast<int>(hi - base < buffer_rows ? hi - base : buffer_rows);
-    V* const buffer = buffers + (chunk & 1) * buffer_vectors;
-    for (int i = threadIdx.x; i < n * cols; i += blockDim.x) {
-      const int r = i / cols;
-      copy16_async(&buffer[i], x + (base + r) * x_row + static_cast<int64_t>(i - r * cols) * VEC);
-    }
-  };
 
   // This group's current segment s, rows [begin, end); `started` once its first row folded.
   int64_t s = first, begin = 0, end = 0;
@@ -286,16 +276,16 @@ __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
     if (++s < last) segment_bounds(offsets, s, total, begin, end);
   };
 
-  if (chunks > 0) stage(0);
-  copy_async_commit();
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    if (chunk + 1 < chunks) stage(chunk + 1);
+  for (int64_t base = lo; base < hi; base += buffer_rows) {
+    const int n = static_cast<int>(hi - base < buffer_rows ? hi - base : buffer_rows);
+    for (int i = threadIdx.x; i < n * cols; i += blockDim.x) {
+      const int r = i / cols;
+      copy16_async(&buffer[i], x + (base + r) * x_row + static_cast<int64_t>(i - r * cols) * VEC);
+    }
     copy_async_commit();
-    copy_async_wait<1>();  // this thread's copies of `chunk` have landed ...
+    copy_async_wait<0>();  // this thread's copies have landed ...
     __syncthreads();       // ... and everyone's
-    const int64_t base = lo + chunk * buffer_rows;
-    const int64_t stop = base + buffer_rows < hi ? base + buffer_rows : hi;
-    const V* const buffer = buffers + (chunk & 1) * buffer_vectors;
+    const int64_t stop = base + n;
     while (mine && s < last) {
       const int64_t r0 = begin > base ? begin : base;
       const int64_t r1 = end < stop ? end : stop;
@@ -303,10 +293,10 @@ __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
       for (int64_t r = r0; r < r1; ++r) {
         fold_row<R>(acc, where, buffer[(r - base) * cols + lane], r, r == begin);
       }
-      if (end > stop) break;  // continues in the next buffer
+      if (end > stop) break;  // continues in the next buffer load
       finish_segment();
     }
-    __syncthreads();  // the buffer is refilled two chunks on
+    __syncthreads();  // everyone is done with the buffer before it is refilled
   }
   while (mine && s < last) finish_segment();  // empty window, or rows lost to bad offsets
 }
@@ -464,13 +454,13 @@ Launch plan(int64_t segments, int64_t features, int vec) {
   return {lanes, static_cast<unsigned int>(blocks)};
 }
 
-// Staged pooling: bytes of one of the two shared-memory buffers, and bytes of x a block
-// aims to cover (its segments per group follow from the mean unit length N / S, a shape).
-// Measured on an H100 (benches/bench_segment_pool.py variants). Forced for benches by
-// FASTLAB_SEGMENT_POOL_STAGE (buffer KiB: 4, 8, 16 or 24; 0 for the register kernel) and
-// FASTLAB_SEGMENT_POOL_WINDOW (KiB: 8 to 256).
-constexpr int kStageBufferKiB = 8;
-constexpr int kStageWindowKiB = 32;
+// Staged pooling: bytes of the shared-memory buffer, and bytes of x a block's window aims
+// at (at most), chosen from an H100 sweep (benches/bench_segment_pool.py variants): a
+// window that fits the buffer makes one copy round trip per block, and ~8 such blocks per
+// SM keep enough bytes in flight. Forced for benches by FASTLAB_SEGMENT_POOL_STAGE (buffer
+// KiB; 0 runs the register kernel) and FASTLAB_SEGMENT_POOL_WINDOW (KiB).
+constexpr int kStageBufferKiB = 24;
+constexpr int kStageWindowKiB = 16;
 
 int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
   const char* forced = std::getenv(name);
@@ -483,26 +473,41 @@ int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) 
 }
 
 struct Staging {
+  int threads;         // 0: run the register kernel
   int segs_per_group;
   int buffer_rows;
   size_t smem_bytes;
+  unsigned int blocks;
 };
 
-// The staged kernel's launch for `cols` 16-byte vectors a row, or segs_per_group 0 when the
-// register kernel should run.
-Staging plan_staging(int64_t total, int64_t segments, int64_t cols, int lanes) {
-  const int buffer_kib = env_kib("FASTLAB_SEGMENT_POOL_STAGE", kStageBufferKiB, {0, 4, 8, 16, 24});
+// The staged kernel's launch for segments of `cols` 16-byte vectors a row. Blocks shrink
+// (fewer groups) or groups take more segments until the expected window, from the mean
+// unit length N / S (shapes only, no sync), is the largest within 1.25x the target.
+Staging plan_staging(int64_t total, int64_t segments, int64_t cols) {
+  const int buffer_kib =
+      env_kib("FASTLAB_SEGMENT_POOL_STAGE", kStageBufferKiB, {0, 8, 16, 24, 32, 40, 48});
   const int window_kib =
-      env_kib("FASTLAB_SEGMENT_POOL_WINDOW", kStageWindowKiB, {8, 16, 32, 64, 128, 256});
-  if (buffer_kib == 0 || cols > kThreads) return {0, 0, 0};
+      env_kib("FASTLAB_SEGMENT_POOL_WINDOW", kStageWindowKiB, {4, 8, 12, 16, 24, 32, 40});
+  if (buffer_kib == 0 || cols > kThreads) return {0, 0, 0, 0, 0};
+  const int lanes = static_cast<int>(cols);
   const int64_t row_bytes = cols * 16;
-  const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_kib * 1024 / row_bytes));
-  const int64_t groups = kThreads / lanes;
-  const double rows_per_segment = std::max(1.0, static_cast<double>(total) / std::max<int64_t>(segments, 1));
-  const double group_bytes = groups * rows_per_segment * row_bytes;
+  // the target, with slack: a window up to 1.25x it still fits the buffer in the defaults
+  const double window = 1.25 * window_kib * 1024.0;
+  const double group_bytes =
+      std::max(1.0, static_cast<double>(total) / std::max<int64_t>(segments, 1)) * row_bytes;
+  int threads = kThreads;
+  while (threads / 2 >= std::max(lanes, 64) && (threads / lanes) * group_bytes > window) {
+    threads /= 2;
+  }
   int segs = 1;
-  while (segs < 64 && segs * group_bytes < window_kib * 1024.0) segs *= 2;
-  return {segs, buffer_rows, static_cast<size_t>(2) * buffer_rows * row_bytes};
+  while (segs < 64 && 2 * segs * (threads / lanes) * group_bytes <= window) segs *= 2;
+  const int64_t per_block = static_cast<int64_t>(threads / lanes) * segs;
+  const int64_t blocks = (segments + per_block - 1) / per_block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastlab: too many segments (",
+              segments, ") for one launch");
+  const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_kib * 1024 / row_bytes));
+  return {threads, segs, buffer_rows, static_cast<size_t>(buffer_rows * row_bytes),
+          static_cast<unsigned int>(blocks)};
 }
 
 }  // namespace
@@ -527,19 +532,16 @@ void segment_pool_cuda(const at::Tensor& x, const at::Tensor& offsets, Reduce re
         constexpr int VEC = decltype(v)::value;
         const Launch launch = plan(segments, features, VEC);
         const Staging staging = VEC * sizeof(scalar_t) == 16
-                                    ? plan_staging(total, segments, features / VEC, launch.lanes)
-                                    : Staging{0, 0, 0};
+                                    ? plan_staging(total, segments, features / VEC)
+                                    : Staging{0, 0, 0, 0, 0};
         dispatch_reduce(reduce, [&](auto r) {
           constexpr Reduce R = decltype(r)::value;
           constexpr bool kStageable = VEC * sizeof(scalar_t) == 16 && R != Reduce::First &&
                                       R != Reduce::Last;
           if constexpr (kStageable) {
-            if (staging.segs_per_group > 0) {
-              const int64_t per_block =
-                  static_cast<int64_t>(kThreads / launch.lanes) * staging.segs_per_group;
-              const int64_t blocks = (segments + per_block - 1) / per_block;
+            if (staging.threads > 0) {
               segment_pool_staged_kernel<scalar_t, index_t, VEC, R>
-                  <<<static_cast<unsigned int>(blocks), kThreads, staging.smem_bytes, stream>>>(
+                  <<<staging.blocks, staging.threads, staging.smem_bytes, stream>>>(
                       xp, op, outp, argp, total, segments, features, x.stride(0), launch.lanes,
                       staging.segs_per_group, staging.buffer_rows);
               C10_CUDA_KERNEL_LAUNCH_CHECK();

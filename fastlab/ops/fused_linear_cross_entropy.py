@@ -24,9 +24,11 @@ from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _refere
                                        check_target_range, cross_entropy_ref, scale_grad_,
                                        validate)
 
-#: Budget for one chunk's logits: 512 MiB holds 2048 rows of a 128K bf16 vocabulary, enough
-#: rows that the weight-gradient matmul (K = chunk) stays compute-bound over its fp32 output.
-_CHUNK_LOGITS_BYTES = 512 * 2**20
+#: Budget for one chunk's logits: 1 GiB holds 4096 rows of a 128K bf16 vocabulary. Each
+#: chunk's weight-gradient matmul reads and writes the fp32 accumulator (V x H x 4 bytes)
+#: once, so fewer, larger chunks cut that traffic: on an H100, N=16384 H=4096 V=128256
+#: fwd+bwd took 93.9 ms with 2048-row chunks and 79.9 ms with 4096-row chunks (+0.5 GB).
+_CHUNK_LOGITS_BYTES = 1 << 30
 #: Fewest rows per chunk, so a small vocabulary still gets matmuls worth launching.
 _MIN_CHUNK = 256
 #: Slices of the fp32 weight gradient: each is cast and freed in turn at the end, so the
