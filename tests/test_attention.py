@@ -266,6 +266,9 @@ def test_non_tensor_input():
     (1, 4, 4, 300, 129, 256, True),
     (16, 4, 4, 256, 256, 16, False),
     (64, 8, 8, 64, 64, 4, True),
+    # short sequences at small head dims, where the wide key tiles compete (GQA, q != kv)
+    (8, 4, 2, 200, 256, 24, True),
+    (32, 4, 1, 256, 97, 8, True),
 ])
 def test_gpu_real_sizes(b, hq, hkv, q_len, kv_len, d, causal, dtype):
     _check_once(b, hq, hkv, q_len, kv_len, d, causal, dtype, layout="bshd")
