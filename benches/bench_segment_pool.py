@@ -41,14 +41,11 @@ LEVELS = [(32, 16), (48, 16), (64, 6), (96, 3), (128, 4)]
 LEVEL_BYTES = 1 << 28  # 256 MiB of x per level case: far beyond L2, a few ms of HBM traffic
 HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
-# Pooling kernel variants beside the default (staged: 24 KiB buffer, 16 KiB windows), forward
+# Pooling kernel variants beside the default (staged: 40 KiB buffer, 32 KiB windows), forward
 # only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides (buffer, window KiB).
 VARIANTS = {
     "fastlab-registers": {"FASTLAB_SEGMENT_POOL_STAGE": "0"},
-    "fastlab-b16-w8": {"FASTLAB_SEGMENT_POOL_STAGE": "16", "FASTLAB_SEGMENT_POOL_WINDOW": "8"},
-    "fastlab-b32-w24": {"FASTLAB_SEGMENT_POOL_STAGE": "32", "FASTLAB_SEGMENT_POOL_WINDOW": "24"},
-    "fastlab-b40-w32": {"FASTLAB_SEGMENT_POOL_STAGE": "40", "FASTLAB_SEGMENT_POOL_WINDOW": "32"},
-    "fastlab-b24-w12": {"FASTLAB_SEGMENT_POOL_STAGE": "24", "FASTLAB_SEGMENT_POOL_WINDOW": "12"},
+    "fastlab-b24-w16": {"FASTLAB_SEGMENT_POOL_STAGE": "24", "FASTLAB_SEGMENT_POOL_WINDOW": "16"},
 }
 
 

@@ -21,8 +21,8 @@
 //    latency with its own loads (a 2-row unit: two 16-byte loads in flight per thread), and
 //    registers cap what any thread can hold in flight. So sum/mean/max/min over 16-byte
 //    vectors go through shared memory: a block's units are consecutive, their rows one
-//    contiguous window of x (sized from the mean unit length to at most ~16 KiB), which the
-//    block copies into a 24 KiB shared buffer with cp.async (no register round trip; every
+//    contiguous window of x (sized from the mean unit length to at most ~40 KiB), which the
+//    block copies into a 40 KiB shared buffer with cp.async (no register round trip; every
 //    thread issues its share of the copies at once), each group then folding its units'
 //    rows from the buffer. Other widths and first/last use the register kernel, which issues kUnroll
 //    predicated row loads per pass.
@@ -455,12 +455,14 @@ Launch plan(int64_t segments, int64_t features, int vec) {
 }
 
 // Staged pooling: bytes of the shared-memory buffer, and bytes of x a block's window aims
-// at (at most), chosen from an H100 sweep (benches/bench_segment_pool.py variants): a
-// window that fits the buffer makes one copy round trip per block, and ~8 such blocks per
-// SM keep enough bytes in flight. Forced for benches by FASTLAB_SEGMENT_POOL_STAGE (buffer
+// at (at most), chosen from an H100 sweep (benches/bench_segment_pool.py variants, level
+// forward x floor): 40/32 KiB gave 1.18-1.37x over the five level widths, 24/16 1.22-1.40x,
+// 32/24 1.19-1.53x, 16/8 1.29-1.62x, the register kernel 1.43-1.68x. A window that fits
+// the buffer makes one copy round trip per block; ~5 such blocks per SM (shared memory
+// bound) keep ~200 KB in flight. Forced for benches by FASTLAB_SEGMENT_POOL_STAGE (buffer
 // KiB; 0 runs the register kernel) and FASTLAB_SEGMENT_POOL_WINDOW (KiB).
-constexpr int kStageBufferKiB = 24;
-constexpr int kStageWindowKiB = 16;
+constexpr int kStageBufferKiB = 40;
+constexpr int kStageWindowKiB = 32;
 
 int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
   const char* forced = std::getenv(name);
