@@ -179,19 +179,7 @@ def test_spikes_are_skipped_and_the_run_ends_as_a_clean_one(tmp_path):
 
 
 def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
-    from fastlab.models import gpt
-
-    forward = gpt.GPT.forward
-    calls = {"n": 0}
-
-    def nan_once(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        calls["n"] += 1
-        if calls["n"] == 12:
-            logits = logits * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(gpt.GPT, "forward", nan_once)
+    _change_logits_at_call(monkeypatch, 12, lambda logits: logits * float("nan"))
     summary = train(_cfg(tmp_path, "train.steps=20", "log.every=5", "eval.every=100"),
                     run_dir=str(tmp_path / "run"))
     state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
@@ -199,21 +187,28 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(summary["last_train"]["loss"]))
 
 
-def _inf_gradient_at_call(monkeypatch, n):
-    """Make the ``n``-th forward's logits pass back inf gradients; its loss stays finite."""
+def _change_logits_at_call(monkeypatch, n, change):
+    """Pass the ``n``-th forward's logits through ``change``; its loss is left as it was."""
     from fastlab.models import gpt
 
     forward = gpt.GPT.forward
     calls = {"n": 0}
 
-    def inf_grad(self, idx, targets=None):
+    def patched(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
         calls["n"] += 1
-        if calls["n"] == n:
-            logits.register_hook(lambda g: torch.full_like(g, float("inf")))
-        return logits, loss
+        return (change(logits) if calls["n"] == n else logits), loss
 
-    monkeypatch.setattr(gpt.GPT, "forward", inf_grad)
+    monkeypatch.setattr(gpt.GPT, "forward", patched)
+
+
+def _inf_gradient_at_call(monkeypatch, n):
+    """Make the ``n``-th forward's logits pass back inf gradients; its loss stays finite."""
+    def hook(logits):
+        logits.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return logits
+
+    _change_logits_at_call(monkeypatch, n, hook)
 
 
 def test_optimizer_skips_are_counted_apart_from_spikes(tmp_path, monkeypatch):
