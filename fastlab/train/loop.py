@@ -49,13 +49,14 @@ def build_optimizer(model: torch.nn.Module, cfg, sharded: bool) -> torch.optim.O
     """AdamW with weight decay only on matrices (dim >= 2), never on norms and biases.
 
     fastlab's AdamW works on plain tensors; FSDP2's sharded (DTensor) parameters use torch's
-    AdamW, clipped by the loop.
+    fused AdamW, clipped by the loop; it skips an update on device through ``found_inf``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if sharded:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 fused=True)
     return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                  max_grad_norm=cfg.max_grad_norm or None)
 
@@ -200,11 +201,12 @@ def train(cfg: Config, run_dir: Optional[str] = None,
             x, y = task.batch(step, cfg.train.batch_size, device, seed=cfg.train.seed)
             if batch_hook is not None:
                 x, y = batch_hook(step, x, y)
+            # token-weighted accumulation: every micro-batch divides by the tokens of the
+            # whole accumulated batch over all ranks (every rank holds the global batch here,
+            # so this needs no collective)
+            n_tokens = (y != -100).sum()
             x, y = distributed.shard_batch(x, y, dist)
             micro = list(zip(x.chunk(cfg.train.grad_accum), y.chunk(cfg.train.grad_accum)))
-            # token-weighted accumulation: every micro-batch divides by the tokens of the
-            # whole accumulated batch over all ranks
-            n_tokens = distributed.all_reduce_sum(sum((y != -100).sum() for _, y in micro), dist)
             timer.stop(t)
 
             step_loss = torch.zeros((), device=device)
@@ -245,14 +247,12 @@ def train(cfg: Config, run_dir: Optional[str] = None,
             if scaler:  # the guard's NaN loss makes the scaler's found_inf true
                 scaler.step(optimizer)
                 scaler.update()
-            elif sharded:
-                # torch's AdamW on DTensors takes no found_inf: the skip is decided on the
-                # host, one sync per step under FSDP
-                if skipped is None or not bool(skipped):
-                    optimizer.step()
             else:
-                if bad is not None:  # the grad-scaler protocol: skip the update on device
-                    optimizer.found_inf = bad.float()
+                # the grad-scaler protocol (fastlab's AdamW and torch's fused AdamW): skip the
+                # update on device, no host sync
+                flag = skipped if sharded else bad
+                if flag is not None:
+                    optimizer.found_inf = flag.float()
                 optimizer.step()
                 optimizer.__dict__.pop("found_inf", None)
             if not sharded:  # set by fastlab's AdamW, also under the grad scaler
