@@ -1,7 +1,7 @@
 """Compare the runs of benches/dist_check.sh: loss curves of 2 ranks against 1, tokens/s,
 scaling efficiency, and runs resumed on another world size against the original run.
 
-    python benches/dist_compare.py RUNS_DIR OUT.json [--plot OUT.png] [--tol 0.02]
+    python benches/dist_compare.py RUNS_DIR OUT.json [--plot OUT.png] [--tol 0.005]
 
 Losses are the logged window means (``log.every`` steps each). A pair matches when every
 window's loss is within ``--tol`` (relative) of the reference window at the same step.
@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("runs")
     p.add_argument("out")
     p.add_argument("--plot")
-    p.add_argument("--tol", type=float, default=0.02)
+    p.add_argument("--tol", type=float, default=5e-3)
     args = p.parse_args(argv)
     runs = {name: read_run(os.path.join(args.runs, name)) for name in sorted(os.listdir(args.runs))
             if os.path.exists(os.path.join(args.runs, name, "metrics.jsonl"))}

@@ -133,15 +133,7 @@ def load_model_state(model, state) -> None:
     set_model_state_dict(model, state, options=_options())
 
 
-# how an optimizer runs, not what it has learned: kept from this process's optimizer when a
-# checkpoint saved by another one (fastlab's AdamW on 1 rank, torch's under FSDP2) is loaded
-_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
-
-
 def load_optimizer_state(model, optimizer, state) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    own = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, state, options=_options())
-    for group, keys in zip(optimizer.param_groups, own):
-        group.update(keys)
