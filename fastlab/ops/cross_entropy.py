@@ -172,19 +172,26 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
         check_target_range(target, V, ignore_index)
     x, t = _as_rows(logits, target)
     grad2d = None if grad is None else grad.view(-1, V)
-    scale, n_valid = _grad_scale(t, ignore_index, reduction)
-    if _kernel_ok(logits, target):
-        from fastlab.kernels.cross_entropy import cross_entropy_forward
-
-        rows, zrows = cross_entropy_forward(x, t, grad2d, scale, ignore_index,
-                                            label_smoothing, z_loss)
-    else:
-        rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
-                                         grad2d is not None)
-        if grad2d is not None:
-            grad2d.copy_(g * scale.double())
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     lead = logits.shape[:-1]
+    if _kernel_ok(logits, target):
+        from fastlab.kernels import cross_entropy as K
+
+        # three launches: the mean's divisor (and the split kernel's zeroed row counters),
+        # the rows, their reduction
+        split = K.launch_config(V, x.element_size(), x.shape[0])["split"]
+        counts = torch.empty(x.shape[0], device=x.device, dtype=torch.int32) if split else None
+        scale, n_valid = K.count_valid(t, ignore_index, reduction == "mean", counts)
+        rows, zrows = K.cross_entropy_forward(x, t, grad2d, scale, ignore_index,
+                                              label_smoothing, z_loss, counts=counts)
+        if reduction == "none":
+            return rows.reshape(lead), zrows.reshape(lead)
+        return K.reduce_rows(rows, zrows, n_valid, reduction == "mean")
+    scale, n_valid = _grad_scale(t, ignore_index, reduction)
+    rows, zrows, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss,
+                                     grad2d is not None)
+    if grad2d is not None:
+        grad2d.copy_(g * scale.double())
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     # the z rows carry a bad target's NaN too, whatever z_loss is
     loss = _reduce(rows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
     zl = _reduce(zrows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
