@@ -168,6 +168,22 @@ def test_split_rows_through_the_op(monkeypatch, case, dtype):
     _check_once(dtype=dtype, bk="kernel", **case)
 
 
+@pytest.mark.parametrize("mean", [True, False])
+def test_count_valid_counts_targets_and_zeroes_the_row_counters(mean):
+    from fastlab.kernels.cross_entropy import _COUNT_BLOCK, count_valid
+
+    n = _COUNT_BLOCK + 77  # more than one step of the counting loop
+    t = _targets(n, 50, 7, ignore_every=3)
+    counts = torch.full((n,), 7, dtype=torch.int32, device=DEVICE)
+    with backend("kernel"):
+        factor, n_valid = count_valid(t, -100, mean, counts)
+        all_ignored = count_valid(torch.full_like(t, -100), -100, mean)
+    valid = int((t != -100).sum())
+    assert n_valid.item() == valid and counts.eq(0).all()
+    assert factor.item() == ((torch.tensor(1.0) / valid).item() if mean else 1.0)
+    assert all_ignored[1].item() == 1.0  # an all-ignored mean divides by 1: loss 0, not NaN
+
+
 @pytest.mark.parametrize("bk", BACKENDS)
 def test_none_reduction_scales_each_row_by_its_own_grad(bk):
     x = randn((7, 33), torch.float32, DEVICE, seed=5, requires_grad=True)
