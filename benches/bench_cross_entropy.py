@@ -124,14 +124,10 @@ def _sweep_configs():
     out = []
     for block_kb, warps in ((16, 16), (8, 8)):
         for per_sm in (None, 4):
-            cfg = dict(single=False, split=False, block_v=block_kb * 512, warps=warps)
+            cfg = dict(single=False, block_v=block_kb * 512, warps=warps)
             if per_sm:
                 cfg["programs"] = sms * per_sm
             out.append((f"stream-b{block_kb}k-w{warps}-p{per_sm or 'N'}", cfg))
-    # split rows: one program per chunk held in registers (the default, 32 KiB / 16 warps)
-    for chunk_kb, warps in ((16, 8), (32, 8), (32, 16), (64, 16), (64, 32)):
-        out.append((f"split-c{chunk_kb}k-w{warps}",
-                    dict(single=False, split=True, block_v=chunk_kb * 512, warps=warps)))
     for warps in (8, 16, 32):
         out.append((f"single-w{warps}", dict(single=True, warps=warps)))
     return out
@@ -154,7 +150,7 @@ def test_cross_entropy_launch_sweep(bench, case):
         if cfg["single"]:
             if V * 2 > 65536:
                 continue  # a row must fit one block
-            cfg = dict(cfg, block_v=next_power_of_2(V), split=False)
+            cfg = dict(cfg, block_v=next_power_of_2(V))
         loss, _ = cross_entropy_forward(x, t, grad, scale, -100, 0.0, 0.0, config=cfg)
         got = loss[:CHECK_ROWS].double()
         torch.testing.assert_close(got, want.masked_fill(t[:CHECK_ROWS] == -100, 0.0),

@@ -17,20 +17,9 @@ default; a smaller grid makes each program stride over rows):
    reverse, so the blocks sweep 1 read last are re-read first, while they are still in L2.
    Rows of at most ``_SINGLE_BLOCK_BYTES`` are held in registers instead and read once.
 
-Rows longer than ``_SINGLE_BLOCK_BYTES`` are split (the default): each of P programs of a
-row holds one chunk of it in registers, publishes its chunk's (max, sum, smoothing sum) to a
-small workspace, counts itself in on the row's counter, waits until all P have, combines
-the P partials in a fixed order (every program gets the same bits), and writes the
-gradient of its chunk from the registers. The logits are read once. The wait needs the
-row's P programs resident together: programs are numbered row-major and P is small (8
-at 256 KiB rows), far below the programs a GPU keeps resident. The CPU interpreter runs
-programs one after another, so there one program takes all P chunks of its row (it
-reloads them for the gradient): the publish, count, wait and combine code is the same.
-The two-sweep streaming path stays as a launch option (``split=False``).
-
 Floor: read the logits once and write the gradient once, 2 * N * V * itemsize bytes; the
-split and single-block paths meet it (bar the workspace), the streaming sweeps re-read the
-logits (from L2 where they still are). Ignored rows (target == ignore_index) get loss 0 and a zero gradient; a
+streaming sweeps re-read the logits (from L2 where they still are), the single-block path
+meets the floor. Ignored rows (target == ignore_index) get loss 0 and a zero gradient; a
 target outside [0, V) that is not ignore_index gives a NaN loss and a NaN gradient row
 (never an out-of-bounds read).
 
@@ -45,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, next_power_of_2
+from ._common import next_power_of_2
 
 LOG2E_HI = tl.constexpr(1.4426950216293335)  # log2(e) rounded to float32
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)  # log2(e) - LOG2E_HI
@@ -63,11 +52,7 @@ _STREAM_BLOCK_BYTES = 16384
 _STREAM_WARPS = 16
 #: Values per thread in the single-block path: sets its warp count (4 to 32 warps).
 _SINGLE_VALUES_PER_THREAD = 32
-#: Chunk of a row one program of the split path holds in registers: 32 KiB over 16 warps
-#: is 32 bf16 values per thread (8 chunks for a 128K-vocabulary row).
-_SPLIT_CHUNK_BYTES = 32768
-_SPLIT_WARPS = 16
-#: Targets one program of the prologue kernel counts per step.
+#: Targets (or row losses) one program of the prologue (epilogue) kernel reads per step.
 _COUNT_BLOCK = 1024
 #: Block of the gradient-scaling kernel: 8192 values = 16 elementwise values per thread.
 _SCALE_BLOCK = 8192
@@ -76,32 +61,27 @@ _SCALE_PROGRAMS_PER_SM = 8
 
 
 def launch_config(V: int, itemsize: int, n_rows: int):
-    """dict(block_v, single, split, warps, programs) for ``n_rows`` rows of V values of
-    ``itemsize`` bytes. Single-block and streaming launches: ``programs`` is the grid size
-    (each program strides over rows). Split launches: ``block_v`` is the chunk, the grid is
-    one program per chunk of every row, and ``programs`` is unused.
+    """dict(block_v, single, warps, programs) for ``n_rows`` rows of V values of
+    ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows).
 
-    The streaming options come from a sweep on an H100 (benches/bench_cross_entropy.py,
-    mode ``sweep``): one program per row beat every persistent grid; 8 KiB blocks over 8
-    warps were best for 64 KiB rows, 16 KiB over 16 warps for 256 KiB rows
-    (:func:`stream_config`). The split path, which reads the logits once, replaced them as
-    the default for rows over 16 KiB.
+    Chosen from a sweep on an H100 (benches/bench_cross_entropy.py, mode ``sweep``): one
+    program per row beat every persistent grid (fewer rows in flight keep more of them in
+    L2 for sweep 2, but cannot keep enough loads in flight); 8 KiB blocks over 8 warps
+    were best for 64 KiB rows (also better than holding the row in registers), 16 KiB
+    over 16 warps for 256 KiB rows. Measured and dropped: splitting a row over 2 to 8
+    programs that hold 16-64 KiB chunks in registers and combine their partials through
+    a per-row counter, which reads the logits once: 4.88-6.05 ms against 4.01 ms for this
+    kernel at 16384 x 128256 bf16 (0.63-0.76 against 0.46 ms at 8192 x 32768), as the
+    programs idle while they wait for their row's others.
     """
     row_bytes = V * itemsize
     if row_bytes <= _SINGLE_BLOCK_BYTES:
         block = next_power_of_2(V)
         warps = min(32, max(4, block // (32 * _SINGLE_VALUES_PER_THREAD)))
-        return dict(block_v=block, single=True, split=False, warps=warps, programs=n_rows)
-    return dict(block_v=_SPLIT_CHUNK_BYTES // itemsize, single=False, split=True,
-                warps=_SPLIT_WARPS, programs=n_rows)
-
-
-def stream_config(V: int, itemsize: int):
-    """The two-sweep streaming launch (one program per row), kept as an option."""
-    row_bytes = V * itemsize
+        return dict(block_v=block, single=True, warps=warps, programs=n_rows)
     block_bytes, warps = (8192, 8) if row_bytes <= 65536 else (_STREAM_BLOCK_BYTES,
                                                                _STREAM_WARPS)
-    return dict(block_v=block_bytes // itemsize, single=False, split=False, warps=warps)
+    return dict(block_v=block_bytes // itemsize, single=False, warps=warps, programs=n_rows)
 
 
 @triton.jit
@@ -272,132 +252,20 @@ def _cross_entropy_row(
 
 
 @triton.jit
-def _cross_entropy_split_kernel(
-    logits_ptr, grad_ptr, target_ptr, scale_ptr, loss_ptr, zloss_ptr,
-    ws_ptr,  # (N, N_CHUNKS, 4) fp32: each chunk's max, sum and smoothing sum
-    count_ptr,  # (N,) int32, zero at launch: chunks of the row published so far
-    stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
-    ignore_index, label_smoothing, z_loss,
-    V: tl.constexpr,
-    CHUNK: tl.constexpr,
-    N_CHUNKS: tl.constexpr,
-    N_CHUNKS_P2: tl.constexpr,  # next power of two
-    PER_PROGRAM: tl.constexpr,  # chunks one program takes: 1 on a GPU, N_CHUNKS interpreted
-    WRITE_GRAD: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr,
-):
-    """Loss, z-loss term and gradient of one row by N_CHUNKS / PER_PROGRAM programs, each
-    reading its chunks once (see the module docstring)."""
-    per_row: tl.constexpr = N_CHUNKS // PER_PROGRAM
-    pid = tl.program_id(0)
-    row = tl.full([], 0, tl.int64) + pid // per_row
-    first = (pid % per_row) * PER_PROGRAM
-    cols = tl.arange(0, CHUNK)
-    logits_row = logits_ptr + row * stride_ln
-    grad_row = grad_ptr + row * stride_gn
-    y = tl.load(target_ptr + row * stride_t).to(tl.int64)
-
-    if y == ignore_index:  # every program of the row sees it: nobody waits for the row
-        if first == 0:
-            tl.store(loss_ptr + row, 0.0)
-            tl.store(zloss_ptr + row, 0.0)
-        if WRITE_GRAD:
-            zero = tl.zeros([CHUNK], dtype=grad_ptr.dtype.element_ty)
-            for k in tl.static_range(PER_PROGRAM):
-                offs = (first + k) * CHUNK + cols
-                tl.store(grad_row + offs * stride_gv, zero, mask=offs < V)
-    else:
-        in_range = (y >= 0) & (y < V)
-        y = tl.where(in_range, y, 0)
-        z_y = tl.load(logits_row + y * stride_lv).to(tl.float32)
-        ws_row = ws_ptr + row * (N_CHUNKS * 4)
-
-        # publish each chunk's max (never below z_y), sum over j != y and smoothing sum
-        for k in tl.static_range(PER_PROGRAM):
-            offs = (first + k) * CHUNK + cols
-            valid = offs < V
-            x = tl.load(logits_row + offs * stride_lv, mask=valid, other=-float("inf"),
-                        eviction_policy="evict_first").to(tl.float32)
-            x_other = tl.where(offs == y, -float("inf"), x)
-            m_c = tl.maximum(z_y, tl.max(x_other, axis=0))
-            tl.store(ws_row + (first + k) * 4, m_c)
-            tl.store(ws_row + (first + k) * 4 + 1, tl.sum(_exp(x_other - m_c), axis=0))
-            if HAS_SMOOTHING:
-                tl.store(ws_row + (first + k) * 4 + 2,
-                         tl.sum(tl.where(valid, x - z_y, 0.0), axis=0))
-        # count in (release: the stores above are visible to whoever sees the count), wait
-        # for the row's other programs (acquire)
-        seen = tl.atomic_add(count_ptr + row, PER_PROGRAM, sem="acq_rel") + PER_PROGRAM
-        while seen < N_CHUNKS:
-            seen = tl.atomic_add(count_ptr + row, 0, sem="acquire")
-
-        # combine the partials in chunk order: the same bits in every program of the row
-        parts = tl.arange(0, N_CHUNKS_P2)
-        have = parts < N_CHUNKS
-        ms = tl.load(ws_row + parts * 4, mask=have, other=-float("inf"), volatile=True)
-        ss = tl.load(ws_row + parts * 4 + 1, mask=have, other=0.0, volatile=True)
-        m = tl.max(ms, axis=0)
-        s = tl.sum(ss * _exp(ms - m), axis=0)
-        d = m - z_y
-        e_y = _exp(-d)
-        denom = s + e_y
-        nll = tl.where(d == 0.0, _log1p(s), d + tl.log(denom))
-        loss = nll
-        if HAS_SMOOTHING:
-            zs = tl.load(ws_row + parts * 4 + 2, mask=have, other=0.0, volatile=True)
-            loss = loss - label_smoothing * tl.sum(zs, axis=0) / V
-        zterm = 0.0
-        lse = z_y + nll
-        if HAS_Z_LOSS:
-            zterm = z_loss * lse * lse
-        poison = tl.where(in_range, 0.0, float("nan"))
-        if first == 0:
-            tl.store(loss_ptr + row, loss + zterm + poison)
-            tl.store(zloss_ptr + row, zterm + poison)
-
-        if WRITE_GRAD:
-            inv = 1.0 / denom
-            coef = inv
-            target_grad = -s * inv
-            smooth_each = 0.0
-            if HAS_SMOOTHING:
-                smooth_each = label_smoothing / V
-                target_grad += label_smoothing - smooth_each
-            if HAS_Z_LOSS:
-                coef = inv * (1.0 + 2.0 * z_loss * lse)
-                target_grad += 2.0 * z_loss * lse * e_y * inv
-            row_scale = tl.load(scale_ptr + row * stride_s).to(tl.float32) + poison
-            for k in tl.static_range(PER_PROGRAM):
-                offs = (first + k) * CHUNK + cols
-                valid = offs < V
-                if PER_PROGRAM > 1:  # interpreted: the chunk is read again
-                    x = tl.load(logits_row + offs * stride_lv, mask=valid,
-                                other=-float("inf")).to(tl.float32)
-                p = _exp(x - m) * coef - smooth_each
-                g = tl.where(offs == y, target_grad, p) * row_scale
-                tl.store(grad_row + offs * stride_gv, g.to(grad_ptr.dtype.element_ty),
-                         mask=valid, eviction_policy="evict_first")
-
-
-@triton.jit
 def _count_valid_kernel(
     target_ptr, N, stride_t, ignore_index,
     factor_ptr,  # one fp32: 1 / n_valid for a mean, else 1
     n_valid_ptr,  # one fp32: max(1, non-ignored targets)
-    count_ptr,  # (N,) int32 row counters of the split kernel, zeroed here (if ZERO_COUNTS)
-    MEAN: tl.constexpr, ZERO_COUNTS: tl.constexpr, BLOCK: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The forward's prologue in one program: the mean's divisor and the split kernel's
-    zeroed counters, instead of a chain of small torch launches."""
+    """The forward's prologue in one program: the mean's divisor (and its reciprocal, the
+    gradient's factor), instead of a chain of small torch launches."""
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < N
         t = tl.load(target_ptr + offs.to(tl.int64) * stride_t, mask=inside, other=ignore_index)
         acc += (t != ignore_index).to(tl.int32)
-        if ZERO_COUNTS:
-            tl.store(count_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=inside)
     n = tl.maximum(tl.sum(acc, axis=0), 1).to(tl.float32)
     tl.store(n_valid_ptr, n)
     if MEAN:
@@ -454,13 +322,11 @@ def _scale_rows_kernel(
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scale: torch.Tensor,
                           ignore_index: int, label_smoothing: float, z_loss: float,
-                          config=None, counts=None):
+                          config=None):
     """Per-row loss and z-loss term (fp32, shape (N,)) of ``logits`` (N, V); writes the
     gradient times ``scale`` (one fp32 value or (N,)) into ``grad`` (N, V) unless it is
     None. ``grad`` may be ``logits`` itself. ``config`` (tests, benches: any keys of
-    :func:`launch_config`'s dict, ``per_program`` for the split path) overrides the launch
-    configuration. ``counts`` (N,) int32 zeros, if the caller has them, saves zeroing the
-    split path's row counters here."""
+    :func:`launch_config`'s dict) overrides the launch configuration."""
     N, V = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
@@ -473,46 +339,26 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scal
                          f"{cfg['block_v']}")
     write_grad = grad is not None
     out = grad if write_grad else logits
-    strides = (logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
-               target.stride(0), scale.stride(0) if scale.dim() else 0)
-    flags = dict(WRITE_GRAD=write_grad, HAS_SMOOTHING=label_smoothing > 0.0,
-                 HAS_Z_LOSS=z_loss > 0.0, num_warps=cfg["warps"])
-    if cfg.get("split"):
-        chunk = cfg["block_v"]
-        n_chunks = triton.cdiv(V, chunk)
-        # interpreted programs run one after another: one program takes the whole row
-        per_program = cfg.get("per_program", n_chunks if INTERPRETING else 1)
-        if n_chunks % per_program:
-            raise ValueError(f"per_program must divide the {n_chunks} chunks of a row, got "
-                             f"{per_program}")
-        if counts is None:
-            counts = torch.zeros(N, device=logits.device, dtype=torch.int32)
-        ws = torch.empty((N, n_chunks, 4), device=logits.device, dtype=torch.float32)
-        _cross_entropy_split_kernel[(N * (n_chunks // per_program),)](
-            logits, out, target, scale, loss, zloss, ws, counts, *strides,
-            ignore_index, label_smoothing, z_loss,
-            V=V, CHUNK=chunk, N_CHUNKS=n_chunks, N_CHUNKS_P2=next_power_of_2(n_chunks),
-            PER_PROGRAM=per_program, **flags)
-        return loss, zloss
-    if not cfg["single"] and "block_v" not in (config or {}):
-        cfg.update(stream_config(V, logits.element_size()))
     _cross_entropy_kernel[(max(1, min(N, cfg["programs"])),)](
-        logits, out, target, scale, loss, zloss, N, *strides,
+        logits, out, target, scale, loss, zloss, N,
+        logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), target.stride(0),
+        scale.stride(0) if scale.dim() else 0,
         ignore_index, label_smoothing, z_loss,
-        V=V, BLOCK_V=cfg["block_v"], SINGLE_BLOCK=cfg["single"], **flags)
+        V=V, BLOCK_V=cfg["block_v"], SINGLE_BLOCK=cfg["single"], WRITE_GRAD=write_grad,
+        HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss > 0.0,
+        num_warps=cfg["warps"],
+    )
     return loss, zloss
 
 
-def count_valid(target: torch.Tensor, ignore_index: int, mean: bool, counts=None):
+def count_valid(target: torch.Tensor, ignore_index: int, mean: bool):
     """(factor, n_valid): 1 / n_valid for a mean (else 1) and max(1, non-ignored targets),
-    fp32 0-d tensors, from one launch; zeroes ``counts`` (int32, the targets' length) too."""
+    fp32 0-d tensors, from one launch."""
     factor = torch.empty((), device=target.device, dtype=torch.float32)
     n_valid = torch.empty_like(factor)
     N = target.shape[0]
     _count_valid_kernel[(1,)](target, N, target.stride(0) if N else 1, ignore_index, factor,
-                              n_valid, counts if counts is not None else factor,
-                              MEAN=mean, ZERO_COUNTS=counts is not None, BLOCK=_COUNT_BLOCK,
-                              num_warps=4)
+                              n_valid, MEAN=mean, BLOCK=_COUNT_BLOCK, num_warps=4)
     return factor, n_valid
 
 

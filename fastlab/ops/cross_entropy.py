@@ -176,13 +176,10 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
     if _kernel_ok(logits, target):
         from fastlab.kernels import cross_entropy as K
 
-        # three launches: the mean's divisor (and the split kernel's zeroed row counters),
-        # the rows, their reduction
-        split = K.launch_config(V, x.element_size(), x.shape[0])["split"]
-        counts = torch.empty(x.shape[0], device=x.device, dtype=torch.int32) if split else None
-        scale, n_valid = K.count_valid(t, ignore_index, reduction == "mean", counts)
+        # three launches: the mean's divisor, the rows, their reduction
+        scale, n_valid = K.count_valid(t, ignore_index, reduction == "mean")
         rows, zrows = K.cross_entropy_forward(x, t, grad2d, scale, ignore_index,
-                                              label_smoothing, z_loss, counts=counts)
+                                              label_smoothing, z_loss)
         if reduction == "none":
             return rows.reshape(lead), zrows.reshape(lead)
         return K.reduce_rows(rows, zrows, n_valid, reduction == "mean")
