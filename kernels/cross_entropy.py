@@ -52,8 +52,9 @@ _STREAM_BLOCK_BYTES = 16384
 _STREAM_WARPS = 16
 #: Values per thread in the single-block path: sets its warp count (4 to 32 warps).
 _SINGLE_VALUES_PER_THREAD = 32
-#: Targets (or row losses) one program of the prologue (epilogue) kernel reads per step.
-_COUNT_BLOCK = 1024
+#: Most targets (or row losses) the one program of the prologue (epilogue) kernel reads
+#: per step: up to 16384 rows take one step, whose loads are all in flight at once.
+_COUNT_BLOCK = 16384
 #: Block of the gradient-scaling kernel: 8192 values = 16 elementwise values per thread.
 _SCALE_BLOCK = 8192
 #: Programs per SM of the gradient-scaling kernel; each strides over (row, block) tiles.
@@ -357,8 +358,9 @@ def count_valid(target: torch.Tensor, ignore_index: int, mean: bool):
     factor = torch.empty((), device=target.device, dtype=torch.float32)
     n_valid = torch.empty_like(factor)
     N = target.shape[0]
+    block, warps = _one_program_block(N)
     _count_valid_kernel[(1,)](target, N, target.stride(0) if N else 1, ignore_index, factor,
-                              n_valid, MEAN=mean, BLOCK=_COUNT_BLOCK, num_warps=4)
+                              n_valid, MEAN=mean, BLOCK=block, num_warps=warps)
     return factor, n_valid
 
 
@@ -367,9 +369,18 @@ def reduce_rows(loss: torch.Tensor, zloss: torch.Tensor, n_valid: torch.Tensor, 
     tensors from one launch."""
     out = torch.empty((), device=loss.device, dtype=torch.float32)
     zout = torch.empty_like(out)
+    block, warps = _one_program_block(loss.shape[0])
     _reduce_rows_kernel[(1,)](loss, zloss, loss.shape[0], n_valid, out, zout, MEAN=mean,
-                              BLOCK=_COUNT_BLOCK, num_warps=4)
+                              BLOCK=block, num_warps=warps)
     return out, zout
+
+
+def _one_program_block(n: int):
+    """(block, warps) of a one-program pass over ``n`` values: the whole of them in one
+    step up to ``_COUNT_BLOCK`` (a loop of dependent steps would wait on memory each time),
+    32 values per thread at most."""
+    block = min(max(next_power_of_2(n), 128), _COUNT_BLOCK)
+    return block, max(4, min(16, block // 1024))
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:

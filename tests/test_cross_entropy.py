@@ -149,7 +149,7 @@ def test_streaming_blocks_match_reference(options, dtype, inplace, block_v, prog
 def test_count_valid_counts_the_targets(mean):
     from fastlab.kernels.cross_entropy import _COUNT_BLOCK, count_valid
 
-    n = _COUNT_BLOCK + 77  # more than one step of the counting loop
+    n = _COUNT_BLOCK + 77  # more than one step of the counting loop (a few seconds here)
     t = _targets(n, 50, 7, ignore_every=3)
     with backend("kernel"):
         factor, n_valid = count_valid(t, -100, mean)
