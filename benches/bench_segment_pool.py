@@ -42,10 +42,14 @@ LEVEL_BYTES = 1 << 28  # 256 MiB of x per level case: far beyond L2, a few ms of
 HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
 # Pooling kernel variants beside the default (staged: 40 KiB buffer, 32 KiB windows), forward
-# only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides (buffer, window KiB).
+# only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides (buffer, window KiB,
+# segments a group).
 VARIANTS = {
     "fastlab-registers": {"FASTLAB_SEGMENT_POOL_STAGE": "0"},
     "fastlab-b24-w16": {"FASTLAB_SEGMENT_POOL_STAGE": "24", "FASTLAB_SEGMENT_POOL_WINDOW": "16"},
+    # at least 2 or 4 segments a group (smaller blocks): evens out a warp's groups
+    "fastlab-segs2": {"FASTLAB_SEGMENT_POOL_SEGS": "2"},
+    "fastlab-segs4": {"FASTLAB_SEGMENT_POOL_SEGS": "4"},
 }
 
 

@@ -463,6 +463,7 @@ Launch plan(int64_t segments, int64_t features, int vec) {
 // KiB; 0 runs the register kernel) and FASTLAB_SEGMENT_POOL_WINDOW (KiB).
 constexpr int kStageBufferKiB = 40;
 constexpr int kStageWindowKiB = 32;
+constexpr int kStageMinSegs = 1;
 
 int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
   const char* forced = std::getenv(name);
@@ -497,11 +498,15 @@ Staging plan_staging(int64_t total, int64_t segments, int64_t cols) {
   const double window = 1.25 * window_kib * 1024.0;
   const double group_bytes =
       std::max(1.0, static_cast<double>(total) / std::max<int64_t>(segments, 1)) * row_bytes;
+  // at least min_segs segments a group: a warp waits for its group with the most rows, and
+  // several segments a group even that out (sums of lengths vary less than lengths)
+  const int min_segs = env_kib("FASTLAB_SEGMENT_POOL_SEGS", kStageMinSegs, {1, 2, 4, 8});
   int threads = kThreads;
-  while (threads / 2 >= std::max(lanes, 64) && (threads / lanes) * group_bytes > window) {
+  while (threads / 2 >= std::max(lanes, 64) &&
+         (threads / lanes) * min_segs * group_bytes > window) {
     threads /= 2;
   }
-  int segs = 1;
+  int segs = min_segs;
   while (segs < 64 && 2 * segs * (threads / lanes) * group_bytes <= window) segs *= 2;
   const int64_t per_block = static_cast<int64_t>(threads / lanes) * segs;
   const int64_t blocks = (segments + per_block - 1) / per_block;
