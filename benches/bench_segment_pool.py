@@ -41,7 +41,8 @@ LEVELS = [(32, 16), (48, 16), (64, 6), (96, 3), (128, 4)]
 LEVEL_BYTES = 1 << 28  # 256 MiB of x per level case: far beyond L2, a few ms of HBM traffic
 HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
-# Pooling kernel variants beside the default (staged: 40 KiB buffer, 32 KiB windows), forward
+# Pooling kernel variants beside the default (staged: 40 KiB buffer, 32 KiB windows, 2 segments
+# a group for rows of 32 or more vectors), forward
 # only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides (buffer, window KiB,
 # segments a group).
 VARIANTS = {

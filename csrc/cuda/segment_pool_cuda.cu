@@ -463,7 +463,6 @@ Launch plan(int64_t segments, int64_t features, int vec) {
 // KiB; 0 runs the register kernel) and FASTLAB_SEGMENT_POOL_WINDOW (KiB).
 constexpr int kStageBufferKiB = 40;
 constexpr int kStageWindowKiB = 32;
-constexpr int kStageMinSegs = 1;
 
 int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
   const char* forced = std::getenv(name);
@@ -498,9 +497,12 @@ Staging plan_staging(int64_t total, int64_t segments, int64_t cols) {
   const double window = 1.25 * window_kib * 1024.0;
   const double group_bytes =
       std::max(1.0, static_cast<double>(total) / std::max<int64_t>(segments, 1)) * row_bytes;
-  // at least min_segs segments a group: a warp waits for its group with the most rows, and
-  // several segments a group even that out (sums of lengths vary less than lengths)
-  const int min_segs = env_kib("FASTLAB_SEGMENT_POOL_SEGS", kStageMinSegs, {1, 2, 4, 8});
+  // at least min_segs segments a group (blocks shrink to keep the window): sums of lengths
+  // vary less than lengths. Measured on an H100 (bench variants segs2/segs4): 2 a group
+  // helped warp-wide groups (4.19M x 256 bf16: 0.893 against 0.918 ms); narrower rows lost
+  // more to the smaller blocks than they gained (D32/D48: 1.52x/2.08x the floor against
+  // 1.37x), so they keep 1.
+  const int min_segs = env_kib("FASTLAB_SEGMENT_POOL_SEGS", lanes >= 32 ? 2 : 1, {1, 2, 4, 8});
   int threads = kThreads;
   while (threads / 2 >= std::max(lanes, 64) &&
          (threads / lanes) * min_segs * group_bytes > window) {
