@@ -85,8 +85,9 @@ class Recorder:
     def measure(self, op: str, case: str, mode: str, provider: str, fn: Callable[[], object],
                 *, floor_bytes: float = 0.0, floor_flops: float = 0.0,
                 flops: Optional[float] = None, shape: Optional[dict] = None,
-                warmup: int = 25, rep: int = 100) -> Record:
-        """Time ``fn`` and record it. ``flops`` (default ``floor_flops``) gives TFLOP/s."""
+                warmup: int = 25, rep: int = 100, calls: int = 1) -> Record:
+        """Time ``fn`` and record it. ``flops`` (default ``floor_flops``) gives TFLOP/s.
+        ``fn`` making ``calls`` calls of the op (a graph of several) records the time per call."""
         import triton
 
         torch.cuda.empty_cache()  # what earlier cases left cached would fragment memory
@@ -98,8 +99,8 @@ class Recorder:
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep,
-                                                quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = (t / calls for t in triton.testing.do_bench(
+            fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8]))
         floor = self.machine.floor_ms(floor_bytes, floor_flops)
         work = floor_flops if flops is None else flops
         rec = Record(
@@ -109,7 +110,7 @@ class Recorder:
             ratio_to_floor=med / floor if floor > 0 else float("nan"),
             tflops=work / (med * 1e-3) / 1e12 if work else None,
             gbps=floor_bytes / (med * 1e-3) / 1e9 if floor_bytes else None,
-            shape=dict(shape or {}),
+            shape=dict(shape or {}, **({"calls_per_timing": calls} if calls > 1 else {})),
         )
         self.records.append(rec)
         return rec
@@ -133,12 +134,16 @@ class Recorder:
         os.replace(path + ".tmp", path)
 
 
-def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
-    """``fn`` captured once in a CUDA graph; the returned callable replays it.
+def cuda_graph(fn: Callable[[], object], warmup: int = 3, calls: int = 1) -> Callable[[], None]:
+    """``fn`` captured ``calls`` times in a row in one CUDA graph; the returned callable
+    replays it.
 
     Replay launches the whole captured sequence at once, so its time is the GPU time of the
     kernels alone, without the per-kernel host launch cost: what a training step captured
-    in a graph pays. ``fn`` must be warm (compiled, autotuned) and must not sync the host.
+    in a graph pays. Several calls in one graph also spread the graph's own launch (a few
+    microseconds, as long as a small kernel) over them, as in a captured step where the op
+    sits between others. ``fn`` must be warm (compiled, autotuned) and must not sync the
+    host.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -157,7 +162,8 @@ def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
         override(True)
     try:
         with torch.cuda.graph(graph):
-            fn()
+            for _ in range(calls):
+                fn()
     finally:
         if override is not None:
             override(previous)
