@@ -7,7 +7,6 @@ bf16) and the small-head shapes of the research logs in fp32 and bf16. Modes: ``
 Before a provider is timed, its output (and, in ``full``, its gradients) is checked against
 the float32 reference on a slice of the batch and heads (rows are independent).
 """
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -57,16 +56,13 @@ CASES = [
     Case(1024, 8, 64, 4, torch.bfloat16),
 ]
 SMALL = 256  # sequences up to this also run SDPA's math backend, a real peer there
-PROVIDERS = ["fastlab", *LOAD_VARIANTS, "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
-             "sdpa-math", "flex", "xformers"]
+PROVIDERS = ["fastlab", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex",
+             "xformers"]
 #: ``-graph`` modes replay the call from a CUDA graph (short sequences only): small shapes
 #: are launch-bound in eager mode, and the graph shows the kernels' own speed. The graph
 #: holds GRAPH_CALLS calls in a row, timed per call, so its launch is not billed to one call.
 MODES = ["fwd", "full", "fwd-graph", "full-graph"]
 GRAPH_CALLS = 10
-#: Forward load-path variants timed beside the default on the long-sequence cases:
-#: FASTLAB_ATTENTION_TMA forced off (pointer loads) and on (TMA descriptors).
-LOAD_VARIANTS = {"fastlab-ptr": "0", "fastlab-tma": "1"}
 #: Heads and batch rows checked against the float32 reference (it materialises S x S).
 CHECK_BATCH, CHECK_HEADS = 1, 2
 
@@ -115,29 +111,9 @@ def _xformers():
     return run
 
 
-def _with_load_path(value: str):
-    """fastlab's attention with FASTLAB_ATTENTION_TMA set to ``value`` during each call."""
-    def run(q, k, v, causal):
-        saved = os.environ.get("FASTLAB_ATTENTION_TMA")
-        os.environ["FASTLAB_ATTENTION_TMA"] = value
-        try:
-            return attention(q, k, v, causal=causal)
-        finally:
-            if saved is None:
-                del os.environ["FASTLAB_ATTENTION_TMA"]
-            else:
-                os.environ["FASTLAB_ATTENTION_TMA"] = saved
-
-    return run
-
-
 def _provider(name: str, case: Case):
     if name == "fastlab":
         return lambda q, k, v, causal: attention(q, k, v, causal=causal)
-    if name in LOAD_VARIANTS:
-        if case.seq <= SMALL:
-            pytest.skip("load-path variants only on long sequences (TMA's regime)")
-        return _with_load_path(LOAD_VARIANTS[name])
     if name.startswith("sdpa-"):
         if name == "sdpa-math" and case.seq > SMALL:
             pytest.skip("sdpa-math materialises S x S scores: only timed on short sequences")

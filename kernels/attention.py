@@ -32,12 +32,9 @@ causal): forward 4 * n * D flops (QK^T and PV), backward 10 * n * D (QK^T, dP, d
 dQ; QK^T recomputed); bytes: forward reads Q, K, V and writes O and LSE, backward reads
 Q, K, V, O, dO, LSE and writes dQ, dK, dV. At training sizes it is compute-bound.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
 
 from ._common import INTERPRETING, dot, next_power_of_2
 
@@ -58,6 +55,9 @@ _LOG2E = tl.constexpr(LOG2E)
 #: single-stage tiles serve short sequences, and at small head dims a key tile as long as
 #: the sequence does the whole row in one step (see keep()). Two-warp programs of the small
 #: head dims' tiles double the programs an SM holds, where a short loop cannot hide latency.
+#: Measured and dropped: K/V loads through device-side TMA descriptors (4-D, built by each
+#: program) ran the causal bf16 forward slower on an H200 than these pointer loads, 396 vs
+#: 414 TFLOP/s at B4 H16 S4096 D128 and 302 vs 323 at B8 H16 S2048 D64.
 _FWD_CANDIDATES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3),
                    (128, 64, 8, 4), (128, 64, 8, 5),
                    (128, 64, 4, 3), (64, 64, 4, 2),
@@ -226,38 +226,17 @@ def _visible(offs_m, offs_n, kv_len, shift, CAUSAL: tl.constexpr):
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _kv_tile(src, ptrs, b, hk, start_n, cols, kv_len, offs_d, D: tl.constexpr,
-             HEAD_DIM: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """Key or value rows [start_n, start_n + BLOCK_N) as a [BLOCK_N, HEAD_DIM] tile, rows
-    at or past ``kv_len`` zero (when MASK): through the tensor descriptor ``src`` (TMA
-    fills rows past the tensor and padded dims with 0) or the pointer tile ``ptrs``."""
-    if TMA:
-        x = src.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        if MASK:
-            # rows inside the tensor but past a kv_lens length may hold anything (NaN
-            # too), and a zero probability times NaN would still poison the output
-            x = tl.where((cols < kv_len)[:, None], x, 0.0)
-    else:
-        x = _load_tile(ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
-    return x
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
-               b, hk, offs_m, offs_d, kv_len, shift, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
+               offs_m, offs_d, kv_len, shift, qk_scale,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-               MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over key blocks [lo, hi); scores are kept in base 2."""
     offs_n = tl.arange(0, BLOCK_N)
-    if not TMA:
-        k_ptrs += lo * stride_ks
-        v_ptrs += lo * stride_vs
+    k_ptrs += lo * stride_ks
+    v_ptrs += lo * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _kv_tile(k_src, k_ptrs, b, hk, start_n, cols, kv_len, offs_d, D, HEAD_DIM,
-                     MASK, TMA, BLOCK_N)
+        k = _load_tile(k_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         if MASK:
             s = tl.where(_visible(offs_m, cols, kv_len, shift, CAUSAL), qk * qk_scale,
@@ -274,13 +253,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, k_ptrs, v_ptrs, stride_ks, stride
             p = tl.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _kv_tile(v_src, v_ptrs, b, hk, start_n, cols, kv_len, offs_d, D, HEAD_DIM,
-                     MASK, TMA, BLOCK_N)
+        v = _load_tile(v_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-        if not TMA:
-            k_ptrs += BLOCK_N * stride_ks
-            v_ptrs += BLOCK_N * stride_vs
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
 
@@ -295,28 +272,13 @@ def _fwd_kernel(
     H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET,
     qk_scale,  # softmax scale * log2(e)
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first).
     b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
         KV_LENS, H, GROUP, Sq, Skv, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N, HEAD_DIM)
 
-    # 2. The query tile stays in registers for the whole key loop. With TMA (the host
-    #    checked unit stride along D and 16-byte strides), K and V tiles come through
-    #    tensor descriptors over the whole (B, H // GROUP, Skv, D) tensors: the copy engine
-    #    computes the addresses, so no register holds a pointer tile.
-    if TMA:
-        kv_shape = [tl.num_programs(1) // H, H // GROUP, Skv, D]
-        k_src = tl.make_tensor_descriptor(K, shape=kv_shape,
-                                          strides=[stride_kb, stride_kh, stride_ks, 1],
-                                          block_shape=[1, 1, BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(V, shape=kv_shape,
-                                          strides=[stride_vb, stride_vh, stride_vs, 1],
-                                          block_shape=[1, 1, BLOCK_N, HEAD_DIM])
-    else:
-        k_src = K
-        v_src = V
+    # 2. The query tile stays in registers for the whole key loop.
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                    row_ok, offs_d, D, HEAD_DIM, True)
@@ -330,12 +292,12 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full, hi = _kv_bounds(start_m, Sq, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, k_ptrs, v_ptrs, stride_ks,
-                               stride_vs, 0, full, b, hk, offs_m, offs_d, kv_len, shift,
-                               qk_scale, D, HEAD_DIM, CAUSAL, False, TMA, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, k_ptrs, v_ptrs, stride_ks,
-                               stride_vs, full, hi, b, hk, offs_m, offs_d, kv_len, shift,
-                               qk_scale, D, HEAD_DIM, CAUSAL, True, TMA, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+                               0, full, offs_m, offs_d, kv_len, shift, qk_scale,
+                               D, HEAD_DIM, CAUSAL, False, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+                               full, hi, offs_m, offs_d, kv_len, shift, qk_scale,
+                               D, HEAD_DIM, CAUSAL, True, BLOCK_M, BLOCK_N)
 
     # 4. Normalise; rows that saw no key have l = 0 and acc = 0: output 0, LSE -inf.
     seen = l_i > 0.0
@@ -348,7 +310,7 @@ def _fwd_kernel(
     tl.store(LSE + tl.program_id(1).to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
 
 
-_fwd_tuned = triton.autotune(_configs(_FWD_CANDIDATES), key=_KEY + ["TMA"],
+_fwd_tuned = triton.autotune(_configs(_FWD_CANDIDATES), key=_KEY,
                              prune_configs_by={"early_config_prune": _keep})(_fwd_kernel)
 
 
@@ -603,45 +565,6 @@ def _shape_args(q: torch.Tensor, k: torch.Tensor):
                 Q_BUCKET=next_power_of_2(q.shape[2]), KV_BUCKET=next_power_of_2(k.shape[2]))
 
 
-#: The forward reads K and V through TMA tensor descriptors where the GPU has the copy
-#: engine (compute capability 9+), the layout allows it, and the key loop is long enough to
-#: repay each program building its two descriptors: from this key length and head dim on.
-_TMA_MIN_KV, _TMA_MIN_HEAD_DIM = 1024, 64
-
-
-def _tma_layout_ok(*tensors: torch.Tensor) -> bool:
-    """TMA's layout rules: unit stride along D, other strides and the base 16-byte aligned."""
-    return all(x.stride(3) == 1 and x.data_ptr() % 16 == 0
-               and all(x.stride(i) * x.element_size() % 16 == 0 for i in range(3))
-               for x in tensors)
-
-
-def _use_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, kv_bucket: int) -> bool:
-    """Whether the forward loads K/V through TMA. ``FASTLAB_ATTENTION_TMA=0`` never does,
-    ``=1`` does wherever the layout allows (also under the interpreter, for tests); unset,
-    Hopper-class GPUs do from ``_TMA_MIN_KV`` keys and ``_TMA_MIN_HEAD_DIM`` on."""
-    forced = os.environ.get("FASTLAB_ATTENTION_TMA", "")
-    if forced not in ("", "0", "1"):
-        raise ValueError(f"FASTLAB_ATTENTION_TMA must be 0 or 1, got {forced!r}")
-    if forced == "0" or not _tma_layout_ok(k, v):
-        return False
-    if forced == "1":
-        return True
-    return (not INTERPRETING and torch.cuda.get_device_capability(k.device)[0] >= 9
-            and kv_bucket >= _TMA_MIN_KV and head_dim >= _TMA_MIN_HEAD_DIM)
-
-
-def _tma_scratch(size: int, alignment: int, stream):
-    """Global memory in which device-side tensor descriptors are built."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRETING else "cuda")
-
-
-def _ensure_allocator() -> None:
-    """Give Triton an allocator for descriptor scratch, unless the caller set one."""
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_scratch)
-
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       kv_lens, causal: bool, scale: float):
     """O (layout of ``q``) and LSE (B, Hq, Sq) fp32 of attention; inputs already checked."""
@@ -653,18 +576,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse
     shape = _shape_args(q, k)
     lens = kv_lens if kv_lens is not None else lse
-    tma = _use_tma(k, v, shape["HEAD_DIM"], shape["KV_BUCKET"])
-    if tma:
-        _ensure_allocator()
     key = (q.dtype, lens.dtype, shape["Q_BUCKET"], shape["KV_BUCKET"], shape["HEAD_DIM"],
-           causal, tma)
+           causal)
     _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
             lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads), key,
             q, k, v, out, lse, lens,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, heads // k.shape[1], q_len, kv_len, shape.pop("Q_BUCKET"),
             shape.pop("KV_BUCKET"), scale * LOG2E,
-            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, TMA=tma, **shape)
+            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **shape)
     return out, lse
 
 

@@ -124,51 +124,6 @@ def test_rows_without_keys_are_zero_not_nan():
     assert lse[:, :, :empty].isneginf().all() and lse[:, :, empty:].isfinite().all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("causal", [False, True])
-def test_tma_loads_match(monkeypatch, causal, dtype):
-    """The forward's TMA path (forced; the interpreter runs it too): padded head dim, GQA,
-    a transposed layout, per-sequence lengths and key blocks past the tensor's end."""
-    monkeypatch.setenv("FASTLAB_ATTENTION_TMA", "1")
-    _check_once(3, 4, 2, 37, 53, 24, causal, dtype, kv_lens=[53, 0, 20], layout="bshd")
-
-
-def test_tma_ignores_what_lies_past_kv_lens(monkeypatch):
-    """Keys past a sequence's length may hold NaN: the TMA path zeroes those value rows
-    (a probability of 0 times NaN would still be NaN), like the masked pointer loads."""
-    monkeypatch.setenv("FASTLAB_ATTENTION_TMA", "1")
-    lens = torch.tensor([40, 9], device=DEVICE)
-    q = randn((2, 2, 21, 32), torch.float32, DEVICE, seed=1)
-    k = randn((2, 2, 53, 32), torch.float32, DEVICE, seed=2)
-    v = randn((2, 2, 53, 32), torch.float32, DEVICE, seed=3)
-    poisoned_k, poisoned_v = k.clone(), v.clone()
-    for b, n in enumerate(lens.tolist()):
-        poisoned_k[b, :, n:] = float("nan")
-        poisoned_v[b, :, n:] = float("nan")
-    with backend("kernel"):
-        got = attention(q, poisoned_k, poisoned_v, causal=True, kv_lens=lens)
-    want = attention_ref(q, k, v, causal=True, kv_lens=lens)
-    assert not got.isnan().any()
-    assert_close(got, want, torch.float32, scale=_tol_scale(torch.float32))
-
-
-def test_tma_needs_aligned_strides(monkeypatch):
-    from fastlab.kernels.attention import _use_tma
-
-    monkeypatch.setenv("FASTLAB_ATTENTION_TMA", "1")
-    aligned = torch.randn(1, 2, 8, 16)
-    assert _use_tma(aligned, aligned, 16, 8)
-    odd = torch.randn(1, 2, 8, 5)  # 20-byte rows: not a multiple of 16 bytes
-    assert not _use_tma(odd, odd, 16, 8)
-    strided = torch.randn(1, 2, 8, 32)[..., ::2]  # stride 2 along D
-    assert not _use_tma(strided, strided, 16, 8)
-    monkeypatch.setenv("FASTLAB_ATTENTION_TMA", "0")
-    assert not _use_tma(aligned, aligned, 16, 8)
-    monkeypatch.setenv("FASTLAB_ATTENTION_TMA", "yes")
-    with pytest.raises(ValueError, match="FASTLAB_ATTENTION_TMA must be 0 or 1"):
-        _use_tma(aligned, aligned, 16, 8)
-
-
 def test_zero_length_keys():
     q = randn((2, 2, 7, 16), torch.float32, DEVICE, seed=1, requires_grad=True)
     k = randn((2, 2, 0, 16), torch.float32, DEVICE, seed=2, requires_grad=True)
@@ -322,20 +277,6 @@ def test_gpu_real_sizes(b, hq, hkv, q_len, kv_len, d, causal, dtype):
 @pytest.mark.gpu
 def test_gpu_float32_and_key_lengths():
     _check_once(4, 4, 2, 300, 513, 96, True, torch.float32, kv_lens=[513, 0, 77, 300])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tma", ["0", "1"])
-@pytest.mark.parametrize("b,hq,hkv,q_len,kv_len,d,kv_lens", [
-    (2, 8, 8, 1024, 1024, 128, None),
-    (2, 8, 2, 777, 1500, 64, [1500, 1001]),
-    (3, 4, 4, 300, 1100, 96, [1100, 0, 513]),
-])
-def test_gpu_tma_and_pointer_loads(monkeypatch, tma, b, hq, hkv, q_len, kv_len, d, kv_lens):
-    """Both load paths of the forward at real sizes, whichever the default picks."""
-    monkeypatch.setenv("FASTLAB_ATTENTION_TMA", tma)
-    _check_once(b, hq, hkv, q_len, kv_len, d, True, torch.bfloat16, kv_lens=kv_lens,
-                layout="bshd")
 
 
 @pytest.mark.gpu
