@@ -51,8 +51,6 @@ VARIANTS = {
     # at least 2 or 4 segments a group (smaller blocks): evens out a warp's groups
     "fastlab-segs2": {"FASTLAB_SEGMENT_POOL_SEGS": "2"},
     "fastlab-segs4": {"FASTLAB_SEGMENT_POOL_SEGS": "4"},
-    # the fixed 40 KiB buffer instead of one sized to the expected window
-    "fastlab-fixed-buffer": {"FASTLAB_SEGMENT_POOL_FIT": "0"},
 }
 
 

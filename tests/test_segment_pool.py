@@ -493,19 +493,17 @@ def test_cuda_real_sizes(reduce, features, max_len):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage, window, segs, fit", [
-    ("0", "16", "1", "1"), ("8", "40", "1", "1"), ("24", "16", "1", "1"), ("48", "4", "1", "1"),
-    ("40", "32", "4", "1"), ("16", "8", "8", "1"), ("40", "32", "1", "0"), ("48", "4", "2", "0")])
-def test_cuda_pool_kernels_agree(stage, window, segs, fit, monkeypatch):
-    """The register kernel and the staged kernel at several buffer, window and group sizes,
-    buffers fitted to the window or fixed (forced through the extension's
-    FASTLAB_SEGMENT_POOL_* overrides), with units spanning
+@pytest.mark.parametrize("stage, window, segs", [("0", "16", "1"), ("8", "40", "1"),
+                                                ("24", "16", "1"), ("48", "4", "1"),
+                                                ("40", "32", "4"), ("16", "8", "8")])
+def test_cuda_pool_kernels_agree(stage, window, segs, monkeypatch):
+    """The register kernel and the staged kernel at several buffer, window and group sizes
+    (forced through the extension's FASTLAB_SEGMENT_POOL_* overrides), with units spanning
     many buffers (3000 rows of 512 bytes against 8 KiB), empty units, one-vector rows and
     int32 offsets."""
     monkeypatch.setenv("FASTLAB_SEGMENT_POOL_STAGE", stage)
     monkeypatch.setenv("FASTLAB_SEGMENT_POOL_WINDOW", window)
     monkeypatch.setenv("FASTLAB_SEGMENT_POOL_SEGS", segs)
-    monkeypatch.setenv("FASTLAB_SEGMENT_POOL_FIT", fit)
     for reduce in REDUCTIONS:
         for features, units, max_len in [(256, 41, 3000), (24, 301, 7), (96, 2001, 3)]:
             _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, features, units,

@@ -547,18 +547,7 @@ Staging plan_staging(int64_t total, int64_t segments, int64_t cols) {
   const int64_t blocks = (segments + per_block - 1) / per_block;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastlab: too many segments (",
               segments, ") for one launch");
-  // The buffer holds the expected window with the same 1.25x slack rather than always
-  // buffer_kib: a block of short units (the D64 and D128 levels expect 20-29 KiB windows)
-  // then takes less shared memory, so more blocks share an SM and more bytes are in flight
-  // while others fold (the H200 needs about a third more in flight than an H100). A window
-  // longer than expected takes a second copy round. FASTLAB_SEGMENT_POOL_FIT=0 keeps the
-  // fixed buffer, as a bench variant.
-  const double expected = static_cast<double>(threads / lanes) * segs * group_bytes;
-  const bool fit = env_kib("FASTLAB_SEGMENT_POOL_FIT", 1, {0, 1}) == 1;
-  const int64_t buffer_bytes =
-      fit ? std::min<int64_t>(buffer_kib * 1024, static_cast<int64_t>(1.25 * expected) + row_bytes)
-          : buffer_kib * 1024;
-  const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_bytes / row_bytes));
+  const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_kib * 1024 / row_bytes));
   return {threads, segs, buffer_rows, static_cast<size_t>(buffer_rows * row_bytes),
           static_cast<unsigned int>(blocks)};
 }
