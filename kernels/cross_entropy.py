@@ -45,11 +45,11 @@ LN2 = tl.constexpr(0.6931471824645996)
 #: the streaming sweeps measured faster than a register-resident row over 32 warps; rows
 #: between 16 and 64 KiB were not measured, the cut between them is a choice.
 _SINGLE_BLOCK_BYTES = 16384
-#: Bytes of logits one streaming block loads: 16 KiB over 16 warps is two 16-byte vector
+#: Bytes of logits one streaming block loads: 8 KiB over 8 warps is two 16-byte vector
 #: loads per thread, and small enough for several programs per SM to hide HBM latency.
-_STREAM_BLOCK_BYTES = 16384
+_STREAM_BLOCK_BYTES = 8192
 #: Warps of a streaming program (see above).
-_STREAM_WARPS = 16
+_STREAM_WARPS = 8
 #: Values per thread in the single-block path: sets its warp count (4 to 32 warps).
 _SINGLE_VALUES_PER_THREAD = 32
 #: Most targets (or row losses) the one program of the prologue (epilogue) kernel reads
@@ -65,11 +65,12 @@ def launch_config(V: int, itemsize: int, n_rows: int):
     """dict(block_v, single, warps, programs) for ``n_rows`` rows of V values of
     ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows).
 
-    Chosen from a sweep on an H100 (benches/bench_cross_entropy.py, mode ``sweep``): one
-    program per row beat every persistent grid (fewer rows in flight keep more of them in
-    L2 for sweep 2, but cannot keep enough loads in flight); 8 KiB blocks over 8 warps
-    were best for 64 KiB rows (also better than holding the row in registers), 16 KiB
-    over 16 warps for 256 KiB rows. Measured and dropped: splitting a row over 2 to 8
+    Chosen from sweeps (benches/bench_cross_entropy.py, mode ``sweep``): one program per
+    row beat every persistent grid on an H100 and an H200 (fewer rows in flight keep more
+    of them in L2 for sweep 2, but cannot keep enough loads in flight); 8 KiB blocks over
+    8 warps were best for 64 KiB rows (also better than holding the row in registers) and
+    for 256 KiB rows: 3.54 against 3.66 ms for 16 KiB over 16 warps at 16384 x 128256
+    bf16 on an H200, 4.01 against 4.01 on an H100. Measured and dropped: splitting a row over 2 to 8
     programs that hold 16-64 KiB chunks in registers and combine their partials through
     a per-row counter, which reads the logits once: 4.88-6.05 ms against 4.01 ms for this
     kernel at 16384 x 128256 bf16 (0.63-0.76 against 0.46 ms at 8192 x 32768), as the
@@ -80,9 +81,8 @@ def launch_config(V: int, itemsize: int, n_rows: int):
         block = next_power_of_2(V)
         warps = min(32, max(4, block // (32 * _SINGLE_VALUES_PER_THREAD)))
         return dict(block_v=block, single=True, warps=warps, programs=n_rows)
-    block_bytes, warps = (8192, 8) if row_bytes <= 65536 else (_STREAM_BLOCK_BYTES,
-                                                               _STREAM_WARPS)
-    return dict(block_v=block_bytes // itemsize, single=False, warps=warps, programs=n_rows)
+    return dict(block_v=_STREAM_BLOCK_BYTES // itemsize, single=False, warps=_STREAM_WARPS,
+                programs=n_rows)
 
 
 @triton.jit
