@@ -74,8 +74,8 @@ __device__ __forceinline__ Vec<T, N> load(const T* p) {
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
-// Stores through an integer of the vector's size: a plain struct copy may be split into
-// one store per element (the SASS showed 2-byte stores next to the 16-byte ones).
+// Stores through an integer of the vector's size: a plain struct copy was split into one
+// 2-byte store per bf16 element in places (SASS of the broadcast and arg-scatter kernels).
 template <typename T, int N>
 __device__ __forceinline__ void store(T* p, const Vec<T, N>& value) {
   constexpr size_t kBytes = sizeof(Vec<T, N>);
