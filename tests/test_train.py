@@ -263,7 +263,19 @@ def test_noise_of_a_nearly_solved_task_is_not_a_spike():
     assert bool(loud.check(torch.tensor(8.2)))
 
 
-def test_curriculum_grows_the_task_and_resumes_at_its_level(tmp_path):
+def test_curriculum_grows_the_task_and_resumes_at_its_level(tmp_path, monkeypatch):
+    # The evaluation runs for real but reports a perfect exact match, so the mechanism is
+    # tested, not whether a tiny model generalises to the few held-out 1-digit pairs (which
+    # depends on the CPU's rounding): the level grows at the first evaluation, and the eval
+    # target, met by every evaluation, may only stop the run at the last level.
+    from fastlab.tasks.addition import Addition
+
+    real = Addition.evaluate
+
+    def perfect(self, *args, **kwargs):
+        return {**real(self, *args, **kwargs), "exact_match": 1.0}
+
+    monkeypatch.setattr(Addition, "evaluate", perfect)
     steps = ["task.n_digits=2", "task.curriculum_start=1", "task.curriculum_threshold=0.5",
              "model.d_model=64", "model.n_layer=2", "train.batch_size=64",
              "train.steps=400", "log.every=50", "eval.every=50",
@@ -271,13 +283,12 @@ def test_curriculum_grows_the_task_and_resumes_at_its_level(tmp_path):
     summary = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "run"))
     events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     grown = [e for e in events if e["kind"] == "event" and "curriculum" in e["message"]]
-    assert len(grown) == 1, "1-digit sums are learnt in 400 steps: one level up"
+    assert len(grown) == 1, "one level up, to the last level, and no further"
     evals = [e for e in events if e["kind"] == "eval"]
-    assert evals[0]["digits"] == 1 and evals[-1]["digits"] == 2
-    # the target (0.01, met at level 1 already) is only checked at the last level
-    at_growth = next(e for e in evals if e["step"] == grown[0]["step"])
-    assert at_growth["digits"] == 1 and at_growth["exact_match"] >= 0.5
-    assert summary["steps"] > grown[0]["step"]
+    assert [e["digits"] for e in evals] == [1, 2]
+    assert grown[0]["step"] == evals[0]["step"] == 50
+    # stopped by the target at the first evaluation of the last level, not at level 1's
+    assert summary["steps"] == evals[1]["step"] == 100
     state = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))
     assert state["task"] == {"level": 2}
     # a resumed run goes on at level 2, it does not start the curriculum over
