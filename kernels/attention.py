@@ -172,15 +172,39 @@ def _kv_len(KV_LENS, b, Skv, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
-def _query_block(KV_LENS, H, GROUP, Sq, Skv, CAUSAL: tl.constexpr,
+def _block_order(n_blocks, SEQ_CHUNK, LONGEST_LAST: tl.constexpr):
+    """(block, sequence) of this program in a 1-D grid of n_blocks x sequences programs.
+
+    Programs start in the order of their ids. Sequences (batch x head rows) go in chunks of
+    SEQ_CHUNK, whose K/V (or Q/dO) the launcher sized to share L2; within a chunk the
+    blocks run longest first across all its sequences, so the programs that start last
+    are short ones and no SM is left with a long block after the others ran dry (the
+    plain sequence-major order left 7-15% of the GPU idle at the end, in a list-scheduling
+    model of the causal D128 case). With LONGEST_LAST the last block is the longest
+    (causal query blocks); else the first (causal key blocks).
+    """
+    pid = tl.program_id(0)
+    n_seq = tl.num_programs(0) // n_blocks
+    per_chunk = SEQ_CHUNK * n_blocks
+    chunk = pid // per_chunk
+    within = pid - chunk * per_chunk
+    in_chunk = tl.minimum(SEQ_CHUNK, n_seq - chunk * SEQ_CHUNK)
+    rank = within // in_chunk
+    seq = chunk * SEQ_CHUNK + within - rank * in_chunk
+    if LONGEST_LAST:
+        block = n_blocks - 1 - rank
+    else:
+        block = rank
+    return block, seq
+
+
+@triton.jit
+def _query_block(KV_LENS, H, GROUP, Sq, Skv, SEQ_CHUNK, CAUSAL: tl.constexpr,
                  HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr):
-    """Indices of a query-block program (grid: query blocks x batch*heads). Causal blocks
-    near the end see the most keys: they run first so the last wave is made of short ones."""
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    """Indices of a query-block program (grid: query blocks x batch*heads, ordered by
+    _block_order: causal blocks near the end see the most keys and run first)."""
+    pid_m, pid_bh = _block_order(tl.cdiv(Sq, BLOCK_M), SEQ_CHUNK, CAUSAL)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -190,7 +214,7 @@ def _query_block(KV_LENS, H, GROUP, Sq, Skv, CAUSAL: tl.constexpr,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    return b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, offs_m < Sq
+    return pid_bh, b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, offs_m < Sq
 
 
 @triton.jit
@@ -269,14 +293,15 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET,
+    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
     qk_scale,  # softmax scale * log2(e)
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first).
-    b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
-        KV_LENS, H, GROUP, Sq, Skv, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N, HEAD_DIM)
+    pid_bh, b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
+        KV_LENS, H, GROUP, Sq, Skv, SEQ_CHUNK, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N,
+        HEAD_DIM)
 
     # 2. The query tile stays in registers for the whole key loop.
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -307,7 +332,7 @@ def _fwd_kernel(
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     _store_tile(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                 out.to(O.dtype.element_ty), row_ok, offs_d, D, HEAD_DIM)
-    tl.store(LSE + tl.program_id(1).to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
 
 
 _fwd_tuned = triton.autotune(_configs(_FWD_CANDIDATES), key=_KEY,
@@ -370,19 +395,20 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET,
+    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
     qk_scale, sm_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # 1. This program's key block and kv head.
+    # 1. This program's key block and kv head (causal: the first key blocks, seen by the
+    #    most queries, run first).
     H_KV = H // GROUP
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_order(tl.cdiv(Skv, BLOCK_N), SEQ_CHUNK, False)
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
     kv_len = _kv_len(KV_LENS, b, Skv, HAS_KV_LENS)
     shift = kv_len - Sq
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < kv_len
@@ -473,15 +499,16 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET,
+    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
     qk_scale, sm_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first, as forward).
-    b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
-        KV_LENS, H, GROUP, Sq, Skv, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N, HEAD_DIM)
+    pid_bh, b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
+        KV_LENS, H, GROUP, Sq, Skv, SEQ_CHUNK, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N,
+        HEAD_DIM)
 
     # 2. Everything per query row stays in registers: Q, dO, LSE, delta. This kernel runs
     #    first and writes delta_i = sum_d dO_id * O_id for the dK/dV kernel (the softmax-
@@ -493,12 +520,12 @@ def _bwd_dq_kernel(
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                     + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                     row_ok, offs_d, D, HEAD_DIM, True)
-    lse2 = _log2_lse(LSE + tl.program_id(1).to(tl.int64) * Sq, offs_m, row_ok)
+    lse2 = _log2_lse(LSE + pid_bh.to(tl.int64) * Sq, offs_m, row_ok)
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                    + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                    row_ok, offs_d, D, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = tl.program_id(1).to(tl.int64) * Sq + offs_m
+    rows = pid_bh.to(tl.int64) * Sq + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0)
     tl.store(DELTA + rows, delta, mask=row_ok)
@@ -558,6 +585,32 @@ def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
     plain[grid(best[1])](*args, **kwargs, **best[0])
 
 
+#: Bytes of the tensors a chunk of sequences re-reads (K and V for the query kernels, Q and
+#: dO for dK/dV) that the programs running at once should keep in L2 (50-60 MB on Hopper):
+#: about a third of it, as two chunks can be in flight at a chunk's edge.
+_L2_CHUNK_BYTES = 16 << 20
+
+
+def _seq_chunk(n_seq: int, seq_bytes: int) -> int:
+    """Sequences per chunk of _block_order: as many as share _L2_CHUNK_BYTES."""
+    return max(1, min(n_seq, _L2_CHUNK_BYTES // max(seq_bytes, 1)))
+
+
+def _query_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Chunk of the query-block kernels: a q head reads its kv head's K and V rows, shared
+    by the q heads of its group."""
+    group = q.shape[1] // k.shape[1]
+    return _seq_chunk(q.shape[0] * q.shape[1],
+                      2 * k.shape[2] * k.shape[3] * k.element_size() // group)
+
+
+def _key_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Chunk of the dK/dV kernel: a kv head reads the Q and dO rows of its group's q heads."""
+    group = q.shape[1] // k.shape[1]
+    return _seq_chunk(k.shape[0] * k.shape[1],
+                      2 * group * q.shape[2] * q.shape[3] * q.element_size())
+
+
 def _shape_args(q: torch.Tensor, k: torch.Tensor):
     """Constexpr and bucket arguments shared by the three attention kernels."""
     d = q.shape[-1]
@@ -579,11 +632,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key = (q.dtype, lens.dtype, shape["Q_BUCKET"], shape["KV_BUCKET"], shape["HEAD_DIM"],
            causal)
     _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
-            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads), key,
+            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,), key,
             q, k, v, out, lse, lens,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, heads // k.shape[1], q_len, kv_len, shape.pop("Q_BUCKET"),
-            shape.pop("KV_BUCKET"), scale * LOG2E,
+            shape.pop("KV_BUCKET"), _query_chunk(q, k), scale * LOG2E,
             CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **shape)
     return out, lse
 
@@ -608,19 +661,21 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     delta = torch.empty_like(lse)
     dlse = grad_lse.contiguous() if grad_lse is not None else lse
     _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
-            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads), key,
+            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,), key,
             q, k, v, grad_out, out, dq, lse, dlse, delta, lens,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
-            *dq.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket, scale * LOG2E,
+            *dq.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket,
+            _query_chunk(q, k), scale * LOG2E,
             scale, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
             HAS_DLSE=grad_lse is not None, **shape)
 
     # 2. dK, dV per key block, summed over the query heads of each group
     _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
-            lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads), key,
+            lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,), key,
             q, k, v, grad_out, dk, dv, lse, delta, lens,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
             *dv.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket,
-            scale * LOG2E, scale, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **shape)
+            _key_chunk(q, k), scale * LOG2E, scale, CAUSAL=causal,
+            HAS_KV_LENS=kv_lens is not None, **shape)
     return dq, dk, dv
 

@@ -124,6 +124,18 @@ def test_rows_without_keys_are_zero_not_nan():
     assert lse[:, :, :empty].isneginf().all() and lse[:, :, empty:].isfinite().all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_program_order_in_chunks_of_sequences(monkeypatch, causal):
+    """Programs run in chunks of sequences, longest blocks first within a chunk: chunks
+    of 3 over 8 (batch x q head) and 4 (batch x kv head) sequences leave a short last
+    chunk, and every block of every sequence must still be computed exactly once."""
+    import importlib
+
+    kernels = importlib.import_module("fastlab.kernels.attention")
+    monkeypatch.setattr(kernels, "_seq_chunk", lambda n_seq, seq_bytes: min(n_seq, 3))
+    _check_once(2, 4, 2, 37, 53, 16, causal, torch.float32)
+
+
 def test_zero_length_keys():
     q = randn((2, 2, 7, 16), torch.float32, DEVICE, seed=1, requires_grad=True)
     k = randn((2, 2, 0, 16), torch.float32, DEVICE, seed=2, requires_grad=True)
