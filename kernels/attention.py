@@ -19,7 +19,10 @@ Algorithm (flash attention 2):
                 group sum stays in registers, so no atomics and the result is
                 deterministic.
 Key blocks above the causal diagonal are skipped; only blocks that cut the diagonal or
-the key length run the masked variant of the inner loop (``MASK`` constexpr).
+the key length run the masked variant of the inner loop (``MASK`` constexpr). Each kernel's
+grid is 1-D, its programs ordered by ``_block_order``: chunks of sequences that share L2,
+longest causal blocks first within a chunk (on an H200 this order took the causal bf16
+forward from 412 to 436 TFLOP/s at B4 H16 S4096 D128, from 321 to 343 at D64).
 
 Head dims 1..256 are padded inside the kernel to ``HEAD_DIM``, the next power of two
 >= 16 (``tl.dot`` needs 16), by masked loads: padded lanes read 0 and are never stored.
