@@ -6,6 +6,7 @@ never repeat each other and together see exactly what one process would. Checkpo
 full (unsharded) state dicts written by rank 0, so they load on any number of ranks.
 """
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -104,6 +105,13 @@ def barrier(dist: DistInfo) -> None:
 
 def shutdown(dist: DistInfo) -> None:
     if dist.active and tdist.is_initialized():
+        # Objects in reference cycles that still hold gloo work were otherwise freed at
+        # interpreter exit, after the group was gone, and a rank sometimes aborted there
+        # ("terminate called without an active exception": 5 of 72 FSDP test runs on 2
+        # loaded cores; 0 of 88 with this collection). The barrier lets every rank tear
+        # the group down together, none while another still communicates.
+        gc.collect()
+        tdist.barrier()
         tdist.destroy_process_group()
 
 
