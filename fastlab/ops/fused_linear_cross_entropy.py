@@ -4,7 +4,8 @@ The tokens are cut into chunks. For each chunk the logits (chunk x V, in the hid
 are computed, the cross-entropy kernel turns them in place into their gradient (already
 multiplied by 1/n_valid for a mean), and that gradient feeds the three products that need
 it: grad_hidden (chunk rows, fp32 accumulation over V inside the matmul), grad_weight and
-grad_bias (accumulated across chunks in float32 and cast once at the end). The backward
+grad_bias (accumulated across chunks in float32 and cast once at the end: the first chunk's
+product is written, not added to zeros). The backward
 only multiplies these by the incoming scalar, skipped when it is exactly 1.
 
 ``reduction="none"`` cannot fold a per-row incoming gradient into grad_weight ahead of
@@ -12,8 +13,10 @@ time: its forward computes the losses only and its backward recomputes each chun
 with the incoming gradient of every row (one more matmul).
 
 Memory beyond the inputs: the chunk's logits, grad_hidden, and the float32 weight gradient
-(V x H x 4 bytes: kept in slices so that casting it to the weight's dtype needs no second
-full copy). Numerics and options are those of :func:`fastlab.ops.cross_entropy`.
+(V x H x 4 bytes). The cast at the end writes the weight's dtype into the returned tensor
+directly, after the last chunk's logits are freed, so it does not raise the peak (fp32
+gradient + one chunk's logits). Numerics and options are those of
+:func:`fastlab.ops.cross_entropy`.
 """
 from typing import Optional, Tuple
 
@@ -31,9 +34,6 @@ from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _refere
 _CHUNK_LOGITS_BYTES = 1 << 30
 #: Fewest rows per chunk, so a small vocabulary still gets matmuls worth launching.
 _MIN_CHUNK = 256
-#: Slices of the fp32 weight gradient: each is cast and freed in turn at the end, so the
-#: cast costs 1/8 of the gradient in extra memory instead of a full copy.
-_WEIGHT_GRAD_SLICES = 8
 
 
 def chunk_rows(n_tokens: int, vocab: int, itemsize: int) -> int:
@@ -52,14 +52,16 @@ def fused_linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tenso
     return cross_entropy_ref(logits, target, **options)
 
 
-def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b, accumulated in fp32 whatever the operands' dtype."""
+def _product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
+    """a @ b in fp32 (accumulated in fp32 whatever the operands' dtype), added into ``acc``
+    (fp32) unless it is None."""
+    if a.dtype != torch.float32 and not a.is_cuda:
+        a, b = a.float(), b.float()
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+        return a @ b if acc is None else acc.addmm_(a, b)
+    if acc is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
 def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -73,15 +75,9 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
     V = weight.shape[0]
     loss = torch.empty(N, device=hidden.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
-    grad_hidden = grad_bias = None
-    slices = []
+    grad_hidden = grad_bias = acc = None
     if with_grad:
         grad_hidden = torch.empty_like(hidden)
-        parts = 1 if weight.dtype == torch.float32 else _WEIGHT_GRAD_SLICES
-        bounds = [V * i // parts for i in range(parts + 1)]
-        slices = [(lo, hi, torch.zeros(hi - lo, H, device=weight.device,
-                                       dtype=torch.float32))
-                  for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         if bias is not None:
             grad_bias = torch.zeros(V, device=weight.device, dtype=torch.float32)
     for start in range(0, N, chunk):
@@ -94,20 +90,16 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
             ignore_index, label_smoothing, z_loss)
         if with_grad:
             torch.mm(logits, weight, out=grad_hidden[start:end])
-            for lo, hi, acc in slices:
-                _add_product(acc, logits[:, lo:hi].T, h)
+            acc = _product(logits.T, h, acc)
             if grad_bias is not None:
                 grad_bias += logits.sum(dim=0, dtype=torch.float32)
         del logits
     if not with_grad:
         return loss, zloss, None, None, None
-    if weight.dtype == torch.float32:
-        grad_weight = slices[0][2]
-    else:
-        cast = []
-        while slices:
-            cast.append(slices.pop(0)[2].to(weight.dtype))
-        grad_weight = torch.cat(cast)
+    if acc is None:  # no tokens
+        acc = torch.zeros(V, H, device=weight.device, dtype=torch.float32)
+    grad_weight = acc if weight.dtype == torch.float32 else acc.to(weight.dtype)
+    del acc
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return loss, zloss, grad_hidden, grad_weight, grad_bias
@@ -218,6 +210,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(zl)
+        ctx.set_materialize_grads(False)  # no zero tensor for the z-loss output's gradient
         return loss, zl
 
     @staticmethod
