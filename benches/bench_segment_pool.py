@@ -42,7 +42,7 @@ LEVEL_BYTES = 1 << 28  # 256 MiB of x per level case: far beyond L2, a few ms of
 HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
 # Pooling kernel variants beside the default (staged: 40 KiB buffer, 32 KiB windows, 2 segments
-# a group for rows of 32 or more vectors), forward
+# a group for rows of 32 or more vectors, the block's offsets in shared memory), forward
 # only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides (buffer, window KiB,
 # segments a group).
 VARIANTS = {
@@ -51,6 +51,15 @@ VARIANTS = {
     # at least 2 or 4 segments a group (smaller blocks): evens out a warp's groups
     "fastlab-segs2": {"FASTLAB_SEGMENT_POOL_SEGS": "2"},
     "fastlab-segs4": {"FASTLAB_SEGMENT_POOL_SEGS": "4"},
+    # each group reads its segments' bounds from global memory (before: staged in shared)
+    "fastlab-global-offsets": {"FASTLAB_SEGMENT_POOL_OFFSETS": "0"},
+    # smaller blocks with smaller buffers: more of them an SM, each a shorter round trip
+    "fastlab-t128-b24-w16": {"FASTLAB_SEGMENT_POOL_THREADS": "128",
+                             "FASTLAB_SEGMENT_POOL_STAGE": "24",
+                             "FASTLAB_SEGMENT_POOL_WINDOW": "16"},
+    "fastlab-t128-b16-w12": {"FASTLAB_SEGMENT_POOL_THREADS": "128",
+                             "FASTLAB_SEGMENT_POOL_STAGE": "16",
+                             "FASTLAB_SEGMENT_POOL_WINDOW": "12"},
 }
 
 

@@ -24,7 +24,9 @@
 //    contiguous window of x (sized from the mean unit length to at most ~40 KiB), which the
 //    block copies into a 40 KiB shared buffer with cp.async (no register round trip; every
 //    thread issues its share of the copies at once), each group then folding its units'
-//    rows from the buffer. Other widths and first/last use the register kernel, which issues kUnroll
+//    rows from the buffer. The block's offsets go to shared memory first, in one coalesced
+//    load, so a group walking several units reads their bounds there instead of waiting on
+//    global memory once per unit. Other widths and first/last use the register kernel, which issues kUnroll
 //    predicated row loads per pass.
 // 4. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
@@ -243,6 +245,12 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
+// Blocks of the staged kernel an SM must hold at once: five 40 KiB buffers fill its shared
+// memory, and the bound keeps the compiler within the 48 registers a thread that five
+// 256-thread blocks allow. Unbounded, staging the offsets took it to 53, four blocks an SM,
+// and every level width lost 8-13% (H200).
+constexpr int kStagedBlocksPerSM = 5;
+
 // Staged kernel: 16-byte vectors, one column vector per thread (D <= kThreads x VEC),
 // sum/mean/max/min. A block owns groups x segs_per_group consecutive segments (each group
 // `segs_per_group` consecutive ones), so the block's rows form one contiguous window of x.
@@ -255,14 +263,16 @@ __device__ __forceinline__ void copy_async_wait() {
 // thread. (Double buffering was measured slower: with windows this small, the extra barrier
 // and the smaller buffers cost more than the overlap gains.)
 template <typename scalar_t, typename index_t, int VEC, Reduce R>
-__global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
+__global__ void __launch_bounds__(kThreads, kStagedBlocksPerSM) segment_pool_staged_kernel(
     const scalar_t* __restrict__ x, const index_t* __restrict__ offsets,
     scalar_t* __restrict__ out, index_t* __restrict__ arg, int64_t total, int64_t segments,
-    int64_t features, int64_t x_row, int lanes, int segs_per_group, int buffer_rows) {
+    int64_t features, int64_t x_row, int lanes, int segs_per_group, int buffer_rows,
+    bool stage_offsets) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   static_assert(sizeof(V) == 16, "the staged kernel copies 16-byte vectors");
-  extern __shared__ __align__(16) unsigned char smem[];  // buffer_rows x cols vectors
+  // buffer_rows x cols vectors, then (stage_offsets) the block's per_block + 1 offsets
+  extern __shared__ __align__(16) unsigned char smem[];
   V* const buffer = reinterpret_cast<V*>(smem);
   const int cols = static_cast<int>(features / VEC);  // == lanes (host check: <= kThreads)
   const int groups = blockDim.x / lanes;
@@ -275,12 +285,26 @@ __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
   const int64_t first = block_first + static_cast<int64_t>(group) * segs_per_group;
   const int64_t last = first + segs_per_group < block_end ? first + segs_per_group : block_end;
   const bool mine = group < groups && first < last;
+  // The block's offsets, indexed from its first segment. Staged in shared memory by one
+  // coalesced load, each group's bounds are a shared-memory read: from global memory, a
+  // group walking several segments waited on one dependent L1/L2 miss per segment after
+  // its rows had landed.
+  const index_t* block_offsets = offsets + block_first;
+  if (stage_offsets) {
+    index_t* const staged =
+        reinterpret_cast<index_t*>(smem + static_cast<size_t>(buffer_rows) * cols * sizeof(V));
+    for (int64_t i = threadIdx.x; i <= block_end - block_first; i += blockDim.x) {
+      staged[i] = block_offsets[i];
+    }
+    __syncthreads();
+    block_offsets = staged;
+  }
   // The window: the block's first segment's begin to its last segment's end, clamped. Valid
   // offsets put every segment of the block inside it; bad ones only lose rows (such a
   // segment reads as empty), never read outside x.
   int64_t lo, hi, unused;
-  segment_bounds(offsets, block_first, total, lo, unused);
-  segment_bounds(offsets, block_end - 1, total, unused, hi);
+  segment_bounds(block_offsets, 0, total, lo, unused);
+  segment_bounds(block_offsets, block_end - 1 - block_first, total, unused, hi);
   hi = hi < lo ? lo : hi;
 
   // This group's current segment s, rows [begin, end); `started` once its first row folded.
@@ -288,12 +312,12 @@ __global__ void __launch_bounds__(kThreads) segment_pool_staged_kernel(
   bool started = false;
   acc_t acc[VEC];
   index_t where[VEC];
-  if (mine) segment_bounds(offsets, s, total, begin, end);
+  if (mine) segment_bounds(block_offsets, s - block_first, total, begin, end);
   auto finish_segment = [&]() {
     finish<R>(acc, where, started ? end - begin : 0, total, out + s * features + lane * VEC,
               arg == nullptr ? nullptr : arg + s * features + lane * VEC);
     started = false;
-    if (++s < last) segment_bounds(offsets, s, total, begin, end);
+    if (++s < last) segment_bounds(block_offsets, s - block_first, total, begin, end);
   };
 
   // Rows stored back to back (the usual case) make the window one run of vectors: the copy
@@ -493,9 +517,15 @@ Launch plan(int64_t segments, int64_t features, int vec) {
 // 32/24 1.19-1.53x, 16/8 1.29-1.62x, the register kernel 1.43-1.68x. A window that fits
 // the buffer makes one copy round trip per block; ~5 such blocks per SM (shared memory
 // bound) keep ~200 KB in flight. Forced for benches by FASTLAB_SEGMENT_POOL_STAGE (buffer
-// KiB; 0 runs the register kernel) and FASTLAB_SEGMENT_POOL_WINDOW (KiB).
+// KiB; 0 runs the register kernel), FASTLAB_SEGMENT_POOL_WINDOW (KiB) and
+// FASTLAB_SEGMENT_POOL_THREADS (most threads a block).
 constexpr int kStageBufferKiB = 40;
 constexpr int kStageWindowKiB = 32;
+// Most segments a staged block takes, so that its offsets (per_block + 1 values) fit in
+// shared memory next to the buffer: 4 KiB of int64 offsets.
+constexpr int kMaxBlockSegments = 511;
+// Dynamic shared memory a launch may use without opting in per kernel.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
   const char* forced = std::getenv(name);
@@ -513,17 +543,19 @@ struct Staging {
   int buffer_rows;
   size_t smem_bytes;
   unsigned int blocks;
+  bool stage_offsets;  // the block's offsets go to shared memory too
 };
 
 // The staged kernel's launch for segments of `cols` 16-byte vectors a row. Blocks shrink
 // (fewer groups) or groups take more segments until the expected window, from the mean
 // unit length N / S (shapes only, no sync), is the largest within 1.25x the target.
-Staging plan_staging(int64_t total, int64_t segments, int64_t cols) {
+// FASTLAB_SEGMENT_POOL_OFFSETS=0 leaves the offsets in global memory (bench variant).
+Staging plan_staging(int64_t total, int64_t segments, int64_t cols, int64_t index_bytes) {
   const int buffer_kib =
       env_kib("FASTLAB_SEGMENT_POOL_STAGE", kStageBufferKiB, {0, 8, 16, 24, 32, 40, 48});
   const int window_kib =
       env_kib("FASTLAB_SEGMENT_POOL_WINDOW", kStageWindowKiB, {4, 8, 12, 16, 24, 32, 40});
-  if (buffer_kib == 0 || cols > kThreads) return {0, 0, 0, 0, 0};
+  if (buffer_kib == 0 || cols > kThreads) return {0, 0, 0, 0, 0, false};
   const int lanes = static_cast<int>(cols);
   const int64_t row_bytes = cols * 16;
   // the target, with slack: a window up to 1.25x it still fits the buffer in the defaults
@@ -536,20 +568,28 @@ Staging plan_staging(int64_t total, int64_t segments, int64_t cols) {
   // more to the smaller blocks than they gained (D32/D48: 1.52x/2.08x the floor against
   // 1.37x), so they keep 1.
   const int min_segs = env_kib("FASTLAB_SEGMENT_POOL_SEGS", lanes >= 32 ? 2 : 1, {1, 2, 4, 8});
-  int threads = kThreads;
+  int threads = env_kib("FASTLAB_SEGMENT_POOL_THREADS", kThreads, {64, 128, 256});
   while (threads / 2 >= std::max(lanes, 64) &&
          (threads / lanes) * min_segs * group_bytes > window) {
     threads /= 2;
   }
   int segs = min_segs;
-  while (segs < 64 && 2 * segs * (threads / lanes) * group_bytes <= window) segs *= 2;
+  while (segs < 64 && 2 * segs * (threads / lanes) * group_bytes <= window &&
+         2 * segs * (threads / lanes) <= kMaxBlockSegments) {
+    segs *= 2;
+  }
   const int64_t per_block = static_cast<int64_t>(threads / lanes) * segs;
   const int64_t blocks = (segments + per_block - 1) / per_block;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastlab: too many segments (",
               segments, ") for one launch");
   const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_kib * 1024 / row_bytes));
-  return {threads, segs, buffer_rows, static_cast<size_t>(buffer_rows * row_bytes),
-          static_cast<unsigned int>(blocks)};
+  const size_t buffer_bytes = static_cast<size_t>(buffer_rows * row_bytes);
+  const size_t offsets_bytes = static_cast<size_t>((per_block + 1) * index_bytes);
+  const bool stage_offsets = env_kib("FASTLAB_SEGMENT_POOL_OFFSETS", 1, {0, 1}) == 1 &&
+                             per_block <= kMaxBlockSegments &&
+                             buffer_bytes + offsets_bytes <= kDefaultSharedBytes;
+  return {threads, segs, buffer_rows, buffer_bytes + (stage_offsets ? offsets_bytes : 0),
+          static_cast<unsigned int>(blocks), stage_offsets};
 }
 
 }  // namespace
@@ -574,8 +614,9 @@ void segment_pool_cuda(const at::Tensor& x, const at::Tensor& offsets, Reduce re
         constexpr int VEC = decltype(v)::value;
         const Launch launch = plan(segments, features, VEC);
         const Staging staging = VEC * sizeof(scalar_t) == 16
-                                    ? plan_staging(total, segments, features / VEC)
-                                    : Staging{0, 0, 0, 0, 0};
+                                    ? plan_staging(total, segments, features / VEC,
+                                                   sizeof(index_t))
+                                    : Staging{0, 0, 0, 0, 0, false};
         dispatch_reduce(reduce, [&](auto r) {
           constexpr Reduce R = decltype(r)::value;
           constexpr bool kStageable = VEC * sizeof(scalar_t) == 16 && R != Reduce::First &&
@@ -585,7 +626,7 @@ void segment_pool_cuda(const at::Tensor& x, const at::Tensor& offsets, Reduce re
               segment_pool_staged_kernel<scalar_t, index_t, VEC, R>
                   <<<staging.blocks, staging.threads, staging.smem_bytes, stream>>>(
                       xp, op, outp, argp, total, segments, features, x.stride(0), launch.lanes,
-                      staging.segs_per_group, staging.buffer_rows);
+                      staging.segs_per_group, staging.buffer_rows, staging.stage_offsets);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
               return;
             }
