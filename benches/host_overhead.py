@@ -1,6 +1,7 @@
-"""Host cost of the layers of one small attention training step, each timed alone.
+"""Host cost of the layers of one small training step of an op, each timed alone.
 
-    python3 -m benches.host_overhead [B H S D dtype]
+    python3 -m benches.host_overhead [B H S D dtype]          # attention
+    python3 -m benches.host_overhead cross_entropy [N V]      # cross-entropy (+ profile)
 
 On short sequences the GPU finishes a step's kernels in tens of microseconds, so what a
 step costs is host time: the autograd engine, Python autograd.Function glue, Triton's
@@ -37,7 +38,77 @@ def _per_call_us(fn, iters=200):
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def cross_entropy_rows(argv):
+    """The cross-entropy step's layers, then where the host time of fwd + bwd goes."""
+    import cProfile
+    import pstats
+
+    import torch.nn.functional as F
+
+    from fastlab.kernels import cross_entropy as K
+    from fastlab.ops.cross_entropy import cross_entropy
+
+    n, v = (int(a) for a in argv[:2]) if argv else (64, 1024)
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), device="cuda")
+    grad = torch.empty_like(x)
+    scale, n_valid = K.count_valid(t, -100, True)
+    rows_loss, rows_z = K.cross_entropy_forward(x.detach(), t, grad, scale, -100, 0.0, 0.0)
+    one = torch.ones((), device="cuda")
+    from fastlab.ops.cross_entropy import _CrossEntropy, _forward_impl, scale_grad_
+    args = (-100, 0.0, 0.0, "mean", False)
+    kept = _CrossEntropy.apply(x, t, *args, False)[0]
+    small = torch.randn(16, device="cuda", requires_grad=True)
+    rows = {
+        "empty autograd.grad (Python Function)": lambda: torch.autograd.grad(
+            _Identity.apply(small), small, small),
+        "empty autograd.grad (C++ op)": lambda: torch.autograd.grad(small * 1, small, small),
+        "_forward_impl (3 launches)": lambda: _forward_impl(x.detach(), t, grad, *args),
+        "_CrossEntropy.apply forward (grad on)": lambda: _CrossEntropy.apply(x, t, *args,
+                                                                              False),
+        "backward alone (retain_graph)": lambda: torch.autograd.grad(kept, x,
+                                                                     retain_graph=True),
+        "scale_grad_ (factor 1)": lambda: scale_grad_(grad, one),
+        "torch.empty like the logits": lambda: torch.empty(x.shape, dtype=x.dtype,
+                                                          device=x.device),
+        "count_valid launch": lambda: K.count_valid(t, -100, True),
+        "cross_entropy_forward launch": lambda: K.cross_entropy_forward(
+            x.detach(), t, grad, scale, -100, 0.0, 0.0),
+        "reduce_rows launch": lambda: K.reduce_rows(rows_loss, rows_z, n_valid, True),
+        "scale_rows_ launch": lambda: K.scale_rows_(grad, one),
+        "fastlab forward (no grad)": lambda: cross_entropy(x.detach(), t),
+        "fastlab forward + backward": lambda: torch.autograd.grad(cross_entropy(x, t), x),
+        "F.cross_entropy fp32 forward + backward": lambda: torch.autograd.grad(
+            F.cross_entropy(x.float(), t), x),
+    }
+    print(f"cross-entropy N{n} V{v} bf16: host us per call")
+    for name, fn in rows.items():
+        print(f"  {_per_call_us(fn):9.1f}  {name}")
+    step = rows["fastlab forward + backward"]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # a thread waiting for the GIL gets it sooner
+    print(f"  {_per_call_us(step):9.1f}  fastlab forward + backward, GIL switch interval 10 us")
+    sys.setswitchinterval(interval)
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+    print("fastlab forward + backward, 50 steps, torch profiler by self CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(200):
+        step()
+    profile.disable()
+    torch.cuda.synchronize()
+    print("fastlab forward + backward, 200 steps, by own time:")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
 def main(argv):
+    if argv and argv[0] == "cross_entropy":
+        return cross_entropy_rows(argv[1:])
     b, h, s, d = (int(a) for a in argv[:4]) if argv else (64, 4, 256, 16)
     dtype = getattr(torch, argv[4]) if len(argv) > 4 else torch.bfloat16
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True)
