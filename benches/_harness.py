@@ -1,8 +1,14 @@
 """GPU timing and records for the bench suite.
 
-Every op is timed with ``triton.testing.do_bench`` (median with 20/80 percentiles over
-repetitions, L2 flushed before each one so a cache-resident input is not what gets timed; no
-synchronisation between calls inside a repetition). Each record carries the op's physical
+Every op is timed by :func:`time_ms`, ``triton.testing.do_bench``'s method with CUDA events
+(median with 20/80 percentiles over repetitions, L2 flushed before each one so a
+cache-resident input is not what gets timed; no synchronisation between calls inside a
+repetition), except for how the L2 is flushed. do_bench writes zeros over a 256 MB buffer,
+which leaves the whole L2 holding dirty lines: the op timed next pays for writing them
+back to HBM (up to the L2's size, ~50 MB: 12 us at 4.2 TB/s, a sixth of a 0.08 ms
+kernel's floor). ``time_ms`` flushes by reading that buffer instead, so every op starts on
+a clean L2 and moves only its own bytes. ``FASTLAB_BENCH_FLUSH=zero`` restores do_bench's
+flush (the results before it changed were taken that way). Each record carries the op's physical
 floor, computed from the bytes it must move and the flops it must do at this GPU's
 *measured* copy bandwidth and matmul throughput, and the ratio of every peer timed in the
 same run.
@@ -37,23 +43,68 @@ class Record:
     ratio_vs: Dict[str, float] = field(default_factory=dict)
 
 
+_FLUSH_BYTES = 256 * 1024 * 1024  # as do_bench: several times any GPU's L2
+
+
+def flush_mode() -> str:
+    """How :func:`time_ms` flushes the L2: ``read`` (default) or ``zero`` (do_bench's)."""
+    mode = os.environ.get("FASTLAB_BENCH_FLUSH", "read")
+    if mode not in ("read", "zero"):
+        raise ValueError(f"FASTLAB_BENCH_FLUSH must be 'read' or 'zero', got {mode!r}")
+    return mode
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100,
+            quantiles=(0.5, 0.2, 0.8)) -> List[float]:
+    """Quantiles of ``fn``'s GPU time in ms, each repetition after an L2 flush (see above):
+    warm-up and repetition counts from an estimate, as do_bench chooses them."""
+    buffer = torch.zeros(_FLUSH_BYTES // 4, device="cuda", dtype=torch.int32)
+    if flush_mode() == "zero":
+        def flush():
+            buffer.zero_()
+    else:
+        def flush():
+            buffer.sum()  # reads every line; leaves none dirty
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup / estimate))):
+        fn()
+    n = max(1, int(rep / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)])
+    return [float(v) for v in torch.quantile(times, torch.tensor(list(quantiles)))]
+
+
 class Machine:
     """Measured capabilities of the current GPU: copy bandwidth and bf16 matmul throughput."""
 
     def __init__(self):
-        import triton
-
         dev = torch.cuda.current_device()
         self.name = torch.cuda.get_device_name(dev)
         n = 1 << 28  # 1 GiB of fp32: far beyond L2, so the copy streams from HBM
         src = torch.randn(n, device="cuda")
         dst = torch.empty_like(src)
-        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+        ms = time_ms(lambda: dst.copy_(src), warmup=10, rep=50)[0]
         self.bandwidth = 2 * n * 4 / (ms * 1e-3)  # bytes/s, read + write
         del src, dst
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=50)
+        ms = time_ms(lambda: a @ b, warmup=10, rep=50)[0]
         self.matmul_flops = 2 * 8192**3 / (ms * 1e-3)
         del a, b
         torch.cuda.empty_cache()
@@ -72,6 +123,7 @@ class Machine:
             "cuda": torch.version.cuda,
             "triton": triton.__version__,
             "python": platform.python_version(),
+            "l2_flush": flush_mode(),
         }
 
 
@@ -88,8 +140,6 @@ class Recorder:
                 warmup: int = 25, rep: int = 100, calls: int = 1) -> Record:
         """Time ``fn`` and record it. ``flops`` (default ``floor_flops``) gives TFLOP/s.
         ``fn`` making ``calls`` calls of the op (a graph of several) records the time per call."""
-        import triton
-
         torch.cuda.empty_cache()  # what earlier cases left cached would fragment memory
         fn()  # compile / autotune outside the timed region
         torch.cuda.synchronize()
@@ -99,8 +149,7 @@ class Recorder:
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-        med, p20, p80 = (t / calls for t in triton.testing.do_bench(
-            fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8]))
+        med, p20, p80 = (t / calls for t in time_ms(fn, warmup=warmup, rep=rep))
         floor = self.machine.floor_ms(floor_bytes, floor_flops)
         work = floor_flops if flops is None else flops
         rec = Record(
