@@ -122,8 +122,10 @@ def _sweep_configs():
     """Launch configurations the sweep times: (name, config for cross_entropy_forward)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
-    for block_kb, warps in ((16, 16), (8, 8)):
-        for per_sm in (None, 4):
+    for block_kb, warps in ((16, 16), (8, 8), (32, 16), (32, 32), (64, 32)):
+        # the large blocks over many warps: fewer rows in flight, so more of each row is
+        # still in L2 when sweep 2 reads it again; persistent grids only for the first two
+        for per_sm in (None, 4) if block_kb <= 16 else (None,):
             cfg = dict(single=False, block_v=block_kb * 512, warps=warps)
             if per_sm:
                 cfg["programs"] = sms * per_sm
