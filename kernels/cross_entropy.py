@@ -70,7 +70,8 @@ def launch_config(V: int, itemsize: int, n_rows: int):
     of them in L2 for sweep 2, but cannot keep enough loads in flight); 8 KiB blocks over
     8 warps were best for 64 KiB rows (also better than holding the row in registers) and
     for 256 KiB rows: 3.52-3.54 against 3.64-3.66 ms for 16 KiB over 16 warps at
-    16384 x 128256 bf16 on an H200, 4.01 against 4.01 on an H100. Measured and dropped:
+    16384 x 128256 bf16 on an H200, 4.01 against 4.01 on an H100; 32 and 64 KiB blocks
+    over 16 or 32 warps (fewer rows in flight) 3.75-4.05 ms there. Measured and dropped:
     splitting a row over 2 to 8 programs that hold 16-64 KiB chunks in registers and
     combine their partials through a per-row counter, which reads the logits once:
     4.88-6.05 ms against 4.01 ms for this kernel at 16384 x 128256 bf16 on an H100
