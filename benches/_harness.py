@@ -4,11 +4,13 @@ Every op is timed by :func:`time_ms`, ``triton.testing.do_bench``'s method with 
 (median with 20/80 percentiles over repetitions, L2 flushed before each one so a
 cache-resident input is not what gets timed; no synchronisation between calls inside a
 repetition), except for how the L2 is flushed. do_bench writes zeros over a 256 MB buffer,
-which leaves the whole L2 holding dirty lines: the op timed next pays for writing them
-back to HBM (up to the L2's size, ~50 MB: 12 us at 4.2 TB/s, a sixth of a 0.08 ms
-kernel's floor). ``time_ms`` flushes by reading that buffer instead, so every op starts on
-a clean L2 and moves only its own bytes. ``FASTLAB_BENCH_FLUSH=zero`` restores do_bench's
-flush (the results before it changed were taken that way). Each record carries the op's physical
+which leaves the L2 holding dirty lines: the op timed next pays for writing them back to
+HBM. ``time_ms`` flushes by reading that buffer instead, so every op starts on a clean L2
+and moves only its own bytes. Measured on an H200 for the same segment-pool code: level
+forwards of 0.085-0.12 ms took 1.5-4.4% longer after the zeroing flush, and their
+forward + backward times, erratic after it (0.17 to 0.36 ms at D32 across runs), were
+steady after the read (0.170 ms). ``FASTLAB_BENCH_FLUSH=zero`` restores do_bench's flush
+(results from before this change were taken with it). Each record carries the op's physical
 floor, computed from the bytes it must move and the flops it must do at this GPU's
 *measured* copy bandwidth and matmul throughput, and the ratio of every peer timed in the
 same run.

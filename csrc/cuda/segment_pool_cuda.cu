@@ -26,8 +26,8 @@
 //    thread issues its share of the copies at once), each group then folding its units'
 //    rows from the buffer. The block's offsets go to shared memory first, in one coalesced
 //    load, so a group walking several units reads their bounds there instead of waiting on
-//    global memory once per unit. Other widths and first/last use the register kernel, which issues kUnroll
-//    predicated row loads per pass.
+//    global memory once per unit. Other widths and first/last use the register kernel,
+//    which issues kUnroll predicated row loads per pass.
 // 4. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
 //    and replaces() in segment_pool.h are shared with the CPU kernel).
