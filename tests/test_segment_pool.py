@@ -68,9 +68,13 @@ def _layout(x, layout):
 
 
 def _check_pool_once(reduce, dtype, layout, index_dtype, features=37, units=41, max_len=9,
-                     device="cpu"):
-    offsets = _offsets(units, max_len, seed=units + features, index_dtype=index_dtype,
-                       device=device)
+                     device="cpu", offsets=None):
+    """One forward and backward against the float64 reference; `offsets` (given) replaces
+    the random units (`units`, `max_len` then only set the tolerance)."""
+    if offsets is None:
+        offsets = _offsets(units, max_len, seed=units + features, index_dtype=index_dtype,
+                           device=device)
+    units = offsets.numel() - 1
     total = int(offsets[-1])
     x = _layout(randn((total, features), dtype, device, seed=1, requires_grad=True), layout)
     out = segment_pool(x, offsets, reduce)
@@ -492,24 +496,68 @@ def test_cuda_real_sizes(reduce, features, max_len):
                           max_len, "cuda")
 
 
+# Kernel settings forced through the extension's FASTLAB_SEGMENT_POOL_* overrides: the register
+# kernel and the staged kernel at several buffer, window and group sizes.
+_KERNEL_SETTINGS = {
+    "registers": dict(STAGE="0", WINDOW="16", SEGS="1"),
+    "b8-w40": dict(STAGE="8", WINDOW="40", SEGS="1"),
+    "b24-w16": dict(STAGE="24", WINDOW="16", SEGS="1"),
+    "b48-w4": dict(STAGE="48", WINDOW="4", SEGS="1"),
+    "b40-w32-s4": dict(STAGE="40", WINDOW="32", SEGS="4"),
+    "b16-w8-s8": dict(STAGE="16", WINDOW="8", SEGS="8"),
+    "b24-w16-t128": dict(STAGE="24", WINDOW="16", THREADS="128"),
+    "global-offsets": dict(OFFSETS="0"),
+}
+
+
+def _skewed_offsets(units, long_every, long_len, seed, device):
+    """Units of 0-3 rows with one of `long_len` rows every `long_every`: windows sized from the
+    mean length then hold far more rows than expected (several buffer loads a window)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (units,), generator=g)
+    lengths[::long_every] = long_len
+    return offsets_from_lengths(lengths).to(device)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage, window, segs", [("0", "16", "1"), ("8", "40", "1"),
-                                                ("24", "16", "1"), ("48", "4", "1"),
-                                                ("40", "32", "4"), ("16", "8", "8")])
-def test_cuda_pool_kernels_agree(stage, window, segs, monkeypatch):
-    """The register kernel and the staged kernel at several buffer, window and group sizes
-    (forced through the extension's FASTLAB_SEGMENT_POOL_* overrides), with units spanning
-    many buffers (3000 rows of 512 bytes against 8 KiB), empty units, one-vector rows and
-    int32 offsets."""
-    monkeypatch.setenv("FASTLAB_SEGMENT_POOL_STAGE", stage)
-    monkeypatch.setenv("FASTLAB_SEGMENT_POOL_WINDOW", window)
-    monkeypatch.setenv("FASTLAB_SEGMENT_POOL_SEGS", segs)
+@pytest.mark.parametrize("setting", list(_KERNEL_SETTINGS))
+def test_cuda_pool_kernels_agree(setting, monkeypatch):
+    """Every kernel against the reference with units spanning many buffers (3000 rows of 512
+    bytes against 8 KiB), skewed units, empty units, one-vector rows and int32 offsets."""
+    for name, value in _KERNEL_SETTINGS[setting].items():
+        monkeypatch.setenv(f"FASTLAB_SEGMENT_POOL_{name}", value)
     for reduce in REDUCTIONS:
         for features, units, max_len in [(256, 41, 3000), (24, 301, 7), (96, 2001, 3)]:
             _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, features, units,
                              max_len, "cuda")
         _check_pool_once(reduce, torch.float32, "contiguous", torch.int32, 64, 2001, 40, "cuda")
         _check_pool_once(reduce, torch.float16, "contiguous", torch.int32, 8, 3001, 20, "cuda")
+        _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, 128, max_len=400,
+                         device="cuda", offsets=_skewed_offsets(5001, 97, 400, 7, "cuda"))
+        _check_pool_once(reduce, torch.float64, "contiguous", torch.int32, 32, max_len=60,
+                         device="cuda",
+                         offsets=_skewed_offsets(3001, 13, 60, 8, "cuda").int())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("features, max_len", [(96, 3), (128, 4), (32, 16), (37, 9)])
+def test_cuda_mean_equals_cpu_bit_for_bit(features, max_len):
+    """The CUDA kernels divide by the row count through a reciprocal and a correction step;
+    the CPU kernel divides. Same accumulation order, so the results must match exactly, over
+    values of magnitudes 1e-30 to 1e30 (pooling forward and the mean's broadcast)."""
+    offsets = _offsets(20011, max_len, seed=features, device="cuda")
+    total = int(offsets[-1])
+    g = torch.Generator(device="cuda").manual_seed(features)
+    magnitudes = 10.0 ** torch.randint(-30, 31, (total, 1), generator=g, device="cuda")
+    x = torch.randn(total, features, generator=g, device="cuda") * magnitudes
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        got = segment_pool(xd, offsets, "mean")
+        assert torch.equal(got.cpu(), segment_pool(xd.cpu(), offsets.cpu(), "mean"))
+        y = got
+        spread = _ops().segment_broadcast(y, offsets, total, 0, None, True)
+        expected = _ops().segment_broadcast(y.cpu(), offsets.cpu(), total, 0, None, True)
+        assert torch.equal(spread.cpu(), expected)
 
 
 @pytest.mark.gpu

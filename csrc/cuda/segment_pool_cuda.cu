@@ -28,10 +28,21 @@
 //    load, so a group walking several units reads their bounds there instead of waiting on
 //    global memory once per unit. Other widths and first/last use the register kernel,
 //    which issues kUnroll predicated row loads per pass.
-// 4. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
+// 4. Instructions. With the bytes in flight, the short units of the upper levels (2-3 rows
+//    a unit) left the staged kernel bound by instruction issue (Nsight Compute, H200, D =
+//    96: 80% SM throughput against 65% of DRAM bandwidth): per output vector, eight fp32
+//    divisions for the mean, and per row a first-row test and a two-instruction widening of
+//    each high bf16 half. The mean now divides through one reciprocal a unit and a
+//    correction step (as exact as division), the first row is peeled out of the fold loop
+//    and bf16 pairs widen with one shift or mask an element: the level forwards went from
+//    1.20-1.39x to 1.09-1.14x the floor. (A persistent grid feeding a ring of shared-memory
+//    stages with bulk copies on mbarriers, sm_90, was measured and dropped: 1.4-2.3x the
+//    floor at the levels over the ring depths and tile sizes tried, slower still with each
+//    window cut into more copies: issuing the bulk copies bounded it.)
+// 5. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
 //    and replaces() in segment_pool.h are shared with the CPU kernel).
-// 5. Safety. Every segment's offsets are clamped into [0, N] (segment_bounds), so no offsets
+// 6. Safety. Every segment's offsets are clamped into [0, N] (segment_bounds), so no offsets
 //    value can produce an out-of-bounds access, and nothing here reads offsets on the host.
 //
 // Backward kernels use the same mapping: segment_broadcast (the adjoint of sum/mean) loads
@@ -99,13 +110,34 @@ __device__ __forceinline__ bool my_segment(int lanes, int64_t segments, int64_t&
   return group < groups && s < segments;
 }
 
+// A row vector in opmath precision. A bf16 pair unpacks with one shift (low half) and one
+// mask (high half), exact for every value; the generic conversion spent a permute and a
+// multiply on the high half (SASS), a third of a bf16 fold's instructions.
+template <typename acc_t, typename scalar_t, int VEC>
+__device__ __forceinline__ void widen(const Vec<scalar_t, VEC>& row, acc_t (&value)[VEC]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && VEC % 2 == 0) {
+    uint32_t words[VEC / 2];
+    memcpy(words, &row, sizeof(words));
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) {
+      value[2 * i] = __uint_as_float(words[i] << 16);
+      value[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) value[k] = static_cast<acc_t>(row.v[k]);
+  }
+}
+
 // Folds one row vector (row r) into the running sum or max/min of a column vector.
 template <Reduce R, typename acc_t, typename index_t, typename scalar_t, int VEC>
 __device__ __forceinline__ void fold(acc_t (&acc)[VEC], index_t (&where)[VEC],
                                      const Vec<scalar_t, VEC>& row, int64_t r) {
+  acc_t values[VEC];
+  widen(row, values);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const acc_t value = static_cast<acc_t>(row.v[k]);
+    const acc_t value = values[k];
     if constexpr (R == Reduce::Max || R == Reduce::Min) {
       if (replaces<R>(value, acc[k])) {
         acc[k] = value;
@@ -122,13 +154,30 @@ template <Reduce R, typename acc_t, typename index_t, typename scalar_t, int VEC
 __device__ __forceinline__ void fold_row(acc_t (&acc)[VEC], index_t (&where)[VEC],
                                          const Vec<scalar_t, VEC>& row, int64_t r, bool first) {
   if (first) {
+    widen(row, acc);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      acc[k] = static_cast<acc_t>(row.v[k]);
-      where[k] = static_cast<index_t>(r);
-    }
+    for (int k = 0; k < VEC; ++k) where[k] = static_cast<index_t>(r);
   } else {
     fold<R>(acc, where, row, r);
+  }
+}
+
+// a / b for the mean, given r = 1 / b (rounded): the correctly rounded quotient, as IEEE
+// division gives it, in one multiply and two FMAs (Markstein's correction: q = a r, then
+// q + (a - q b) r), so that a unit's division costs one reciprocal and not one full division
+// per element; in fp32 the division is a multi-instruction sequence, and at the short units
+// of the hierarchy's upper levels (2-3 rows) those divisions were about half of the staged
+// kernel's instructions, which is bound by instruction issue there (Nsight Compute, H200,
+// D = 96: 80% SM throughput against 65% of DRAM bandwidth). Compared with IEEE division
+// on 65K dividends of magnitudes 1e-30 to 1e30 and divisors 1 to 5000: no difference.
+// Infinities and NaN, where the correction would give NaN, keep a r (= a / b there).
+template <typename acc_t>
+__device__ __forceinline__ acc_t divide(acc_t a, acc_t b, acc_t r) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const float q = a * r;
+    return isfinite(q) ? fmaf(fmaf(-q, b, a), r, q) : q;
+  } else {
+    return a / b;
   }
 }
 
@@ -141,9 +190,10 @@ __device__ __forceinline__ void finish(const acc_t (&acc)[VEC], const index_t (&
   Vec<scalar_t, VEC> result;
   Vec<index_t, VEC> result_arg;
   const acc_t count = static_cast<acc_t>(rows);
+  const acc_t inverse = R == Reduce::Mean ? acc_t(1) / count : acc_t(1);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const acc_t value = R == Reduce::Mean ? acc[k] / count : acc[k];
+    const acc_t value = R == Reduce::Mean ? divide(acc[k], count, inverse) : acc[k];
     result.v[k] = rows == 0 ? scalar_t(0) : static_cast<scalar_t>(value);
     result_arg.v[k] = rows == 0 ? static_cast<index_t>(total) : where[k];
   }
@@ -343,13 +393,20 @@ __global__ void __launch_bounds__(kThreads, kStagedBlocksPerSM) segment_pool_sta
     while (mine && s < last) {
       const int64_t r0 = begin > base ? begin : base;
       const int64_t r1 = end < stop ? end : stop;
-      if (r0 < r1 && r0 == begin) started = true;
-      // unrolled so that a long unit's shared-memory loads issue four at a time instead of
-      // each waiting for the fold of the one before (units of the character level: 1-16 rows)
-#pragma unroll 4
-      for (int64_t r = r0; r < r1; ++r) {
-        fold_row<R>(acc, where, load_shared(&buffer[(r - base) * cols + lane]), r, r == begin);
+      int64_t r = r0;
+      const V* row = &buffer[(r0 - base) * cols + lane];
+      if (r < r1 && r == begin) {  // the segment's first row starts its reduction
+        started = true;
+        fold_row<R>(acc, where, load_shared(row), r, true);
+        ++r;
+        row += cols;
       }
+      // the other rows, with no first-row test per row (it cost a branch and a
+      // reconvergence per row); unrolled so that a long unit's shared-memory loads issue
+      // four at a time instead of each waiting for the fold of the one before (units of
+      // the character level: 1-16 rows)
+#pragma unroll 4
+      for (; r < r1; ++r, row += cols) fold<R>(acc, where, load_shared(row), r);
       if (end > stop) break;  // continues in the next buffer load
       finish_segment();
     }
@@ -375,6 +432,7 @@ __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(
   if (begin == end) return;
   const int64_t src = s - shift;
   const acc_t count = static_cast<acc_t>(end - begin);
+  const acc_t inverse = acc_t(1) / count;
   const int64_t cols = features / VEC;
   for (int64_t c = lane; c < cols; c += lanes) {
     const int64_t col = c * VEC;
@@ -384,7 +442,8 @@ __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(
       const Vec<scalar_t, VEC> v = load<scalar_t, VEC>(y + src * y_row + col);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        value[k] = mean ? static_cast<acc_t>(v.v[k]) / count : static_cast<acc_t>(v.v[k]);
+        value[k] = mean ? divide(static_cast<acc_t>(v.v[k]), count, inverse)
+                        : static_cast<acc_t>(v.v[k]);
       }
     } else {
 #pragma unroll
