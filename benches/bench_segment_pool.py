@@ -158,6 +158,19 @@ def test_levels(bench, features, provider):
     _measure_pool(bench, f"level_D{features}", provider)
 
 
+@pytest.mark.parametrize("features", [features for features, _ in LEVELS])
+def test_levels_copy_reference(bench, features):
+    """torch's device copy of the same x: what a plain stream of these bytes reaches at this
+    size (its own floor: read and write x once), beside the pooling rows."""
+    x = _pool_case(f"level_D{features}")["x"]
+    out = torch.empty_like(x)
+    out.copy_(x)
+    assert torch.equal(out, x)
+    shape = dict(rows=x.shape[0], features=features, dtype=str(DTYPE))
+    bench.measure("copy", f"level_D{features}", "fwd", "torch-copy", lambda: out.copy_(x),
+                  floor_bytes=2 * x.numel() * x.element_size(), shape=shape)
+
+
 @pytest.mark.parametrize("provider", ["fastlab", "index_select", "repeat_interleave"])
 @pytest.mark.parametrize("features", [features for features, _ in LEVELS])
 def test_unpool(bench, features, provider):
