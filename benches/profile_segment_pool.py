@@ -1,20 +1,19 @@
-"""One pooling call at a level shape under Nsight Compute (or alone): ``python -m
-benches.profile_segment_pool FEATURES MAX_LEN`` runs a warm-up and one profiled call of
-fastlab's mean pooling over 256 MiB of bf16 rows (the bench's level case)."""
+"""One pooling call of a bench case under Nsight Compute (or alone):
+``python -m benches.profile_segment_pool [CASE]`` (``level_D128`` by default; any case of
+benches/bench_segment_pool.py: ``headline``, ``level_D32`` ... ``level_D128``) runs a warm-up
+and one call of fastlab's mean pooling between cudaProfilerStart/Stop, so that
+``ncu --profile-from-start off`` profiles that call alone."""
 import sys
 
 import torch
 
-from fastlab.ops.segment_pool import offsets_from_lengths, segment_pool
+from benches.bench_segment_pool import _case_shape, _ragged
+from fastlab.ops.segment_pool import segment_pool
 
 
-def main(features=128, max_len=4):
-    rows = (1 << 28) // (features * 2)
-    segments = rows * 2 // (max_len + 1)
-    g = torch.Generator().manual_seed(features)
-    lengths = torch.randint(1, max_len + 1, (segments,), generator=g)
-    offsets = offsets_from_lengths(lengths).cuda()
-    x = torch.randn(int(offsets[-1]), features, device="cuda").to(torch.bfloat16)
+def main(case="level_D128"):
+    segments, features, max_len = _case_shape(case)
+    x, offsets = _ragged(segments, features, max_len, seed=features, device="cuda")
     for _ in range(3):
         segment_pool(x, offsets, "mean")
     torch.cuda.synchronize()
@@ -25,4 +24,4 @@ def main(features=128, max_len=4):
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    main(*sys.argv[1:])
