@@ -275,16 +275,25 @@ class AdamW(Optimizer):
     # ---------------------------------------------------------------------------- step
     @torch.compiler.disable  # addresses and cached tables: this runs eagerly, not traced
     @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step over every parameter with a gradient; returns ``closure()``'s loss."""
+    def step(self, closure=None, *, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None):
+        """One AdamW step over every parameter with a gradient; returns ``closure()``'s loss.
+
+        ``grad_scale`` (0-dim device tensor): every gradient is divided by it inside the
+        update, before clipping. ``found_inf`` (0-dim device tensor): when non-zero the step
+        leaves every parameter and state as it was. Both stay on the device, so a trainer
+        can skip a step without a host sync. Without them, the values ``torch.amp.
+        GradScaler.step`` sets on optimizers that support amp scaling are used.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # set by torch.amp.GradScaler.step for optimizers that support amp scaling; no scale
-        # means the gradients were already unscaled (scaler.unscale_) and must stay so
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        # no scale means the gradients were already unscaled (scaler.unscale_) and stay so
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         by_device = self._params_with_grads()
         if self.max_grad_norm is not None and len(by_device) > 1:
             raise ValueError("max_grad_norm needs every parameter on one device, got "
