@@ -1,14 +1,39 @@
-"""Built-in tasks: data, model and metrics for each."""
-from fastlab.tasks.addition import Addition
-from fastlab.tasks.base import Task
+"""Built-in tasks, registered by name; a task of one's own loads as ``package.module:Class``."""
+import dataclasses
+import importlib
+from typing import Dict, Type
 
-TASKS = {"addition": Addition}
+from fastlab.tasks.addition import Addition, AdditionConfig
+from fastlab.tasks.base import LossOutput, Task, TaskConfig, counter_uniform
 
-
-def build_task(name: str, **kwargs) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+TASKS: Dict[str, Type[Task]] = {"addition": Addition}
 
 
-__all__ = ["Task", "TASKS", "build_task", "Addition"]
+def resolve(name: str) -> Type[Task]:
+    """The task class of ``task.name``: a registered name or ``package.module:Class``."""
+    if ":" not in name:
+        if name not in TASKS:
+            raise ValueError(f"task.name: unknown task {name!r}; known: {sorted(TASKS)}, or "
+                             f"package.module:Class for a task of your own")
+        return TASKS[name]
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"task.name={name!r}: cannot import {module_name!r} ({exc})") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(f"task.name={name!r}: {module_name} has no Task subclass "
+                         f"{class_name!r}")
+    if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, TaskConfig)):
+        raise ValueError(f"task.name={name!r}: {class_name}.Config must be a dataclass "
+                         f"deriving from fastlab.tasks.TaskConfig")
+    return cls
+
+
+def build_task(cfg: TaskConfig) -> Task:
+    return resolve(cfg.name)(cfg)
+
+
+__all__ = ["Task", "TaskConfig", "LossOutput", "TASKS", "resolve", "build_task",
+           "counter_uniform", "Addition", "AdditionConfig"]

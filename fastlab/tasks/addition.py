@@ -1,109 +1,186 @@
-"""n-digit addition with every number written least significant digit first: ``a+b=s``.
+"""n-digit addition in any base, every number written least significant digit first.
 
-Reversed, the sum's k-th digit follows the carry it depends on, and it sits at a fixed
-distance from the k-th digits of a and b, which a small causal model finds quickly. Problems
-whose (a, b) hash into the held-out bucket are never drawn for training; evaluation draws
-only from that bucket and decodes greedily, so exact match measures generalisation.
+``a+b=s`` with a, b of ``n_digits`` digits in ``base``: reversed, the sum's k-th digit
+follows the carry it depends on and sits at a fixed distance from the k-th digits of a and
+b, which a small causal model finds quickly.
+
+Data: every digit of every operand is drawn on the device from a counter-based hash of
+(seed, step, row, column), so there is no finite pool to repeat and any step's batch can be
+recomputed, also inside a CUDA graph. A pair (a, b) whose hash falls in the held-out bucket
+(one in ``HELD_OUT_MOD``) is never trained on: a drawn pair that lands there is redrawn,
+up to ``REDRAWS`` times, and a row still held out after that (a chance of 20**-6) has its
+targets ignored. Evaluation draws only from that bucket and decodes greedily, so exact
+match measures generalisation.
 
 Curriculum (``curriculum_start``): operands start with fewer digits and gain one each time
 the held-out exact match reaches ``curriculum_threshold``. The sequence layout stays that
-of ``n_digits`` (short operands have leading zeros), so batch shapes never change.
+of ``n_digits`` (short operands have leading zeros), so batch shapes never change; the
+level lives in a device tensor the batch reads, so a captured step follows it.
 """
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from fastlab.models.gpt import GPT, GPTConfig
-from fastlab.tasks.base import Task, step_generator
+from fastlab.ops.cross_entropy import cross_entropy
+from fastlab.tasks.base import LossOutput, Task, TaskConfig, _mix32, counter_uniform
 
-PLUS, EQUALS = 10, 11
-VOCAB = 12
 IGNORE = -100
-#: one problem in HELD_OUT_MOD lands in the held-out bucket
+#: one pair in HELD_OUT_MOD lands in the held-out bucket
 HELD_OUT_MOD = 20
+#: draws per training row before giving up on finding a pair outside the bucket
+REDRAWS = 6
+#: the seed of the evaluation draws, apart from every training seed's streams
+EVAL_SEED = 0x5EED
+MAX_DIGITS = 64
 
 
-def _held_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * 7919 + b * 104729) % HELD_OUT_MOD == 0
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
 
 
-def _digits(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The n digits of each x, least significant first."""
-    powers = 10 ** torch.arange(n, device=x.device)
-    return (x[:, None] // powers) % 10
+@dataclass
+class AdditionConfig(TaskConfig):
+    name: str = "addition"
+    #: digits of each operand
+    n_digits: int = 3
+    #: the base of every number (2 to 36); the vocabulary is its digits, "+" and "="
+    base: int = 10
+    #: curriculum: start with operands of this many digits (0: none) and add one digit
+    #: each time the held-out exact match reaches curriculum_threshold
+    curriculum_start: int = 0
+    curriculum_threshold: float = 0.9
+
+    def __post_init__(self):
+        _check(1 <= self.n_digits <= MAX_DIGITS,
+               f"task.n_digits must be in [1, {MAX_DIGITS}], got {self.n_digits}")
+        _check(2 <= self.base <= 36, f"task.base must be in [2, 36], got {self.base}")
+        _check(0 <= self.curriculum_start <= self.n_digits,
+               f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
+               f"got {self.curriculum_start}")
+        _check(0 < self.curriculum_threshold <= 1,
+               f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
 
 
 class Addition(Task):
     name = "addition"
+    Config = AdditionConfig
     metric = "exact_match"
 
-    def __init__(self, n_digits: int = 3, curriculum_start: int = 0,
-                 curriculum_threshold: float = 0.9):
-        if n_digits < 1 or n_digits > 18:
-            raise ValueError(f"n_digits must be in [1, 18], got {n_digits}")
-        if not 0 <= curriculum_start <= n_digits:
-            raise ValueError(f"curriculum_start must be in [0, n_digits={n_digits}], "
-                             f"got {curriculum_start}")
-        self.n = n_digits
+    def __init__(self, cfg: AdditionConfig):
+        super().__init__(cfg)
+        self.n, self.base = cfg.n_digits, cfg.base
+        self.plus, self.equals = self.base, self.base + 1
+        self.vocab_size = self.base + 2
         #: digits of the operands drawn now: n_digits unless a curriculum is running
-        self.level = curriculum_start or n_digits
-        self.threshold = curriculum_threshold
-        self.prompt_len = 2 * n_digits + 2
-        self.answer_len = n_digits + 1
+        self.level = cfg.curriculum_start or cfg.n_digits
+        self.prompt_len = 2 * self.n + 2
+        self.answer_len = self.n + 1
         self.seq_len = self.prompt_len + self.answer_len - 1
+        # per-column weights of the held-out hash: operand a's columns, then b's
+        self._weights = [_mix32(j + 1) for j in range(2 * self.n)]
+        self._level_on: Dict[torch.device, torch.Tensor] = {}
 
     def build_model(self, model_cfg) -> nn.Module:
-        return GPT(GPTConfig(vocab_size=VOCAB, block_size=self.seq_len, n_layer=model_cfg.n_layer,
-                             n_head=model_cfg.n_head, d_model=model_cfg.d_model,
-                             dropout=model_cfg.dropout))
+        return GPT(GPTConfig(vocab_size=self.vocab_size, block_size=self.seq_len,
+                             n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+                             d_model=model_cfg.d_model, dropout=model_cfg.dropout))
 
-    def _draw(self, n: int, g: torch.Generator, device, held_out: bool):
-        high = 10 ** self.level
-        a = torch.randint(0, high, (4 * n,), generator=g, device=device)
-        b = torch.randint(0, high, (4 * n,), generator=g, device=device)
-        keep = _held_out(a, b) == held_out
-        if held_out:  # 1 in HELD_OUT_MOD kept: draw until n, bounded by construction
-            while int(keep.sum()) < n:
-                a2 = torch.randint(0, high, (64 * n,), generator=g, device=device)
-                b2 = torch.randint(0, high, (64 * n,), generator=g, device=device)
-                a, b = torch.cat([a, a2]), torch.cat([b, b2])
-                keep = _held_out(a, b)
-        idx = keep.nonzero().squeeze(1)[:n]
-        return a[idx], b[idx]
+    # --- data ------------------------------------------------------------------------
+    @torch.compiler.disable  # created once per device, outside any compiled graph
+    def _level(self, device: torch.device) -> torch.Tensor:
+        """The curriculum level as a device tensor that is updated in place."""
+        device = torch.device(device)
+        if device not in self._level_on:
+            self._level_on[device] = torch.tensor(self.level, device=device)
+        return self._level_on[device]
 
-    def encode(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        n, dev = self.n, a.device
-        col = lambda v: torch.full((a.shape[0], 1), v, device=dev, dtype=torch.long)  # noqa: E731
-        return torch.cat([_digits(a, n), col(PLUS), _digits(b, n), col(EQUALS),
-                          _digits(a + b, n + 1)], dim=1)
+    def _draw(self, seed: int, stream: int, step: torch.Tensor, shape, device) -> torch.Tensor:
+        """Operand digits (*shape, 2, n), zero past the current level."""
+        digits = counter_uniform(seed, stream, step, (*shape, 2, self.n), self.base, device)
+        live = torch.arange(self.n, device=device) < self._level(device)
+        return digits * live
 
-    def batch(self, step: int, batch_size: int, device: torch.device, seed: int = 0
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-        g = step_generator(seed, step, torch.device("cpu"))
-        a, b = self._draw(batch_size, g, "cpu", held_out=False)
-        seq = self.encode(a, b)
-        inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
+    def _held_out(self, digits: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor(self._weights, device=digits.device)
+        key = (digits.flatten(-2) * weights).sum(-1) & 0xFFFFFFFF
+        return _mix32(key) % HELD_OUT_MOD == 0
+
+    def encode(self, digits: torch.Tensor) -> torch.Tensor:
+        """(B, 2, n) operand digits -> (B, 3n + 3) tokens ``a + b = s``, digits reversed."""
+        a, b = digits[:, 0], digits[:, 1]
+        carry = torch.zeros_like(a[:, 0])
+        total = []
+        for j in range(self.n):
+            s = a[:, j] + b[:, j] + carry
+            total.append(s % self.base)
+            carry = s // self.base
+        col = lambda v: torch.full_like(a[:, :1], v)  # noqa: E731
+        return torch.cat([a, col(self.plus), b, col(self.equals), *[t[:, None] for t in total],
+                          carry[:, None]], dim=1)
+
+    def batch(self, step: torch.Tensor, batch_size: int, device: torch.device,
+              seed: int = 0) -> Dict[str, torch.Tensor]:
+        step = torch.as_tensor(step, device=device)
+        draws = self._draw(seed, 0, step, (REDRAWS, batch_size), device)
+        held = self._held_out(draws)  # (REDRAWS, B)
+        first = (~held).to(torch.int8).argmax(0)  # the first draw outside the bucket
+        pick = draws.gather(0, first.view(1, -1, 1, 1).expand(1, -1, 2, self.n))[0]
+        seq = self.encode(pick)
+        inputs, targets = seq[:, :-1], seq[:, 1:].clone()
         targets[:, : self.prompt_len - 1] = IGNORE
-        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        targets = torch.where(held.all(0)[:, None], IGNORE, targets)
+        return {"inputs": inputs, "targets": targets}
+
+    def loss(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> LossOutput:
+        logits, _ = model(batch["inputs"])
+        targets = batch["targets"]
+        total = cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        return LossOutput(total, (targets != IGNORE).sum())
+
+    # --- evaluation --------------------------------------------------------------------
+    def held_out_problems(self, n_samples: int, device: torch.device) -> torch.Tensor:
+        """``n_samples`` operand digit pairs (n_samples, 2, n) from the held-out bucket at
+        the current level; fewer distinct pairs than asked for are repeated."""
+        found, drawn = [], 0
+        for attempt in range(16):  # host syncs: evaluation runs outside the training step
+            step = torch.tensor(attempt, device=device)
+            draws = self._draw(EVAL_SEED, 1, step, (64 * n_samples,), device)
+            found.append(draws[self._held_out(draws)])
+            drawn += int(found[-1].shape[0])
+            if drawn >= n_samples:
+                break
+        pairs = torch.cat(found)
+        if pairs.shape[0] == 0:
+            raise ValueError(f"no held-out problem found at {self.level} digit(s) in base "
+                             f"{self.base}: too few pairs exist for a held-out set")
+        repeat = -(-n_samples // pairs.shape[0])
+        return pairs.repeat(repeat, 1, 1)[:n_samples]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
-        g = step_generator(12345, 0, torch.device("cpu"))
-        a, b = self._draw(n_samples, g, "cpu", held_out=True)
-        seq = self.encode(a, b).to(device)
+        seq = self.encode(self.held_out_problems(n_samples, device))
         prompt, answer = seq[:, : self.prompt_len], seq[:, self.prompt_len:]
         was_training = model.training
         model.eval()
         out = model.greedy_complete(prompt, self.answer_len)
         model.train(was_training)
-        correct_digits = (out == answer).float()
-        return {"exact_match": correct_digits.all(1).float().mean().item(),
-                "digit_accuracy": correct_digits.mean().item(), "digits": float(self.level)}
+        correct = (out == answer).float()
+        exact, digit = torch.stack([correct.all(1).float().mean(), correct.mean()]).tolist()
+        return {"exact_match": exact, "digit_accuracy": digit, "digits": float(self.level)}
+
+    # --- curriculum ----------------------------------------------------------------------
+    def _set_level(self, level: int) -> None:
+        self.level = level
+        for tensor in self._level_on.values():
+            tensor.fill_(level)
 
     def curriculum(self, metrics: Dict[str, float]) -> Optional[str]:
-        if self.level < self.n and metrics.get("exact_match", 0.0) >= self.threshold:
-            self.level += 1
+        if self.level < self.n and metrics.get("exact_match", 0.0) >= self.cfg.curriculum_threshold:
+            self._set_level(self.level + 1)
             return f"curriculum: operands now have {self.level} of {self.n} digits"
         return None
 
@@ -115,4 +192,4 @@ class Addition(Task):
         return {"level": self.level}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.level = int(state.get("level", self.n))
+        self._set_level(int(state.get("level", self.n)))
