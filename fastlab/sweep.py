@@ -19,10 +19,16 @@ def parse(argv: List[str]) -> Tuple[str, List[str], Dict[str, List[str]], int, s
     args = list(argv)
     while args:
         a = args.pop(0)
-        if a == "--parallel":
-            parallel = int(args.pop(0))
-        elif a == "--metric":
-            metric = args.pop(0)
+        if a in ("--parallel", "--metric"):
+            if not args:
+                raise SystemExit(f"error: {a} needs a value")
+            value = args.pop(0)
+            if a == "--metric":
+                metric = value
+            elif not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"error: --parallel expects a positive integer, got {value!r}")
+            else:
+                parallel = int(value)
         elif "=" not in a and file is None:
             file = a
         elif "=" in a and "," in a.split("=", 1)[1]:
@@ -58,6 +64,7 @@ def main(argv=None) -> int:
     pending = list(combos)
     running: List[Tuple[dict, subprocess.Popen]] = []
     results = []
+    started = time.perf_counter()
     while pending or running:
         while pending and len(running) < parallel:
             combo = pending.pop(0)
@@ -78,16 +85,33 @@ def main(argv=None) -> int:
             results.append({**summary, "config": combo, "returncode": proc.returncode})
             print(f"{name}: rc={proc.returncode} final={summary.get('final')}", flush=True)
         time.sleep(0.2)
+    wall = time.perf_counter() - started
     order = {_run_name(c): i for i, c in enumerate(combos)}
     results.sort(key=lambda r: order[_run_name(r["config"])])
     with open(os.path.join(sweep_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
+    packing = throughput(results, parallel, wall)
+    with open(os.path.join(sweep_dir, "throughput.json"), "w") as f:
+        json.dump(packing, f, indent=2)
+    print(f"steps/s per run (training windows): "
+          f"{', '.join(f'{v:.0f}' for v in packing['steps_s'])}; {parallel} at once: "
+          f"{packing['aggregate_steps_s']:.0f} steps/s together; {packing['steps']} steps in "
+          f"{wall:.1f} s of sweep wall time", flush=True)
     metric = metric or _default_metric(results)
     write_table(sweep_dir, grid, results, metric)
     if len(grid) == 2 and metric:
         heatmap(sweep_dir, grid, results, metric)
     print(f"results in {sweep_dir}")
     return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+def throughput(results, parallel: int, wall_s: float) -> dict:
+    """Each run's training-window steps/s (its last log window) and, for runs that ran
+    ``parallel`` at a time, their sum: the steps/s the packed runs reached together."""
+    per_run = [(r.get("last_train") or {}).get("steps_s", 0.0) for r in results]
+    at_once = sorted(per_run, reverse=True)[:parallel]
+    return {"parallel": parallel, "steps_s": per_run, "aggregate_steps_s": sum(at_once),
+            "steps": sum(r.get("steps", 0) for r in results), "wall_s": round(wall_s, 2)}
 
 
 def _default_metric(results) -> str:

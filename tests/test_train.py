@@ -36,6 +36,12 @@ class _Crash(Exception):
     pass
 
 
+def _wrong_labels(batch):
+    """The batch with each answer digit replaced: labels of the wrong problems."""
+    y = batch["targets"]
+    return {**batch, "targets": torch.where(y == -100, y, (y + 5) % 10)}
+
+
 def test_resume_after_crash_reproduces_uninterrupted_losses(tmp_path):
     steps = ["train.steps=30", "log.every=1", "checkpoint.every=10", "eval.every=100",
              "model.dropout=0.1"]
@@ -44,10 +50,10 @@ def test_resume_after_crash_reproduces_uninterrupted_losses(tmp_path):
 
     crash_dir = str(tmp_path / "crash")
 
-    def crash_at_17(step, x, y):
+    def crash_at_17(step, batch):
         if step == 17:
             raise _Crash
-        return x, y
+        return batch
 
     with pytest.raises(_Crash):
         train(_cfg(tmp_path, *steps), run_dir=crash_dir, batch_hook=crash_at_17)
@@ -93,7 +99,7 @@ def test_stop_at_eval_target_leaves_a_resumable_checkpoint_and_best(tmp_path):
     assert checkpoint.latest(run_dir).endswith("ckpt-00000004.pt")
     best = checkpoint.load(os.path.join(run_dir, "best.pt"))
     assert best["step"] == 4 and best["best"] == summary["best"]
-    model = build_task("addition", n_digits=2).build_model(cfg.model)
+    model = build_task(cfg.task).build_model(cfg.model)
     model.load_state_dict(best["model"])
 
     summary = train(_cfg(tmp_path, "train.steps=6", "eval.every=1000"), run_dir=run_dir)
@@ -166,16 +172,18 @@ def test_spikes_are_skipped_and_the_run_ends_as_a_clean_one(tmp_path):
              "eval.every=300", "eval.samples=500", "guard.max_spikes=100"]
     clean = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "clean"))
 
-    def poison(step, x, y):
+    def poison(step, batch):
         if step in (160, 200, 240):  # labels from the wrong problems: a huge loss
-            y = torch.where(y == -100, y, (y + 5) % 10)
-        return x, y
+            batch = _wrong_labels(batch)
+        return batch
 
     spiky = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "spiky"), batch_hook=poison)
     events = [json.loads(l) for l in open(tmp_path / "spiky" / "metrics.jsonl")]
     skipped = sum(e.get("spikes", 0) for e in events if e["kind"] == "event")
     assert skipped == 3
-    assert abs(spiky["final"]["exact_match"] - clean["final"]["exact_match"]) <= 0.01
+    # three updates fewer, none of them poisoned: the run ends where the clean one does
+    clean_loss, spiky_loss = clean["last_train"]["loss"], spiky["last_train"]["loss"]
+    assert abs(spiky_loss - clean_loss) <= 0.05 * clean_loss, (clean_loss, spiky_loss)
 
 
 def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
@@ -240,7 +248,7 @@ def test_resumed_guard_counts_spikes_as_the_uninterrupted_one():
     resumed.load_state_dict(first.state_dict())
     for loss, skip in zip(losses[6:], skips[6:]):
         resumed.count_skipped(torch.tensor(float(skip)), resumed.check(torch.tensor(loss)))
-    assert (resumed.poll(), resumed.poll_skipped()) == (whole.poll(), whole.poll_skipped()) == (3, 2)
+    assert resumed.poll() == whole.poll() == {"spikes": 3, "skipped": 2}
 
 
 def test_noise_of_a_nearly_solved_task_is_not_a_spike():
@@ -254,7 +262,7 @@ def test_noise_of_a_nearly_solved_task_is_not_a_spike():
     assert not bool(guard.check(torch.tensor(1e-3)))
     assert bool(guard.check(torch.tensor(0.5)))
     assert bool(guard.check(torch.tensor(float("nan"))))
-    assert guard.poll() == 2
+    assert guard.poll() == {"spikes": 2, "skipped": 0}
     # a plain relative spike still counts where the loss is large
     loud = SpikeGuard(GuardConfig(window=8, factor=4.0, min_delta=0.1), torch.device("cpu"))
     for _ in range(8):
@@ -300,13 +308,13 @@ def test_curriculum_grows_the_task_and_resumes_at_its_level(tmp_path, monkeypatc
     assert len([e for e in events if e["kind"] == "event" and "curriculum" in e["message"]]) == 1
 
 
-def test_cuda_graphs_need_a_cuda_device_and_compile(tmp_path):
-    with pytest.raises(ValueError, match="train.compile"):
-        _cfg(tmp_path, "train.cuda_graphs=true", "train.compile=off")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="needs a CUDA device"):
-            train(_cfg(tmp_path, "train.cuda_graphs=true", "train.device=cpu"),
-                  run_dir=str(tmp_path / "run"))
+def test_cuda_graphs_need_a_single_process_cuda_run(tmp_path):
+    with pytest.raises(ValueError, match="train.cuda_graphs must be"):
+        _cfg(tmp_path, "train.cuda_graphs=sometimes")
+    assert _cfg(tmp_path, "train.cuda_graphs=true").train.cuda_graphs == "on"
+    with pytest.raises(ValueError, match="needs a single-process CUDA run"):
+        train(_cfg(tmp_path, "train.cuda_graphs=true", "train.device=cpu"),
+              run_dir=str(tmp_path / "run"))
 
 
 def test_rollback_after_repeated_spikes_lowers_the_lr(tmp_path):
@@ -314,10 +322,10 @@ def test_rollback_after_repeated_spikes_lowers_the_lr(tmp_path):
              "eval.every=1000", "guard.max_spikes=3", "guard.snapshot_every=10",
              "optim.schedule=constant"]
 
-    def poison(step, x, y):
+    def poison(step, batch):
         if 162 <= step < 167:
-            y = torch.where(y == -100, y, (y + 5) % 10)
-        return x, y
+            batch = _wrong_labels(batch)
+        return batch
 
     summary = train(_cfg(tmp_path, *steps), run_dir=str(tmp_path / "run"), batch_hook=poison)
     events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
@@ -343,9 +351,10 @@ def test_accumulating_four_micro_batches_equals_one_batch(tmp_path):
 def test_accumulation_weights_tokens_not_micro_batches(tmp_path):
     # the first of four micro-batches keeps one target token per sample, the others three:
     # a mean per micro-batch would weight its tokens three times as much as the others'
-    def uneven(step, x, y):
-        y[:8, :-1] = -100  # the answer's digits are the last targets: keep its last one
-        return x, y
+    def uneven(step, batch):
+        targets = batch["targets"].clone()
+        targets[:8, :-1] = -100  # the answer's digits are the last targets: keep its last one
+        return {**batch, "targets": targets}
 
     base = ["train.steps=4", "log.every=1", "eval.every=100", "guard.enabled=false",
             "train.batch_size=32", "optim.schedule=constant", "optim.warmup_steps=0"]

@@ -7,12 +7,12 @@ from fastlab.train.loop import train
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text())
-        return 0
     file = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if file else argv
     try:
+        if any(a in ("-h", "--help") for a in argv):
+            print(help_text(argv))
+            return 0
         cfg = build_config(file, overrides)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,9 @@
 Sources, later overriding earlier: the defaults below, a TOML (or YAML, when PyYAML is
 installed) file, then ``section.key=value`` arguments. Unknown keys are errors that name
 the closest known key.
+
+The ``task`` section belongs to the task: ``task.name`` selects it (a registered name or
+``package.module:Class``) and its ``Config`` dataclass declares the other ``task.*`` keys.
 """
 import dataclasses
 import difflib
@@ -10,30 +13,14 @@ import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Type
+
+from fastlab.tasks import TaskConfig, resolve
 
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
-
-
-@dataclass
-class TaskConfig:
-    name: str = "addition"
-    n_digits: int = 3
-    #: curriculum: start with operands of this many digits (0: none) and add one digit
-    #: each time the held-out exact match reaches curriculum_threshold
-    curriculum_start: int = 0
-    curriculum_threshold: float = 0.9
-
-    def __post_init__(self):
-        _check(self.n_digits >= 1, f"task.n_digits must be >= 1, got {self.n_digits}")
-        _check(0 <= self.curriculum_start <= self.n_digits,
-               f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
-               f"got {self.curriculum_start}")
-        _check(0 < self.curriculum_threshold <= 1,
-               f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
 
 
 @dataclass
@@ -86,9 +73,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: str = "auto"
-    #: replay forward and backward from CUDA graphs (torch.compile mode "reduce-overhead"):
-    #: for small models whose steps are bound by kernel launches; CUDA only
-    cuda_graphs: bool = False
+    #: the whole step (batch, forward, backward, clipping, spike check, update) replayed
+    #: from one CUDA graph: auto (on for single-process CUDA runs), on/true, off/false
+    cuda_graphs: str = "auto"
     dist: str = "ddp"
 
     def __post_init__(self):
@@ -100,9 +87,10 @@ class TrainConfig:
         _check(self.compile in ("auto", "on", "off"),
                f"train.compile must be auto, on or off, got {self.compile!r}")
         _check(self.dist in ("ddp", "fsdp"), f"train.dist must be ddp or fsdp, got {self.dist!r}")
-        _check(not (self.cuda_graphs and self.compile == "off"),
-               "train.cuda_graphs=true captures the compiled model: it needs train.compile "
-               "auto or on, got off")
+        graphs = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+        self.cuda_graphs = graphs.get(str(self.cuda_graphs).lower(), str(self.cuda_graphs).lower())
+        _check(self.cuda_graphs in ("auto", "on", "off"),
+               f"train.cuda_graphs must be auto, on/true or off/false, got {self.cuda_graphs!r}")
 
 
 @dataclass
@@ -155,9 +143,13 @@ class LogConfig:
     nvml: bool = True
 
 
+def _default_task() -> TaskConfig:
+    return resolve(TaskConfig.name).Config()
+
+
 @dataclass
 class Config:
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=_default_task)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -170,12 +162,16 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _sections() -> Dict[str, type]:
-    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+def _sections(task_cls=None) -> Dict[str, type]:
+    """Section name -> dataclass; ``task`` is the selected task's own config class."""
+    sections = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    sections["task"] = (task_cls or resolve(TaskConfig.name)).Config
+    return sections
 
 
-def known_keys() -> List[str]:
-    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in dataclasses.fields(cls)]
+def known_keys(task_cls=None) -> List[str]:
+    return [f"{s}.{f.name}" for s, cls in _sections(task_cls).items()
+            for f in dataclasses.fields(cls)]
 
 
 def _parse(text: Any, tp, key: str):
@@ -206,10 +202,11 @@ def _parse(text: Any, tp, key: str):
         raise ValueError(f"{key} expects {tp.__name__}, got {text!r}") from None
 
 
-def _unknown(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.5)
+def _unknown(key: str, task_cls=None) -> ValueError:
+    close = difflib.get_close_matches(key, known_keys(task_cls), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]}?" if close else "; see --help for every key"
-    return ValueError(f"unknown config key {key!r}{hint}")
+    where = f" (task {task_cls.name!r})" if task_cls is not None and key.startswith("task.") else ""
+    return ValueError(f"unknown config key {key!r}{where}{hint}")
 
 
 def _read_file(path: str) -> Dict[str, Any]:
@@ -239,38 +236,59 @@ def _flatten(data: Dict[str, Any]) -> Dict[str, Any]:
     return flat
 
 
-def build_config(file: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Defaults, then ``file``, then ``key=value`` overrides; every value type-checked."""
+def _gather(file: Optional[str], overrides: Optional[List[str]]) -> Dict[str, Any]:
     values: Dict[str, Any] = _flatten(_read_file(file)) if file else {}
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
         key, value = item.split("=", 1)
         values[key.strip()] = value.strip()
-    sections = _sections()
+    return values
+
+
+def task_class(values: Dict[str, Any]) -> Type:
+    name = values.get("task.name", TaskConfig.name)
+    if not isinstance(name, str):
+        raise ValueError(f"task.name expects str, got {type(name).__name__} {name!r}")
+    return resolve(name)
+
+
+def build_config(file: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults, then ``file``, then ``key=value`` overrides; every value type-checked."""
+    values = _gather(file, overrides)
+    task_cls = task_class(values)
+    sections = _sections(task_cls)
     chosen: Dict[str, Dict[str, Any]] = {s: {} for s in sections}
     for key, value in values.items():
         section, _, name = key.partition(".")
         if section not in sections:
-            raise _unknown(key)
+            raise _unknown(key, task_cls)
         hints = typing.get_type_hints(sections[section])
         if name not in hints:
-            raise _unknown(key)
+            raise _unknown(key, task_cls)
         chosen[section][name] = _parse(value, hints[name], key)
     return Config(**{s: cls(**chosen[s]) for s, cls in sections.items()})
 
 
-def help_text() -> str:
+def help_text(argv: Optional[List[str]] = None) -> str:
+    """Every option with its type and default; the task section is that of the task named
+    by ``task.name=...`` in ``argv`` (the default task otherwise)."""
+    names = [a.split("=", 1)[1] for a in argv or [] if a.startswith("task.name=")]
+    task_cls = resolve(names[-1] if names else TaskConfig.name)
     lines = ["usage: python -m fastlab.train [CONFIG.toml|.yaml] [section.key=value ...]", "",
-             "options (default):"]
-    defaults = Config().to_dict()
-    for section, cls in _sections().items():
+             f"options (default); task.* are those of task {task_cls.name!r} "
+             "(task.name=X --help lists X's):"]
+    sections = _sections(task_cls)
+    for section, cls in sections.items():
         hints = typing.get_type_hints(cls)
+        defaults = dataclasses.asdict(cls())
+        if section == "task" and names:
+            defaults["name"] = names[-1]
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
             key = f"{section}.{f.name}"
-            lines.append(f"  {key:<26} {name:<16} {defaults[section][f.name]!r}")
+            lines.append(f"  {key:<26} {name:<16} {defaults[f.name]!r}")
     return "\n".join(lines)
 
 

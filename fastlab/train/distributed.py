@@ -60,12 +60,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def shard_batch(x: torch.Tensor, y: torch.Tensor, dist: DistInfo):
+def shard_batch(batch, dist: DistInfo):
+    """This rank's slice of every tensor of the global ``batch`` (a dict)."""
     if not dist.active:
-        return x, y
-    per = x.shape[0] // dist.world
+        return batch
+    per = next(iter(batch.values())).shape[0] // dist.world
     sl = slice(dist.rank * per, (dist.rank + 1) * per)
-    return x[sl], y[sl]
+    return {k: v[sl] for k, v in batch.items()}
 
 
 def all_reduce_sum(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:

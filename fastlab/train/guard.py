@@ -1,28 +1,26 @@
-"""Loss-spike guard: skip bad updates on the device, roll back when spikes repeat.
+"""Loss-spike guard: flag bad steps on the device, roll back when spikes repeat.
 
-Per step, without a host sync: a loss that is non-finite, or above ``factor`` times the
-median of the last ``window`` good losses and at least ``min_delta`` above it, marks the
-step bad (the absolute margin keeps the ordinary noise of a nearly solved task, 1e-4 next
-to a median of 2e-5, from counting as a spike); the trainer then multiplies
-the loss it backpropagates by NaN, so the gradients are non-finite and the optimizer (or
-the grad scaler) skips the update for every parameter. Only good losses enter the window.
+Per step, without a host sync (and so inside a captured CUDA graph): a loss that is
+non-finite, or above ``factor`` times the median of the last ``window`` good losses and at
+least ``min_delta`` above it, marks the step bad (the absolute margin keeps the ordinary
+noise of a nearly solved task, 1e-4 next to a median of 2e-5, from counting as a spike).
+:meth:`SpikeGuard.check` returns that flag as a device tensor; the stepper hands it to the
+optimizer, which then leaves every parameter and state as it was. Only good losses enter
+the window; the window, its position and the counts are all device tensors.
 
 At each log step (where the host syncs anyway) the trainer polls the count of bad steps;
-``max_spikes`` or more since the last poll roll the model and optimizer back to the last
-in-memory snapshot (taken every ``snapshot_every`` steps while no spike was seen) and
-multiply the learning rate by ``lr_backoff``.
+``max_spikes`` or more since the last poll roll the model and optimizer back, in place,
+to the last snapshot (taken every ``snapshot_every`` steps while no spike was seen, and
+right after a resume) and multiply the learning rate by ``lr_backoff`` (a device scalar
+the step reads). Restoring in place keeps every tensor's address, so a captured step goes
+on without being captured again.
 
-The optimizer also skips updates on its own: fastlab's AdamW when the gradient norm is
-not finite, the fp16 grad scaler on overflow. The trainer hands the guard each step's skip
-flag (on the device); those not caused by a spike are polled and reported apart from the
-spikes and never trigger a rollback.
-
-A checkpoint holds the counts not yet polled, so a resumed run reports what the
-uninterrupted run would. The snapshot stays in memory only: after a resume, a rollback goes
-to the last snapshot taken since the resume.
+The optimizer also skips updates on its own: on non-finite gradients, or on fp16 overflow.
+Those skips not caused by a spike are polled and reported apart from the spikes and never
+trigger a rollback. A checkpoint holds the counts not yet polled, so a resumed run
+reports what the uninterrupted run would.
 """
-import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -31,64 +29,76 @@ class SpikeGuard:
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
         self.history = torch.full((cfg.window,), float("nan"), device=device)
+        #: steps checked so far (the window's write position is this modulo its size)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.slot = 0
-        self.seen = 0
-        self.lr_scale = 1.0
+        self.lr_scale = torch.ones((), dtype=torch.float32, device=device)
         self.rollbacks = 0
-        self.snapshot: Optional[Dict[str, Any]] = None
+        self.snapshot: Optional[List[torch.Tensor]] = None
         self.snapshot_step = -1
 
     def check(self, loss: torch.Tensor) -> torch.Tensor:
-        """A 0-dim bool tensor: whether this step's ``loss`` (detached) is a spike."""
+        """A 0-dim bool device tensor: whether this step's ``loss`` (a mean) is bad."""
         loss = loss.detach().float()
-        bad = ~torch.isfinite(loss)
-        if self.seen >= self.cfg.window // 2:
-            median = self.history.nanmedian()
-            bad = bad | ((loss > self.cfg.factor * median)
-                         & (loss > median + self.cfg.min_delta))
-        self.history[self.slot] = torch.where(bad, self.history[self.slot], loss)
-        self.slot = (self.slot + 1) % self.cfg.window
+        median = self.history.nanmedian()
+        warm = self.seen >= self.cfg.window // 2
+        spike = warm & (loss > self.cfg.factor * median) & (loss > median + self.cfg.min_delta)
+        bad = ~torch.isfinite(loss) | spike
+        slot = (self.seen % self.cfg.window).view(1)
+        kept = torch.where(bad, self.history.index_select(0, slot), loss)
+        self.history.index_copy_(0, slot, kept)
         self.seen += 1
         self.bad_steps += bad
         return bad
 
-    def count_skipped(self, skipped: Optional[torch.Tensor],
-                      bad: Optional[torch.Tensor]) -> None:
+    def count_skipped(self, skipped: torch.Tensor, bad: Optional[torch.Tensor]) -> None:
         """Count an optimizer skip (0-dim device flag) unless this step's spike caused it."""
-        if skipped is None:
-            return
         skipped = skipped.bool() if bad is None else skipped.bool() & ~bad
         self.skipped_steps += skipped
 
-    def poll(self) -> int:
-        """Bad steps since the last poll. Reads a device value: call at a log step only."""
-        count = int(self.bad_steps)
+    def poll(self) -> Dict[str, int]:
+        """Spikes and optimizer skips since the last poll. One host read: a log step's."""
+        spikes, skipped = torch.stack([self.bad_steps, self.skipped_steps]).tolist()
         self.bad_steps.zero_()
-        return count
-
-    def poll_skipped(self) -> int:
-        """Optimizer skips (not spikes) since the last poll; a log-step read like ``poll``."""
-        count = int(self.skipped_steps)
         self.skipped_steps.zero_()
-        return count
+        return {"spikes": spikes, "skipped": skipped}
 
-    def take_snapshot(self, step: int, state: Dict[str, Any]) -> None:
-        self.snapshot = {k: copy.deepcopy(v) for k, v in state.items()}
+    # --- snapshot and rollback ---------------------------------------------------------
+    def take_snapshot(self, step: int, tensors: List[torch.Tensor]) -> None:
+        """Copy ``tensors`` (parameters and optimizer state) into the snapshot, reusing
+        its buffers when their shapes match."""
+        if self.snapshot is not None and [t.shape for t in self.snapshot] == [
+                t.shape for t in tensors]:
+            with torch.no_grad():
+                for saved, t in zip(self.snapshot, tensors):
+                    saved.copy_(t)
+        else:
+            self.snapshot = [t.detach().clone() for t in tensors]
         self.snapshot_step = step
+
+    def roll_back(self, tensors: List[torch.Tensor]) -> None:
+        """Write the snapshot back into ``tensors`` in place; lower the learning rate."""
+        if [t.shape for t in tensors] != [t.shape for t in self.snapshot]:
+            raise RuntimeError("the parameters or optimizer state changed shape since the "
+                               "guard's snapshot; cannot roll back")
+        with torch.no_grad():
+            for t, saved in zip(tensors, self.snapshot):
+                t.copy_(saved)
+        self.lr_scale.mul_(self.cfg.lr_backoff)
+        self.rollbacks += 1
 
     def state_dict(self) -> Dict[str, Any]:
         # copies: on a CPU device .cpu() would alias tensors that later steps update in place
-        return {"history": self.history.to("cpu", copy=True), "slot": self.slot,
-                "seen": self.seen, "bad_steps": self.bad_steps.to("cpu", copy=True),
-                "skipped_steps": self.skipped_steps.to("cpu", copy=True),
-                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+        copy = lambda t: t.to("cpu", copy=True)  # noqa: E731
+        return {"history": copy(self.history), "seen": copy(self.seen),
+                "bad_steps": copy(self.bad_steps), "skipped_steps": copy(self.skipped_steps),
+                "lr_scale": float(self.lr_scale), "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.history.copy_(state["history"])
-        self.slot, self.seen = state["slot"], state["seen"]
-        # checkpoints written before these counts were saved resume with none pending
-        self.bad_steps.fill_(state.get("bad_steps", 0))
-        self.skipped_steps.fill_(state.get("skipped_steps", 0))
-        self.lr_scale, self.rollbacks = state["lr_scale"], state["rollbacks"]
+        self.seen.fill_(int(state["seen"]))
+        self.bad_steps.fill_(int(state["bad_steps"]))
+        self.skipped_steps.fill_(int(state["skipped_steps"]))
+        self.lr_scale.fill_(state["lr_scale"])
+        self.rollbacks = state["rollbacks"]
