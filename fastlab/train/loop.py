@@ -120,8 +120,7 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
 
             if log_now:  # the one regular host sync
                 metrics = _log_step(stepper, guard, log, timer, sampler, step, window_steps,
-                                    time.perf_counter() - window_t0, cfg, seq_len,
-                                    flops_per_token, peak, dist)
+                                    window_t0, cfg, seq_len, flops_per_token, peak, dist)
                 _guard_snapshot_or_rollback(guard, cfg, metrics.get("spikes", 0), step, model,
                                             optimizer, log)
                 window_steps, window_t0 = 0, time.perf_counter()
@@ -189,10 +188,12 @@ SHOWN = ("loss", "steps_s", "samples_s", "tok_s", "mfu", "gpu_util", "gpu_mem_gb
          "gpu_power_w", "ms_data", "ms_forward_backward", "ms_optimizer")
 
 
-def _log_step(stepper, guard, log, timer, sampler, step, window_steps, elapsed, cfg, seq_len,
+def _log_step(stepper, guard, log, timer, sampler, step, window_steps, window_t0, cfg, seq_len,
               flops_per_token, peak, dist) -> Dict[str, float]:
     """Read the window's device sums (host sync), log them and show the progress line."""
     metrics = stepper.window.read(window_steps)
+    # the host runs ahead of queued steps and replays: the window ends at the sync above
+    elapsed = time.perf_counter() - window_t0
     counts = guard.poll()
     samples_s = window_steps * cfg.train.batch_size / elapsed
     metrics.update({"steps_s": window_steps / elapsed, "samples_s": samples_s,
