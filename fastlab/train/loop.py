@@ -135,8 +135,9 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                 # nor the best so far
                 score = ev.get(task.metric) if task.curriculum_done else None
                 change = task.curriculum(ev)
-                if change:
+                if change:  # a task may change state its captured step cannot see
                     log.event(step, change)
+                    stepper.invalidate()
                 if score is not None and (best is None or score > best):
                     best = score
                     snapshot = state()  # a collective under FSDP: every rank takes part
