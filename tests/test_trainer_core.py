@@ -223,3 +223,31 @@ def test_graph_replay_trains_as_the_eager_step_and_resumes(tmp_path):
     assert [r["step"] for r in c] == list(range(1, 41))
     for x, y in zip(b[20:], c[20:]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), x["step"]
+
+
+@pytest.mark.gpu
+def test_a_curriculum_change_is_followed_by_the_captured_step(tmp_path, monkeypatch):
+    from fastlab.tasks.addition import Addition
+
+    real = Addition.evaluate
+    monkeypatch.setattr(Addition, "evaluate",
+                        lambda self, *a, **k: {**real(self, *a, **k), "exact_match": 1.0})
+    seen = []
+    batch = Addition.batch
+
+    def recording(self, step, batch_size, device, seed=0):
+        out = batch(self, step, batch_size, device, seed)
+        seen.append(out["inputs"])  # eager steps only: a replay does not call Python
+        return out
+
+    monkeypatch.setattr(Addition, "batch", recording)
+    args = GPU_ARGS + ["task.curriculum_start=1", "task.curriculum_threshold=0.5",
+                       "eval.every=10", "train.steps=30", "train.compile=off",
+                       "train.cuda_graphs=on", f"log.out_dir={tmp_path}"]
+    train(build_config(overrides=args), run_dir=str(tmp_path / "run"))
+    evals = _records(str(tmp_path / "run"), "eval")
+    assert [e["digits"] for e in evals] == [1, 2, 3]
+    # three eager steps and a capture per level: 3 levels x 4 Python calls
+    assert len(seen) == 12
+    assert (seen[0][:, 1:3] == 0).all() and (seen[4][:, 2] == 0).all()
+    assert (seen[8][:, 2] != 0).any()

@@ -83,6 +83,7 @@ class Addition(Task):
         # per-column weights of the held-out hash: operand a's columns, then b's
         self._weights = [_mix32(j + 1) for j in range(2 * self.n)]
         self._level_on: Dict[torch.device, torch.Tensor] = {}
+        self._weights_on: Dict[torch.device, torch.Tensor] = {}
 
     def build_model(self, model_cfg) -> nn.Module:
         return GPT(GPTConfig(vocab_size=self.vocab_size, block_size=self.seq_len,
@@ -91,21 +92,24 @@ class Addition(Task):
 
     # --- data ------------------------------------------------------------------------
     @torch.compiler.disable  # created once per device, outside any compiled graph
-    def _level(self, device: torch.device) -> torch.Tensor:
-        """The curriculum level as a device tensor that is updated in place."""
+    def _on(self, device: torch.device):
+        """(curriculum level, held-out hash weights) as device tensors made at the first
+        eager call (a captured step can copy nothing from the host); the level is updated
+        in place."""
         device = torch.device(device)
         if device not in self._level_on:
             self._level_on[device] = torch.tensor(self.level, device=device)
-        return self._level_on[device]
+            self._weights_on[device] = torch.tensor(self._weights, device=device)
+        return self._level_on[device], self._weights_on[device]
 
     def _draw(self, seed: int, stream: int, step: torch.Tensor, shape, device) -> torch.Tensor:
         """Operand digits (*shape, 2, n), zero past the current level."""
         digits = counter_uniform(seed, stream, step, (*shape, 2, self.n), self.base, device)
-        live = torch.arange(self.n, device=device) < self._level(device)
+        live = torch.arange(self.n, device=device) < self._on(device)[0]
         return digits * live
 
     def _held_out(self, digits: torch.Tensor) -> torch.Tensor:
-        weights = torch.tensor(self._weights, device=digits.device)
+        weights = self._on(digits.device)[1]
         key = (digits.flatten(-2) * weights).sum(-1) & 0xFFFFFFFF
         return _mix32(key) % HELD_OUT_MOD == 0
 
