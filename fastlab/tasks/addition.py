@@ -25,7 +25,8 @@ from torch import nn
 
 from fastlab.models.gpt import GPT, GPTConfig
 from fastlab.ops.cross_entropy import cross_entropy
-from fastlab.tasks.base import LossOutput, Task, TaskConfig, _mix32, counter_uniform
+from fastlab.tasks.base import (LossOutput, Task, TaskConfig, _mix32, check_option,
+                                 counter_uniform)
 
 IGNORE = -100
 #: one pair in HELD_OUT_MOD lands in the held-out bucket
@@ -35,11 +36,6 @@ REDRAWS = 6
 #: the seed of the evaluation draws, apart from every training seed's streams
 EVAL_SEED = 0x5EED
 MAX_DIGITS = 64
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
 
 
 @dataclass
@@ -55,13 +51,13 @@ class AdditionConfig(TaskConfig):
     curriculum_threshold: float = 0.9
 
     def __post_init__(self):
-        _check(1 <= self.n_digits <= MAX_DIGITS,
+        check_option(1 <= self.n_digits <= MAX_DIGITS,
                f"task.n_digits must be in [1, {MAX_DIGITS}], got {self.n_digits}")
-        _check(2 <= self.base <= 36, f"task.base must be in [2, 36], got {self.base}")
-        _check(0 <= self.curriculum_start <= self.n_digits,
+        check_option(2 <= self.base <= 36, f"task.base must be in [2, 36], got {self.base}")
+        check_option(0 <= self.curriculum_start <= self.n_digits,
                f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
                f"got {self.curriculum_start}")
-        _check(0 < self.curriculum_threshold <= 1,
+        check_option(0 < self.curriculum_threshold <= 1,
                f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
 
 

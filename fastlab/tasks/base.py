@@ -29,6 +29,12 @@ import torch
 from torch import nn
 
 
+def check_option(cond: bool, message: str) -> None:
+    """Reject a bad option value with a ValueError naming it (configs' ``__post_init__``)."""
+    if not cond:
+        raise ValueError(message)
+
+
 @dataclass
 class TaskConfig:
     """Base of every task's config: ``task.name`` selects the task (a registered name or

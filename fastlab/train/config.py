@@ -16,11 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type
 
 from fastlab.tasks import TaskConfig, resolve
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
+from fastlab.tasks.base import check_option as _check
 
 
 @dataclass

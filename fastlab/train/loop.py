@@ -37,7 +37,12 @@ def use_graphs(cfg: Config, device: torch.device, dist) -> bool:
             raise ValueError(f"train.cuda_graphs=on needs a single-process CUDA run, got one "
                              f"{where}")
         return False
-    return not cfg.log.profile
+    if cfg.log.profile:
+        if cfg.train.cuda_graphs == "on":
+            raise ValueError("log.profile=true traces eager steps: it needs train.cuda_graphs "
+                             "auto or off, got on")
+        return False
+    return True
 
 
 def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[str, Any]:
