@@ -52,13 +52,13 @@ class AdditionConfig(TaskConfig):
 
     def __post_init__(self):
         check_option(1 <= self.n_digits <= MAX_DIGITS,
-               f"task.n_digits must be in [1, {MAX_DIGITS}], got {self.n_digits}")
+                     f"task.n_digits must be in [1, {MAX_DIGITS}], got {self.n_digits}")
         check_option(2 <= self.base <= 36, f"task.base must be in [2, 36], got {self.base}")
         check_option(0 <= self.curriculum_start <= self.n_digits,
-               f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
-               f"got {self.curriculum_start}")
+                     f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
+                     f"got {self.curriculum_start}")
         check_option(0 < self.curriculum_threshold <= 1,
-               f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
+                     f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
 
 
 class Addition(Task):
