@@ -58,7 +58,8 @@ class AdditionConfig(TaskConfig):
                      f"task.curriculum_start must be in [0, task.n_digits={self.n_digits}], "
                      f"got {self.curriculum_start}")
         check_option(0 < self.curriculum_threshold <= 1,
-                     f"task.curriculum_threshold must be in (0, 1], got {self.curriculum_threshold}")
+                     "task.curriculum_threshold must be in (0, 1], got "
+                     f"{self.curriculum_threshold}")
 
 
 class Addition(Task):
