@@ -19,18 +19,35 @@ from fastlab.tasks import TaskConfig, resolve
 from fastlab.tasks.base import check_option as _check
 
 
+ARCHS = ("gpt", "thinker")
+
+
 @dataclass
 class ModelConfig:
+    #: gpt: a causal decoder over prompt and answer; thinker: a latent memory that reads
+    #: the input by cross-attention over n_step steps and decodes the output from it
+    arch: str = "gpt"
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 128
+    #: width of the MLPs (0: 4 x d_model)
+    d_hid: int = 0
     dropout: float = 0.0
+    #: thinker: latent memory vectors, steps, and the per-step plan (a preset name)
+    n_latent: int = 8
+    n_step: int = 2
+    plan: str = "read_write"
 
     def __post_init__(self):
+        _check(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
         _check(self.n_layer >= 1, f"model.n_layer must be >= 1, got {self.n_layer}")
+        _check(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
         _check(self.d_model % self.n_head == 0,
                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        _check(self.d_hid >= 0, f"model.d_hid must be >= 0 (0: 4 x d_model), got {self.d_hid}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.n_latent >= 1, f"model.n_latent must be >= 1, got {self.n_latent}")
+        _check(self.n_step >= 1, f"model.n_step must be >= 1, got {self.n_step}")
 
 
 SCHEDULES = ("linear", "cosine", "inverse_sqrt", "constant")
