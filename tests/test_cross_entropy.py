@@ -82,6 +82,37 @@ def test_matches_float64_torch(case, dtype, bk):
     _check_once(dtype=dtype, bk=bk, **case)
 
 
+def _check_autocast_once(amp_dtype, bk, device, reduction, shape=(37, 24, 203), **options):
+    """cross_entropy of an fp32 linear layer's logits under torch.autocast (logits in the
+    autocast dtype) against F.cross_entropy under the same autocast: the loss in float32
+    from the same logits, the gradient reaching the fp32 parameters through them."""
+    N, H, V = shape
+    h = randn((N, H), torch.float32, device, seed=N, requires_grad=True)
+    w = randn((V, H), torch.float32, device, seed=V, scale=3 * H ** -0.5, requires_grad=True)
+    t = _targets(N, V, N + V, ignore_every=4).to(device)
+    weights = randn((N,), torch.float32, device, seed=1) if reduction == "none" else 1.0
+    with torch.autocast(device, dtype=amp_dtype):
+        logits = F.linear(h, w)
+        want = F.cross_entropy(logits, t, reduction=reduction, **options)
+        want_grads = torch.autograd.grad((want * weights).sum(), (h, w))
+        with backend(bk):
+            loss = cross_entropy(F.linear(h, w), t, reduction=reduction, **options)
+            grads = torch.autograd.grad((loss * weights).sum(), (h, w))
+    assert logits.dtype == amp_dtype and loss.dtype == want.dtype == torch.float32
+    assert_close(loss, want, torch.float32, scale=2.0)
+    for got, expected in zip(grads, want_grads):
+        assert got.dtype == torch.float32
+        assert_close(got, expected, amp_dtype)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction, options", [
+    ("mean", {}), ("sum", dict(label_smoothing=0.1)), ("none", {})])
+def test_autocast_logits_match_torch(reduction, options, amp_dtype, bk):
+    _check_autocast_once(amp_dtype, bk, "cpu", reduction, **options)
+
+
 def _exact(row, y):
     """Loss and gradient of one row in 60-digit arithmetic."""
     with mpmath.workdps(60):
@@ -344,6 +375,14 @@ def test_real_size_matches_float64(V, reduction):
     (gwant,) = torch.autograd.grad((want * w.double()).sum(), x64)
     assert_close(loss, want, torch.float32, scale=2.0)
     assert_close(g, gwant, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_autocast_logits_match_torch(reduction, amp_dtype):
+    _check_autocast_once(amp_dtype, "auto", "cuda", reduction, shape=(1031, 256, 32768),
+                         label_smoothing=0.1)
 
 
 def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch):

@@ -1,6 +1,7 @@
 """fastlab.ops.fused_linear_cross_entropy against the unfused float64 reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastlab.ops._dispatch import backend
 from fastlab.ops.fused_linear_cross_entropy import (fused_linear_cross_entropy,
@@ -114,6 +115,95 @@ def test_bad_arguments(call, error, match):
     hidden, weight, _, target = _inputs(9, 8, 21, torch.float32, False, seed=7)
     with pytest.raises(error, match=match):
         call(hidden, weight, target)
+
+
+def _check_autocast_once(N, H, V, amp_dtype, bk, device, *, with_bias, reduction, chunk_size,
+                         dtypes=(torch.float32,) * 3, **options):
+    """The op under torch.autocast against F.linear + F.cross_entropy under the same
+    autocast: loss in float32, each gradient in its own input's dtype. Ours are accumulated
+    in fp32 and rounded once, torch's pass through the autocast dtype first: the
+    tolerance is the autocast dtype's."""
+    hidden, weight, bias, target = _inputs(N, H, V, torch.float32, with_bias, seed=N + V,
+                                           ignore_every=5, device=device)
+    hidden, weight = (t.detach().to(d).requires_grad_(True)
+                      for t, d in zip((hidden, weight), dtypes))
+    if with_bias:
+        bias = bias.detach().to(dtypes[2]).requires_grad_(True)
+    params = [p for p in (hidden, weight, bias) if p is not None]
+    w = randn((N,), torch.float32, device, seed=4) if reduction == "none" else 1.0
+    with torch.autocast(device, dtype=amp_dtype):
+        logits = F.linear(hidden, weight, bias)
+        want = F.cross_entropy(logits, target, reduction=reduction, **options)
+        want_grads = torch.autograd.grad((want * w).sum(), params)
+        with backend(bk):
+            loss = fused_linear_cross_entropy(hidden, weight, target, bias,
+                                              reduction=reduction, chunk_size=chunk_size,
+                                              **options)
+            grads = torch.autograd.grad((loss * w).sum(), params)
+    assert logits.dtype == amp_dtype and want.dtype == loss.dtype == torch.float32
+    assert_close(loss, want, amp_dtype, scale=0.5)
+    for got, expected, param in zip(grads, want_grads, params):
+        assert got.dtype == expected.dtype == param.dtype
+        assert_close(got, expected, amp_dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("bk", ["kernel", "reference"])
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [
+    dict(reduction="mean", with_bias=True, chunk_size=8),
+    dict(reduction="sum", with_bias=False, chunk_size=None, label_smoothing=0.1),
+    dict(reduction="none", with_bias=True, chunk_size=16),
+], ids=["mean-bias-chunked", "sum-smoothing", "none-bias-chunked"])
+def test_autocast_fp32_parameters_match_torch(case, amp_dtype, bk):
+    """The default of an AMP run: fp32 parameters, the matmul in the autocast dtype."""
+    _check_autocast_once(37, 24, 203, amp_dtype, bk, "cpu", **case)
+
+
+@pytest.mark.parametrize("bk", ["kernel", "reference"])
+def test_autocast_mixed_input_dtypes(bk):
+    """bf16 hidden states (a previous layer's output under autocast) with an fp32 weight
+    and bias, as F.linear takes them under autocast; outside it they must match."""
+    _check_autocast_once(19, 16, 75, torch.bfloat16, bk, "cpu", with_bias=True,
+                         reduction="mean", chunk_size=8,
+                         dtypes=(torch.bfloat16, torch.float32, torch.float32))
+    hidden, weight, _, target = _inputs(19, 16, 75, torch.float32, False, seed=9)
+    with pytest.raises(ValueError, match="must match hidden"):
+        fused_linear_cross_entropy(hidden.bfloat16(), weight, target)
+
+
+def test_autocast_gradients_are_rounded_once():
+    """Under autocast the fp32 parameters' gradients keep fp32 precision: accumulated in
+    fp32 and rounded once, not through bf16 (the op's body runs with autocast off, where
+    CPU autocast would run the op's fp32 products in bf16). Loss, and the gradients rounded
+    to bf16, equal the op's on operands cast to bf16 beforehand."""
+    hidden, weight, bias, target = _inputs(37, 24, 203, torch.float32, True, seed=10)
+    params = (hidden, weight, bias)
+    with backend("kernel"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(hidden, weight, target, bias, chunk_size=8)
+            grads = torch.autograd.grad(loss, params)
+        cast = [p.detach().bfloat16().requires_grad_(True) for p in params]
+        loss_cast = fused_linear_cross_entropy(cast[0], cast[1], target, cast[2],
+                                               chunk_size=8)
+        grads_cast = torch.autograd.grad(loss_cast, cast)
+    assert torch.equal(loss, loss_cast)
+    for name, got, rounded in zip(("hidden", "weight", "bias"), grads, grads_cast):
+        assert got.dtype == torch.float32
+        assert not torch.equal(got, got.bfloat16().float()), name
+        if name == "hidden":  # a bf16 matmul may sum in another order than an fp32 one
+            assert_close(got.bfloat16(), rounded, torch.bfloat16, scale=0.1)
+        else:
+            assert torch.equal(got.bfloat16(), rounded), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_autocast_fp32_parameters_match_torch(reduction, amp_dtype):
+    """The CUDA kernel path under torch.autocast("cuda"): several chunks, bias, fp32
+    parameters."""
+    _check_autocast_once(1031, 256, 8191, amp_dtype, "auto", "cuda", with_bias=True,
+                         reduction=reduction, chunk_size=256)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,8 @@
 ``logits`` is (..., V) with the classes on the last dimension (torch puts them on dim 1),
 ``target`` holds class indices of shape ``logits.shape[:-1]``. The loss is float32 for
 fp32/bf16/fp16 logits (float64 for float64 logits); the gradient has the logits' dtype.
+That is also what torch.autocast makes of F.cross_entropy (it runs it in float32): under
+autocast the op needs no cast of its own, its bf16/fp16 logits give a float32 loss.
 
 Numerics (DESIGN.md): the target's term is log1p(sum_{j != y} exp(z_j - z_y)) and its
 gradient -t / (1 + t), so a target that dominates by a margin of 20 to 80 still gets a

@@ -1,12 +1,12 @@
 """Linear layer + cross-entropy without the full logits: ``hidden @ weight.T (+ bias)``.
 
-The tokens are cut into chunks. For each chunk the logits (chunk x V, in the hidden dtype)
-are computed, the cross-entropy kernel turns them in place into their gradient (already
-multiplied by 1/n_valid for a mean), and that gradient feeds the three products that need
-it: grad_hidden (chunk rows, fp32 accumulation over V inside the matmul), grad_weight and
-grad_bias (accumulated across chunks in float32 and cast once at the end: the first chunk's
-product is written, not added to zeros). The backward
-only multiplies these by the incoming scalar, skipped when it is exactly 1.
+The tokens are cut into chunks. For each chunk the logits (chunk x V, in the compute dtype:
+hidden's, or the autocast dtype) are computed, the cross-entropy kernel turns them in place
+into their gradient (already multiplied by 1/n_valid for a mean), and that gradient feeds
+the three products that need it: grad_hidden (chunk rows, fp32 accumulation over V inside
+the matmul), grad_weight and grad_bias (accumulated across chunks in float32 and cast once
+at the end: the first chunk's product is written, not added to zeros). The backward only
+multiplies these by the incoming scalar, skipped when it is exactly 1.
 
 ``reduction="none"`` cannot fold a per-row incoming gradient into grad_weight ahead of
 time: its forward computes the losses only and its backward recomputes each chunk's logits
@@ -17,6 +17,18 @@ Memory beyond the inputs: the chunk's logits, grad_hidden, and the float32 weigh
 directly, after the last chunk's logits are freed, so it does not raise the peak (fp32
 gradient + one chunk's logits). Numerics and options are those of
 :func:`fastlab.ops.cross_entropy`.
+
+Autocast. Under ``torch.autocast`` for the inputs' device the op does what torch does for
+a linear layer followed by cross-entropy: the matmul operands (hidden, weight, bias) are
+cast to the autocast dtype and the logits come out in it, the loss is computed from them
+with fp32 accumulation and returned in float32. Each gradient comes back in its own
+input's dtype (fp32 parameters get fp32 gradients): grad_hidden and grad_weight are
+accumulated in fp32 and rounded once to that dtype, never to the autocast dtype first.
+There, hidden, weight and bias may have different float dtypes, as F.linear accepts under
+autocast; outside it they must match. The op's body runs with autocast off, so the dtypes
+chosen here are the ones its matmuls see. The casts copy hidden and weight once per call
+(as autocast's F.linear does), which adds N x H and V x H values of the autocast dtype to
+the memory above.
 """
 from typing import Optional, Tuple
 
@@ -34,6 +46,23 @@ from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _refere
 _CHUNK_LOGITS_BYTES = 1 << 30
 #: Fewest rows per chunk, so a small vocabulary still gets matmuls worth launching.
 _MIN_CHUNK = 256
+#: Dtypes autocast casts to its own (float64 stays float64 under autocast, as in torch).
+_AUTOCAST_CAST = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_casts(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether autocast is on for hidden's device and casts every input (none is float64)."""
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+    return (torch.is_autocast_enabled(hidden.device.type)
+            and all(t.dtype in _AUTOCAST_CAST for t in inputs))
+
+
+def compute_dtype(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> torch.dtype:
+    """Dtype of the matmul operands and the logits: the autocast dtype of hidden's device
+    when autocast casts the inputs, else hidden's dtype."""
+    if _autocast_casts(hidden, weight, bias):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
 
 
 def chunk_rows(n_tokens: int, vocab: int, itemsize: int) -> int:
@@ -64,20 +93,34 @@ def _product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
     return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
+def _product_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b accumulated in fp32 and rounded once to out's dtype, which is a's or,
+    under autocast, another one (fp32 for fp32 hidden)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32 and a.is_cuda:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(_product(a, b, None))
+
+
 def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
              scale: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-             with_grad: bool, chunk: int):
-    """Kernel path over token chunks: (loss rows, z rows, grads or Nones). ``scale`` is the
-    gradient factor, one value or one per row."""
+             with_grad: bool, chunk: int, grad_dtypes):
+    """Kernel path over token chunks: (loss rows, z rows, grads or Nones). ``hidden``,
+    ``weight`` and ``bias`` are in the compute dtype, the gradients in ``grad_dtypes``
+    (hidden's, weight's, bias's). ``scale`` is the gradient factor, one value or one per
+    row."""
     from fastlab.kernels.cross_entropy import cross_entropy_forward
 
     N, H = hidden.shape
     V = weight.shape[0]
+    hidden_dtype, weight_dtype, bias_dtype = grad_dtypes
     loss = torch.empty(N, device=hidden.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
     grad_hidden = grad_bias = acc = None
     if with_grad:
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty(N, H, device=hidden.device, dtype=hidden_dtype)
         if bias is not None:
             grad_bias = torch.zeros(V, device=weight.device, dtype=torch.float32)
     for start in range(0, N, chunk):
@@ -89,7 +132,7 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
             logits, target[start:end], logits if with_grad else None, rows_scale,
             ignore_index, label_smoothing, z_loss)
         if with_grad:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
+            _product_into(grad_hidden[start:end], logits, weight)
             acc = _product(logits.T, h, acc)
             if grad_bias is not None:
                 grad_bias += logits.sum(dim=0, dtype=torch.float32)
@@ -98,16 +141,17 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
         return loss, zloss, None, None, None
     if acc is None:  # no tokens
         acc = torch.zeros(V, H, device=weight.device, dtype=torch.float32)
-    grad_weight = acc if weight.dtype == torch.float32 else acc.to(weight.dtype)
+    grad_weight = acc if weight_dtype == torch.float32 else acc.to(weight_dtype)
     del acc
     if grad_bias is not None:
-        grad_bias = grad_bias.to(bias.dtype)
+        grad_bias = grad_bias.to(bias_dtype)
     return loss, zloss, grad_hidden, grad_weight, grad_bias
 
 
 def _reference(hidden, weight, bias, target, scale, ignore_index, label_smoothing, z_loss,
-               with_grad):
-    """Reference path: full float64 logits and the written-out gradient."""
+               with_grad, grad_dtypes):
+    """Reference path: full float64 logits of the compute-dtype operands and the
+    written-out gradient, rounded once to ``grad_dtypes``."""
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()
@@ -115,22 +159,29 @@ def _reference(hidden, weight, bias, target, scale, ignore_index, label_smoothin
                                      with_grad)
     if not with_grad:
         return rows, zrows, None, None, None
+    hidden_dtype, weight_dtype, bias_dtype = grad_dtypes
     g = g * (scale.double() if scale.dim() == 0 else scale.double()[:, None])
-    grad_bias = None if bias is None else g.sum(dim=0).to(bias.dtype)
-    return (rows, zrows, (g @ weight.double()).to(hidden.dtype),
-            (g.T @ hidden.double()).to(weight.dtype), grad_bias)
+    grad_bias = None if bias is None else g.sum(dim=0).to(bias_dtype)
+    return (rows, zrows, (g @ weight.double()).to(hidden_dtype),
+            (g.T @ hidden.double()).to(weight_dtype), grad_bias)
 
 
 def _run(hidden, weight, bias, target, scale, ignore_index, label_smoothing, z_loss,
-         with_grad, chunk_size):
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+         with_grad, chunk_size, dtype):
+    """Either path on the operands cast to ``dtype`` (a copy only under autocast), with
+    autocast off inside so that every matmul runs in the dtypes chosen here."""
+    grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    h2 = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     t = target.reshape(-1)
-    if _kernel_ok(hidden, weight, target):
-        chunk = chunk_size or chunk_rows(h2.shape[0], weight.shape[0], hidden.element_size())
-        return _chunked(h2, weight, bias, t, scale, ignore_index, label_smoothing, z_loss,
-                        with_grad, chunk)
-    return _reference(h2, weight, bias, t, scale, ignore_index, label_smoothing, z_loss,
-                      with_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if _kernel_ok(h2, weight, target):
+            chunk = chunk_size or chunk_rows(h2.shape[0], weight.shape[0], h2.element_size())
+            return _chunked(h2, weight, bias, t, scale, ignore_index, label_smoothing,
+                            z_loss, with_grad, chunk, grad_dtypes)
+        return _reference(h2, weight, bias, t, scale, ignore_index, label_smoothing, z_loss,
+                          with_grad, grad_dtypes)
 
 
 def _empty_grad(like: Optional[Tensor], grad: Optional[Tensor]) -> Tensor:
@@ -143,15 +194,16 @@ def _empty_grad(like: Optional[Tensor], grad: Optional[Tensor]) -> Tensor:
 @torch.library.custom_op("fastlab::fused_linear_cross_entropy_forward", mutates_args=())
 def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 ignore_index: int, label_smoothing: float, z_loss: float, reduction: str,
-                check_targets: bool, with_grad: bool, chunk_size: int
+                check_targets: bool, with_grad: bool, chunk_size: int, dtype: torch.dtype
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss, z-loss, and (with_grad) the pre-scaled gradients of hidden, weight, bias."""
+    """Loss, z-loss, and (with_grad) the pre-scaled gradients of hidden, weight, bias;
+    ``dtype`` is the matmuls' (:func:`compute_dtype`)."""
     if check_targets:
         check_target_range(target, weight.shape[0], ignore_index)
     t = target.reshape(-1)
     scale, n_valid = _grad_scale(t, ignore_index, reduction)
     rows, zrows, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
-                                   label_smoothing, z_loss, with_grad, chunk_size)
+                                   label_smoothing, z_loss, with_grad, chunk_size, dtype)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lead = hidden.shape[:-1]
     loss = _reduce(rows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
@@ -165,17 +217,17 @@ def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 @torch.library.custom_op("fastlab::fused_linear_cross_entropy_backward", mutates_args=())
 def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                  grad_rows: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                 chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+                 chunk_size: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for ``reduction="none"``, each row's gradient times ``grad_rows``."""
     scale = grad_rows.reshape(-1).to(torch.float32)
     _, _, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
-                            label_smoothing, z_loss, True, chunk_size)
+                            label_smoothing, z_loss, True, chunk_size, dtype)
     return gh.view_as(hidden), gw, _empty_grad(weight, gb)
 
 
 @_forward_op.register_fake
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-      check_targets, with_grad, chunk_size):
+      check_targets, with_grad, chunk_size, dtype):
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     shape = hidden.shape[:-1] if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=out_dtype)
@@ -189,7 +241,7 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduc
 
 @_backward_op.register_fake
 def _(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss,
-      chunk_size):
+      chunk_size, dtype):
     gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
@@ -197,14 +249,14 @@ def _(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                reduction, check_targets, chunk_size):
+                reduction, check_targets, chunk_size, dtype):
         deferred = reduction == "none"
         loss, zl, gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_forward(
             hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-            check_targets, not deferred, chunk_size)
+            check_targets, not deferred, chunk_size, dtype)
         ctx.deferred = deferred
         ctx.has_bias = bias is not None
-        ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size)
+        ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size, dtype)
         if deferred:
             ctx.save_for_backward(hidden, weight, bias, target)
         else:
@@ -216,7 +268,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_zl):
         if grad_loss is None:
-            return (None,) * 10
+            return (None,) * 11
         if ctx.deferred:
             hidden, weight, bias, target = ctx.saved_tensors
             gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_backward(
@@ -225,7 +277,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             gh, gw, gb = ctx.saved_tensors
             for g in (gh, gw, gb):
                 scale_grad_(g, grad_loss)
-        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 7
+        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 8
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
@@ -247,11 +299,13 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's "
                          f"last dimension, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+    # under autocast every input is cast to the compute dtype, so their dtypes may differ
+    any_dtype = _autocast_casts(hidden, weight, bias)
+    if weight.device != hidden.device or weight.dtype != hidden.dtype and not any_dtype:
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype
-                             or bias.device != hidden.device):
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != hidden.device
+                             or bias.dtype != hidden.dtype and not any_dtype):
         raise ValueError(f"bias must be a ({weight.shape[0]},) tensor of {hidden.dtype} on "
                          f"{hidden.device}, got {tuple(bias.shape)} {bias.dtype} "
                          f"{bias.device}")
@@ -263,12 +317,13 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check = target.device.type == "cpu" if check_targets is None else bool(check_targets)
     args = (int(ignore_index), float(label_smoothing), float(z_loss), reduction, check)
+    dtype = compute_dtype(hidden, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if wants_grad:
         loss, zl = _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, *args,
-                                                  chunk_size or 0)
+                                                  chunk_size or 0, dtype)
     else:
         loss, zl = torch.ops.fastlab.fused_linear_cross_entropy_forward(
-            hidden, weight, bias, target, *args, False, chunk_size or 0)[:2]
+            hidden, weight, bias, target, *args, False, chunk_size or 0, dtype)[:2]
     return (loss, zl) if return_z_loss else loss
