@@ -351,12 +351,17 @@ def test_bad_target_values(bk):
     (lambda x, t: cross_entropy(x, t, z_loss=-1.0), ValueError, "z_loss must be"),
     (lambda x, t: cross_entropy(x, t, ignore_index=0.5), TypeError, "ignore_index must be"),
     (lambda x, t: CrossEntropyLoss(weight=torch.ones(9)), ValueError, "weight"),
+    (lambda x, t: cross_entropy(x, t + 9, check_targets=True), ValueError,
+     r"outside \[0, 9\)"),
 ], ids=["float-target", "int-logits", "shape", "no-classes", "device", "reduction",
-        "smoothing", "z-loss", "ignore-index", "class-weight"])
-def test_bad_arguments(call, error, match):
+        "smoothing", "z-loss", "ignore-index", "class-weight", "target-range"])
+@pytest.mark.parametrize("bk", ["auto"] + BACKENDS)
+def test_bad_arguments(call, error, match, bk):
+    """The same error whichever path would run (the default one, the kernel, the
+    reference): the checks come before the choice."""
     x = randn((4, 9), torch.float32, DEVICE, seed=16)
     t = torch.tensor([0, 1, 2, 3], device=DEVICE)
-    with pytest.raises(error, match=match):
+    with backend(bk), pytest.raises(error, match=match):
         call(x, t)
 
 

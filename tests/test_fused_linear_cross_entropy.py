@@ -110,10 +110,19 @@ def test_options_reach_the_loss_and_z_loss_is_reported():
      "chunk_size must be"),
     (lambda h, w, t: fused_linear_cross_entropy(h, w, t + 21), ValueError,
      "outside \\[0, 21\\)"),
-], ids=["hidden-size", "dtype", "bias", "target-shape", "float-target", "chunk", "range"])
-def test_bad_arguments(call, error, match):
+    (lambda h, w, t: fused_linear_cross_entropy(h, w.tolist(), t), TypeError,
+     "weight must be a tensor"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t, bias=[0.0] * 21), TypeError,
+     "bias must be a tensor or None"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t, reduction="avg"), ValueError,
+     "reduction must be"),
+], ids=["hidden-size", "dtype", "bias", "target-shape", "float-target", "chunk", "range",
+        "weight-list", "bias-list", "reduction"])
+@pytest.mark.parametrize("bk", ["auto", "kernel", "reference"])
+def test_bad_arguments(call, error, match, bk):
+    """The same error whichever path would run: the checks come before the choice."""
     hidden, weight, _, target = _inputs(9, 8, 21, torch.float32, False, seed=7)
-    with pytest.raises(error, match=match):
+    with backend(bk), pytest.raises(error, match=match):
         call(hidden, weight, target)
 
 

@@ -416,6 +416,76 @@ def test_bad_input_raises(name, mode):
             call()
 
 
+def _public_bad_calls():
+    """Bad input through the public functions, which check it before choosing a path."""
+    x = lambda: torch.randn(6, 3)  # noqa: E731
+    y = lambda: torch.randn(2, 3)  # noqa: E731
+    ok = lambda: torch.tensor([0, 2, 6])  # noqa: E731
+    words = lambda: torch.tensor([0, 2, 2, 6])  # noqa: E731
+    return {
+        "pool offsets start": (ValueError, "segment_pool: offsets must start at 0, got 1",
+                               lambda: segment_pool(x(), torch.tensor([1, 3, 6]), "sum")),
+        "pool offsets order": (ValueError, "segment_pool: offsets must be non-decreasing",
+                               lambda: segment_pool(x(), torch.tensor([0, 4, 2, 6]), "max")),
+        "pool offsets end": (ValueError, "must end at the number of rows \\(6\\), got 5",
+                             lambda: segment_pool(x(), torch.tensor([0, 2, 5]), "mean")),
+        "pool offsets list": (TypeError, "segment_pool: offsets must be a tensor",
+                              lambda: segment_pool(x(), [0, 2, 6], "sum")),
+        "pool offsets float": (TypeError, "offsets must be int32 or int64",
+                               lambda: segment_pool(x(), ok().float(), "sum")),
+        "pool offsets 2-D": (ValueError, "offsets must be 1-D",
+                             lambda: segment_pool(x(), ok()[None], "sum")),
+        "pool x 1-D": (ValueError, "segment_pool: x must be 2-D",
+                       lambda: segment_pool(torch.randn(6), ok(), "sum")),
+        "pool x list": (TypeError, "segment_pool: x must be a tensor",
+                        lambda: segment_pool([[1.0]] * 6, ok(), "sum")),
+        "pool x bool": (TypeError, "x must be float32",
+                        lambda: segment_pool(torch.ones(6, 3, dtype=torch.bool), ok(), "sum")),
+        "pool reduce": (ValueError, "segment_pool: reduce must be one of .* got 'median'",
+                        lambda: segment_pool(x(), ok(), "median")),
+        "spread offsets start": (ValueError, "segment_broadcast: offsets must start at 0",
+                                 lambda: segment_broadcast(y(), torch.tensor([1, 3, 6]), 6)),
+        "spread offsets order": (ValueError, "offsets must be non-decreasing",
+                                 lambda: segment_broadcast(torch.randn(3, 3),
+                                                           torch.tensor([0, 4, 2, 6]), 6)),
+        "spread offsets end": (ValueError, "must end at the number of rows \\(7\\), got 6",
+                               lambda: segment_broadcast(y(), ok(), 7)),
+        "spread no offsets": (ValueError, "offsets must be 1-D with S \\+ 1 >= 1",
+                              lambda: segment_broadcast(y(), torch.zeros(0, dtype=torch.long))),
+        "spread offsets vs y": (ValueError, "offsets must have y.shape\\[0\\] \\+ 1 = 4",
+                                lambda: segment_broadcast(torch.randn(3, 3), ok(), 6)),
+        "spread total": (ValueError, "total must be >= 0",
+                         lambda: segment_broadcast(y(), ok(), -1)),
+        "spread shift": (ValueError, "shift must be >= 0",
+                         lambda: segment_broadcast(y(), ok(), 6, -1)),
+        "spread base shape": (ValueError, "base must have shape \\(total, y.shape\\[1\\]\\)",
+                              lambda: segment_broadcast(y(), ok(), 6, 0, torch.randn(5, 3))),
+        "spread base dtype": (TypeError, "base must have y's dtype",
+                              lambda: segment_broadcast(y(), ok(), 6, 0,
+                                                        torch.randn(6, 3).double())),
+        "spread base list": (TypeError, "segment_broadcast: base must be a tensor",
+                             lambda: segment_broadcast(y(), ok(), None, 0, [[0.0] * 3] * 6)),
+        "hierarchy reduce": (ValueError, "hierarchical_pool: reduce must be one of .* 'median'",
+                             lambda: hierarchical_pool(x(), [words(), ok()], ["sum", "median"])),
+        "hierarchy count": (ValueError, "one string or one per level \\(2\\), got 1",
+                            lambda: hierarchical_pool(x(), [words(), ok()], ["sum"])),
+        "hierarchy tensor": (TypeError, "level_offsets must be a sequence",
+                             lambda: hierarchical_pool(x(), words(), "sum")),
+        "hierarchy level 2": (ValueError, "must end at the number of rows \\(3\\), got 6",
+                              lambda: hierarchical_pool(x(), [words(), ok()], "mean")),
+    }
+
+
+@pytest.mark.parametrize("bk", ["auto", "reference"])
+@pytest.mark.parametrize("name", list(_public_bad_calls()))
+def test_public_bad_input_raises_on_both_paths(name, bk):
+    """backend("reference") refuses what the default path (the extension) refuses, with
+    the same error."""
+    error, match, call = _public_bad_calls()[name]
+    with backend(bk), pytest.raises(error, match=match):
+        call()
+
+
 @pytest.mark.parametrize("offsets, match", [
     ([1, 2, 7], "offsets must start at 0, got 1"),
     ([0, 2, 6], "offsets must end at the number of rows \\(7\\), got 6"),

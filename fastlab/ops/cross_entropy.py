@@ -315,7 +315,9 @@ class _CrossEntropy(torch.autograd.Function):
 
 def validate(logits: Tensor, target: Tensor, ignore_index, label_smoothing, reduction,
              z_loss, logits_name: str = "logits") -> None:
-    """Clear errors for bad arguments; metadata only (no device sync)."""
+    """Clear errors for bad arguments, the same whichever path then runs (kernel or
+    reference); metadata only (no device sync). Target values are checked by the op itself,
+    on request (``check_targets``)."""
     if not isinstance(logits, Tensor) or logits.dtype not in _LOGIT_DTYPES:
         got = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
         raise TypeError(f"{logits_name} must be a float32, bfloat16, float16 or float64 "
@@ -327,6 +329,9 @@ def validate(logits: Tensor, target: Tensor, ignore_index, label_smoothing, redu
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{logits_name} must have shape (..., V) with V >= 1, got "
                          f"{tuple(logits.shape)}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} ({logits_name}'s "
+                         f"shape without its last dimension), got {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but {logits_name} is on "
                          f"{logits.device}; both must be on the same device")
@@ -355,9 +360,6 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     host, which syncs on CUDA.
     """
     validate(logits, target, ignore_index, label_smoothing, reduction, z_loss)
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} (logits' shape "
-                         f"without the class dimension), got {tuple(target.shape)}")
     check = target.device.type == "cpu" if check_targets is None else bool(check_targets)
     args = (int(ignore_index), float(label_smoothing), float(z_loss), reduction, check)
     if torch.is_grad_enabled() and logits.requires_grad:

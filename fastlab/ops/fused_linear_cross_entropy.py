@@ -280,21 +280,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return (gh, gw, gb if ctx.has_bias else None) + (None,) * 8
 
 
-def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
-                               bias: Optional[Tensor] = None, *, ignore_index: int = -100,
-                               label_smoothing: float = 0.0, reduction: str = "mean",
-                               z_loss: float = 0.0, return_z_loss: bool = False,
-                               check_targets: Optional[bool] = None,
-                               chunk_size: Optional[int] = None):
-    """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the full logits.
-
-    ``hidden`` (..., H), ``weight`` (V, H), ``bias`` (V,) or None, ``target`` (...) class
-    indices. Options as :func:`fastlab.ops.cross_entropy`; ``chunk_size`` (tokens per
-    chunk) defaults to a choice from the shapes.
-    """
+def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, z_loss,
+              chunk_size) -> None:
+    """Every argument check of :func:`fused_linear_cross_entropy`, made before the kernel or
+    the reference path is chosen, so both refuse the same inputs with the same errors."""
     validate(hidden, target, ignore_index, label_smoothing, reduction, z_loss,
              logits_name="hidden")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor (V, H)")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's "
@@ -309,12 +305,25 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         raise ValueError(f"bias must be a ({weight.shape[0]},) tensor of {hidden.dtype} on "
                          f"{hidden.device}, got {tuple(bias.shape)} {bias.dtype} "
                          f"{bias.device}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape "
-                         f"without the feature dimension), got {tuple(target.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or
                                    not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
+                               bias: Optional[Tensor] = None, *, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, reduction: str = "mean",
+                               z_loss: float = 0.0, return_z_loss: bool = False,
+                               check_targets: Optional[bool] = None,
+                               chunk_size: Optional[int] = None):
+    """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the full logits.
+
+    ``hidden`` (..., H), ``weight`` (V, H), ``bias`` (V,) or None, ``target`` (...) class
+    indices. Options as :func:`fastlab.ops.cross_entropy`; ``chunk_size`` (tokens per
+    chunk) defaults to a choice from the shapes.
+    """
+    _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, z_loss,
+              chunk_size)
     check = target.device.type == "cpu" if check_targets is None else bool(check_targets)
     args = (int(ignore_index), float(label_smoothing), float(z_loss), reduction, check)
     dtype = compute_dtype(hidden, weight, bias)

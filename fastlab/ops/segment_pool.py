@@ -200,7 +200,13 @@ def segment_broadcast_ref(y: torch.Tensor, offsets: torch.Tensor, total: Optiona
 # The fake kernels repeat the structural checks of csrc/segment_pool.cpp with the same
 # messages, so a traced program fails like an eager one.
 
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
 def _check_features(op: str, name: str, t: torch.Tensor) -> None:
+    _check_tensor(op, name, t)
     if t.dim() != 2:
         raise ValueError(f"{op}: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
@@ -210,6 +216,7 @@ def _check_features(op: str, name: str, t: torch.Tensor) -> None:
 
 def _check_offsets(op: str, offsets: torch.Tensor, like: torch.Tensor, like_name: str,
                    total) -> None:
+    _check_tensor(op, "offsets", offsets)
     if offsets.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: offsets must be int32 or int64, got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.shape[0] < 1:
@@ -229,10 +236,14 @@ def _check_segments(op: str, offsets: torch.Tensor, t: torch.Tensor, name: str) 
                          f"boundaries, got {offsets.shape[0]}")
 
 
-def _check_pool_args(x, offsets, reduce) -> None:
+def _check_reduce(op: str, reduce) -> None:
     if reduce not in REDUCTIONS:
-        raise ValueError(f"segment_pool: reduce must be one of 'sum', 'mean', 'max', 'min', "
+        raise ValueError(f"{op}: reduce must be one of 'sum', 'mean', 'max', 'min', "
                          f"'first', 'last', got '{reduce}'")
+
+
+def _check_pool_args(x, offsets, reduce) -> None:
+    _check_reduce("segment_pool", reduce)
     _check_features("segment_pool", "x", x)
     _check_offsets("segment_pool", offsets, x, "x", x.shape[0])
 
@@ -249,22 +260,67 @@ def _check_offset_values(op: str, offsets: torch.Tensor, total: int) -> None:
         raise ValueError(f"{op}: offsets must be non-decreasing")
 
 
-# Eager calls refuse bad arguments in Python before the extension sees them (the extension
-# checks again: metadata only). Offset values, which need a host copy on CUDA, are checked
-# once: on CUDA here when asked (and the extension is told not to repeat it), on CPU by the
-# extension's loop.
+# One validation function per op, run by the public functions before they choose a path, so
+# backend("reference") refuses what the extension refuses, with the same messages (those of
+# csrc/segment_pool.cpp, which checks again: metadata only). Offsets' values, which need a
+# host copy on CUDA, are checked once: on CUDA here when asked (and the extension is told
+# not to repeat it), on CPU here for the reference and by the extension's own loop for it.
+# Traced calls check metadata only: the fake kernels do for the extension, these functions
+# for the reference path (reading the values would break the graph).
 
-def _prevalidate(op: str, check_args, offsets: torch.Tensor, total: int,
-                validate: bool) -> bool:
-    """Runs ``check_args()`` and, on CUDA when asked, the value check; returns the
-    ``validate`` left to the extension."""
+def _check_values(op: str, offsets: torch.Tensor, total: int, validate: bool,
+                  extension: bool) -> bool:
+    """Offsets' values where they are due (above); returns the ``validate`` flag left to
+    the extension."""
     if torch.compiler.is_compiling():
         return validate
-    check_args()
-    if validate and offsets.device.type != "cpu":
+    on_cpu = offsets.device.type == "cpu"
+    if (validate and not on_cpu) or (on_cpu and not extension):
         _check_offset_values(op, offsets, total)
         return False
     return validate
+
+
+def _validate_pool(x, offsets, reduce, validate: bool, extension: bool) -> bool:
+    """Every check of a :func:`segment_pool` call; returns the extension's ``validate``."""
+    if extension and torch.compiler.is_compiling():
+        return validate
+    _check_pool_args(x, offsets, reduce)
+    return _check_values("segment_pool", offsets, x.shape[0], validate, extension)
+
+
+def _validate_broadcast(y, offsets, total, shift, base, validate: bool, extension: bool):
+    """Every check of a :func:`segment_broadcast` call; returns (total, the extension's
+    ``validate``), ``total=None`` taken from base or else from offsets[-1] (a host sync)."""
+    op = "segment_broadcast"
+    if total is None:
+        if base is not None:
+            _check_tensor(op, "base", base)
+            total = base.shape[0]
+        else:
+            _check_features(op, "y", y)
+            _check_offsets(op, offsets, y, "y", 0)
+            total = int(offsets[-1])  # host sync, documented
+    if extension and torch.compiler.is_compiling():
+        return total, validate
+    _check_broadcast_args(y, offsets, total, shift, base)
+    return total, _check_values(op, offsets, total, validate, extension)
+
+
+def _validate_hierarchy(level_offsets, reduce) -> List[str]:
+    """:func:`hierarchical_pool`'s own checks, before any level runs (each level's call is
+    checked by :func:`segment_pool`); returns the reduction of each level."""
+    op = "hierarchical_pool"
+    if isinstance(level_offsets, torch.Tensor) or not isinstance(level_offsets, Sequence):
+        raise TypeError(f"{op}: level_offsets must be a sequence of offsets tensors, one a "
+                        f"level, got {type(level_offsets).__name__}")
+    reduces = [reduce] * len(level_offsets) if isinstance(reduce, str) else list(reduce)
+    if len(reduces) != len(level_offsets):
+        raise ValueError(f"{op}: reduce must be one string or one per level "
+                         f"({len(level_offsets)}), got {len(reduces)}")
+    for how in reduces:
+        _check_reduce(op, how)
+    return reduces
 
 
 def _fake_segment_pool(x, offsets, reduce="mean", validate=False, return_arg=True):
@@ -413,10 +469,10 @@ def segment_pool(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean", *
     ``reduce``: "sum", "mean", "max", "min", "first" or "last". Empty units give 0.
     ``validate=True`` checks offsets' values on CUDA too (one host sync); CPU always checks.
     """
-    if reference_forced():
+    reference = reference_forced()
+    validate = _validate_pool(x, offsets, reduce, validate, not reference)
+    if reference:
         return segment_pool_ref(x, offsets, reduce)
-    validate = _prevalidate("segment_pool", lambda: _check_pool_args(x, offsets, reduce),
-                            offsets, x.shape[0], validate)
     # max/min write the (S, D) arg rows only when a backward will read them
     return_arg = torch.is_grad_enabled() and x.requires_grad
     return _ops().segment_pool(x, offsets, reduce, validate, return_arg)[0]
@@ -432,13 +488,11 @@ def segment_broadcast(y: torch.Tensor, offsets: torch.Tensor, total: Optional[in
     causal variant; ``base`` ``(total, D)`` fuses ``base + broadcast(y)``. ``total`` is N;
     ``None`` takes it from ``base`` or else reads ``offsets[-1]`` (a host sync).
     """
-    if total is None:
-        total = base.shape[0] if base is not None else int(offsets[-1])  # host sync without base
-    if reference_forced():
+    reference = reference_forced()
+    total, validate = _validate_broadcast(y, offsets, total, shift, base, validate,
+                                          not reference)
+    if reference:
         return segment_broadcast_ref(y, offsets, total, shift, base)
-    validate = _prevalidate(
-        "segment_broadcast", lambda: _check_broadcast_args(y, offsets, total, shift, base),
-        offsets, total, validate)
     return _ops().segment_broadcast(y, offsets, total, shift, base, False, validate)
 
 
@@ -451,13 +505,9 @@ def hierarchical_pool(x: torch.Tensor, level_offsets: Sequence[torch.Tensor],
     l + 1. ``reduce`` is one reduction for every level or one per level. Returns every
     pooled level, ``[(S_1, D), (S_2, D), ...]``.
     """
-    if isinstance(reduce, str):
-        reduce = [reduce] * len(level_offsets)
-    if len(reduce) != len(level_offsets):
-        raise ValueError(f"reduce must be one string or one per level ({len(level_offsets)}), "
-                         f"got {len(reduce)}")
+    reduces = _validate_hierarchy(level_offsets, reduce)
     levels = []
-    for offsets, how in zip(level_offsets, reduce):
+    for offsets, how in zip(level_offsets, reduces):
         x = segment_pool(x, offsets, how, validate=validate)
         levels.append(x)
     return levels
