@@ -29,10 +29,15 @@ import torch
 from torch import nn
 
 
+class ConfigError(ValueError):
+    """A configuration the run cannot use, found at parse time or when the run sets up;
+    ``python -m fastlab.train`` prints it as one ``error:`` line and exits with status 2."""
+
+
 def check_option(cond: bool, message: str) -> None:
-    """Reject a bad option value with a ValueError naming it (configs' ``__post_init__``)."""
+    """Reject a bad option value with a ConfigError naming it (configs' ``__post_init__``)."""
     if not cond:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class TaskConfig:
     """Base of every task's config: ``task.name`` selects the task (a registered name or
     ``package.module:Class``)."""
 
+    #: the task: a registered name (addition, ...) or package.module:Class
     name: str = "addition"
 
 

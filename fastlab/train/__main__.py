@@ -1,6 +1,7 @@
 """``python -m fastlab.train [CONFIG] [section.key=value ...]``: train and write a run dir."""
 import sys
 
+from fastlab.tasks.base import ConfigError
 from fastlab.train.config import build_config, help_text
 from fastlab.train.loop import train
 
@@ -17,7 +18,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except ConfigError as exc:  # found while setting up: as the parser's errors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     final = summary["final"]
     if final:
         print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))

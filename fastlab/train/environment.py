@@ -8,6 +8,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from fastlab.tasks.base import ConfigError
+
 
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
@@ -15,20 +17,48 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device: unknown device {name!r}; expected auto, cpu, cuda "
-                         "or cuda:N") from None
+        raise ConfigError(f"train.device: unknown device {name!r}; expected auto, cpu, cuda "
+                          "or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name} but this machine has no usable CUDA device")
+            raise ConfigError(f"train.device={name} but this machine has no usable CUDA "
+                              "device (train.device=cpu or auto runs on the CPU)")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     return device
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(device: torch.device, processes: int = 1) -> int:
+    """Intra-op threads for one of ``processes`` runs sharing this machine: 1 for a CUDA
+    run (the host only launches work), else half the cores each may use (a second
+    thread per core and threads competing with other processes made small CPU steps
+    several times slower than one thread; see the README), at most 4."""
+    if device.type == "cuda":
+        return 1
+    return max(1, min(4, available_cores() // (2 * processes)))
+
+
+def set_threads(threads: int, device: torch.device) -> int:
+    """``train.threads`` (0: :func:`default_threads`); returns the count set."""
+    threads = threads or default_threads(device)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def pick_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
-            raise ValueError("train.precision=fp16 needs a CUDA device")
+            raise ConfigError("train.precision=fp16 needs a CUDA device")
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"

@@ -6,14 +6,17 @@ guard (spikes, snapshot, rollback), checkpoint, logger and telemetry. The host s
 at log, eval and checkpoint steps (each is marked); a plain step queues its work or
 replays its graph and moves on.
 """
+import json
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from fastlab.tasks import build_task
-from fastlab.train import checkpoint, distributed, environment
+from fastlab.tasks.base import ConfigError
+from fastlab.train import checkpoint, distributed, environment, rundir
 from fastlab.train.config import Config, save_config
 from fastlab.train.guard import SpikeGuard
 from fastlab.train.logger import RunLogger, write_json
@@ -22,8 +25,10 @@ from fastlab.train.telemetry import GPUSampler, PhaseTimer, peak_flops
 
 
 def run_dir_for(cfg: Config) -> str:
-    name = cfg.log.name or f"{cfg.task.name.replace(':', '.')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return os.path.join(cfg.log.out_dir, name)
+    if cfg.log.name:
+        return os.path.join(cfg.log.out_dir, cfg.log.name)
+    stamp = f"{cfg.task.name.replace(':', '.')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return rundir.free_name(os.path.join(cfg.log.out_dir, stamp))
 
 
 def use_graphs(cfg: Config, device: torch.device, dist) -> bool:
@@ -34,15 +39,99 @@ def use_graphs(cfg: Config, device: torch.device, dist) -> bool:
     if device.type != "cuda" or dist.active:
         if cfg.train.cuda_graphs == "on":
             where = "under torchrun" if dist.active else f"on {device}"
-            raise ValueError(f"train.cuda_graphs=on needs a single-process CUDA run, got one "
-                             f"{where}")
+            raise ConfigError(f"train.cuda_graphs=on needs a single-process CUDA run, got one "
+                              f"{where}")
         return False
     if cfg.log.profile:
         if cfg.train.cuda_graphs == "on":
-            raise ValueError("log.profile=true traces eager steps: it needs train.cuda_graphs "
-                             "auto or off, got on")
+            raise ConfigError("log.profile=true traces eager steps: it needs train.cuda_graphs "
+                              "auto or off, got on")
         return False
     return True
+
+
+#: options that may differ between the starts of one run without being reported
+_QUIET = {"checkpoint.resume", "log.overwrite", "log.progress", "train.init_from"}
+
+
+def _finite_weights(state: Dict[str, Any]) -> bool:
+    """Whether every floating tensor of a model state dict is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in state.values()
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _open_run(cfg: Config, run_dir: str, model: torch.nn.Module, dist):
+    """Decide, before anything is written, how this start uses ``run_dir``: fresh, moved
+    aside first, resumed from its newest good checkpoint, or restarted from step 0 (a
+    run killed before its first checkpoint). Returns (saved state or None, its path,
+    files skipped and why, whether a run was there). Refuses, with the way out:
+    a fresh start in a directory that holds a run, a resume whose every checkpoint is
+    damaged, a resume with a changed model shape."""
+    exists = rundir.existing_run(run_dir)
+    if not exists or cfg.log.overwrite:
+        return None, None, [], exists
+    if not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with checkpoint.resume=true, pick "
+            f"another log.name, or pass log.overwrite=true to move it to {run_dir}.old-K "
+            "(nothing is deleted)")
+    current = distributed.unwrap(model).state_dict()
+
+    def check(state):
+        mismatched = rundir.shape_mismatches(state["model"], current)
+        if mismatched:
+            changes = rundir.config_changes(state.get("config", {}), cfg.to_dict())
+            raise ConfigError(
+                f"cannot resume {run_dir} with a model of another shape: "
+                f"{'; '.join(mismatched[:4])}{' ...' if len(mismatched) > 4 else ''} "
+                f"(config changes: {', '.join(changes) or 'none'}); nothing was written. "
+                "Use another log.name, or train.init_from to start from its weights")
+        if not _finite_weights(state["model"]):
+            raise checkpoint.CheckpointError(f"{state.get('step', '?')}: the weights hold "
+                                             "NaN or infinity")
+
+    path, saved, problems = checkpoint.load_latest(run_dir, check)
+    if saved is None and problems:
+        raise ConfigError(
+            f"no checkpoint of {run_dir} can be used: {'; '.join(problems)}. Nothing was "
+            "changed; log.overwrite=true moves the run aside and starts afresh")
+    return saved, path, problems, exists
+
+
+def _init_from(path: str, model: torch.nn.Module) -> str:
+    """Load the weights of ``train.init_from`` (a checkpoint, or a run directory's best.pt
+    or newest good checkpoint) into ``model``; returns the file used."""
+    if os.path.isdir(path):
+        best = os.path.join(path, "best.pt")
+        file, state, problems = ((best, checkpoint.load(best), []) if os.path.exists(best)
+                                 else checkpoint.load_latest(path))
+        if state is None:
+            raise ConfigError(f"train.init_from={path}: no usable checkpoint "
+                              f"({'; '.join(problems) or 'none found'})")
+    else:
+        file = path
+        try:
+            state = checkpoint.load(path)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"train.init_from: {exc}") from None
+    mismatched = rundir.shape_mismatches(state["model"], model.state_dict())
+    if mismatched:
+        raise ConfigError(f"train.init_from={file}: the model differs in shape: "
+                          f"{'; '.join(mismatched[:4])}")
+    model.load_state_dict(state["model"])
+    return file
+
+
+def _finished(run_dir: str, saved, cfg: Config) -> Optional[Dict[str, Any]]:
+    """The saved summary of a run already trained to ``train.steps``, else None."""
+    if saved is None or saved["step"] < cfg.train.steps:
+        return None
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[str, Any]:
@@ -53,11 +142,13 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
     # --- set-up -------------------------------------------------------------------
     dist = distributed.init()
     device = environment.pick_device(cfg.train.device, dist.local_rank)
+    threads = environment.set_threads(cfg.train.threads, device)
     precision = environment.pick_precision(cfg.train.precision, device)
     environment.seed_everything(cfg.train.seed, device)
     if cfg.train.batch_size % (dist.world * cfg.train.grad_accum) != 0:
-        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
-                         f"world size x train.grad_accum ({dist.world} x {cfg.train.grad_accum})")
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
+                          f"world size x train.grad_accum ({dist.world} x "
+                          f"{cfg.train.grad_accum})")
     task = build_task(cfg.task)
     model = distributed.wrap(task.build_model(cfg.model).to(device), dist, cfg.train.dist, device)
     raw_model = distributed.unwrap(model)
@@ -66,14 +157,32 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
     graphs = use_graphs(cfg, device, dist)
     run_dir = run_dir or run_dir_for(cfg)
     is_main = dist.rank == 0
+
+    # --- the run directory and resume: every check passes before anything is written --
+    saved, saved_path, skipped_files, existed = _open_run(cfg, run_dir, model, dist)
+    done = _finished(run_dir, saved, cfg)
+    if done is not None:
+        if is_main:
+            print(f"{run_dir} finished at step {saved['step']} (train.steps="
+                  f"{cfg.train.steps}); nothing to do: raise train.steps to train on",
+                  file=sys.stderr)
+        distributed.shutdown(dist)
+        return done
+    distributed.barrier(dist)  # every rank has looked at the directory before it changes
+    changes = ([c for c in rundir.config_changes(saved.get("config", {}), cfg.to_dict())
+                if c.split(" ", 1)[0] not in _QUIET] if saved else [])
+    moved = None
     if is_main:
+        if existed and cfg.log.overwrite:
+            moved = rundir.move_aside(run_dir)
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.json"))
+        rundir.append_config_history(run_dir, saved["step"] if saved else 0, cfg.to_dict(),
+                                     changes)
+        rundir.write_status(run_dir, "running", saved["step"] if saved else 0)
+    distributed.barrier(dist)
 
-    # --- resume --------------------------------------------------------------------
-    found = checkpoint.checkpoints(run_dir) if cfg.checkpoint.resume else []
-    saved = checkpoint.load(found[-1][1]) if found else None
-    step, best, tokens_seen = 0, None, 0
+    step, best, tokens_seen, elapsed = 0, None, 0, 0.0
     if saved:
         distributed.load_model_state(model, saved["model"])
         distributed.load_optimizer_state(model, optimizer, saved["optimizer"])
@@ -81,6 +190,9 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
         task.load_state_dict(saved["task"])
         environment.set_rng_state(saved["rng"])
         step, best, tokens_seen = saved["step"], saved["best"], saved["tokens"]
+        elapsed = saved.get("elapsed", 0.0)
+    initialised = _init_from(cfg.train.init_from, raw_model) \
+        if cfg.train.init_from and not saved else None
     timer = PhaseTimer(device)
     stepper = Stepper(task, model, optimizer, cfg, device, precision, dist, guard,
                       compile_on=cfg.train.compile == "on" or (cfg.train.compile == "auto"
@@ -89,11 +201,26 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
     stepper.set_step(step)
     if saved:
         stepper.load_state_dict(saved["stepper"])
+    # a restart without a checkpoint drops every record of the run it replaces
+    resume_step = step if saved else (-1 if existed and not moved else None)
     log = RunLogger(run_dir, cfg.train.steps, enabled=is_main, progress=cfg.log.progress,
-                    resume_step=step if saved else None)
+                    resume_step=resume_step, elapsed=elapsed, start_step=step)
+    if moved:
+        log.event(step, f"the run that was in {run_dir} was moved to {moved}")
+    for problem in skipped_files:
+        log.event(step, f"skipped checkpoint {problem}")
     if saved:
-        log.event(step, f"resumed from {os.path.basename(found[-1][1])}")
+        log.event(step, f"resumed from {os.path.basename(saved_path)}")
+        if changes:
+            log.event(step, "config changed on resume: " + ", ".join(changes),
+                      changes=changes)
         guard.take_snapshot(step, _rollback_tensors(model, optimizer))
+    elif resume_step == -1:
+        log.event(step, "restarted from step 0: the run here had no checkpoint")
+    if initialised:
+        log.event(step, f"weights initialised from {initialised}")
+    if threads != torch.get_num_threads():
+        log.event(step, f"torch runs {torch.get_num_threads()} threads, not {threads}")
     sampler = GPUSampler(device if (cfg.log.nvml and is_main) else torch.device("cpu"))
     seq_len = task.seq_len or 1
     flops = getattr(raw_model, "flops_per_token", None)
@@ -105,93 +232,116 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                 "optimizer": distributed.optimizer_state(model, optimizer),
                 "stepper": stepper.state_dict(), "guard": guard.state_dict(),
                 "rng": environment.rng_state(), "step": step, "best": best,
-                "tokens": tokens_seen, "task": task.state_dict(), "config": cfg.to_dict()}
+                "tokens": tokens_seen, "task": task.state_dict(), "config": cfg.to_dict(),
+                "elapsed": log.elapsed()}
 
-    # --- the loop ------------------------------------------------------------------
-    saved_step, stopped_by = step, None
-    metrics: Dict[str, float] = {}
-    last_eval: Dict[str, float] = {}
-    window_steps, window_t0 = 0, time.perf_counter()
-    with environment.StopRequest() as stop, environment.profiler(
-            cfg.log.profile and is_main, run_dir) as prof:
-        while step < cfg.train.steps:
-            stepper.run(step)
-            step += 1
-            tokens_seen += cfg.train.batch_size * seq_len
-            window_steps += 1
-            if prof is not None:
-                prof.step()
-            log_now = step % cfg.log.every == 0 or step == cfg.train.steps
-
-            if log_now:  # the one regular host sync
-                metrics = _log_step(stepper, guard, log, timer, sampler, step, window_steps,
-                                    window_t0, cfg, seq_len, flops_per_token, peak, dist)
-                _guard_snapshot_or_rollback(guard, cfg, metrics.get("spikes", 0), step, model,
-                                            optimizer, log)
-                window_steps, window_t0 = 0, time.perf_counter()
-
-            if step % cfg.eval.every == 0 or step == cfg.train.steps:
-                eval_t0 = time.perf_counter()
-                ev = task.evaluate(raw_model, cfg.eval.samples, device)  # host sync
-                last_eval = {"step": step, **ev}
-                log.log("eval", step, ev)
-                log.event(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-                # scores below the curriculum's last level compare with neither the target
-                # nor the best so far
-                score = ev.get(task.metric) if task.curriculum_done else None
-                change = task.curriculum(ev)
-                if change:  # a task may change state its captured step cannot see
-                    log.event(step, change)
-                    stepper.invalidate()
-                if score is not None and (best is None or score > best):
-                    best = score
-                    snapshot = state()  # a collective under FSDP: every rank takes part
-                    if is_main:
-                        checkpoint.atomic_save(snapshot, os.path.join(run_dir, "best.pt"))
-                metrics.update(ev)
-                if cfg.eval.target is not None and score is not None and score >= cfg.eval.target:
-                    stopped_by = f"reached {task.metric} >= {cfg.eval.target}"
-                    break
-                window_t0 += time.perf_counter() - eval_t0  # evaluation is no training time
-
-            # a signal may reach one rank first: ranks agree at log steps (a collective)
-            stop_now = (distributed.any_flag(stop.signal is not None, dist, device)
-                        if log_now or not dist.active else False)
-            if step % cfg.checkpoint.every == 0 or stop_now:
-                snapshot = state()
-                if is_main:
-                    checkpoint.save_step(snapshot, run_dir, step, cfg.checkpoint.keep)
-                saved_step = step
-                distributed.barrier(dist)
-            if stop_now:
-                stopped_by = f"signal {stop.signal or 'on another rank'}"
-                log.event(step, f"stopping on {stopped_by}; checkpoint written")
-                break
-
-    # --- end of run ----------------------------------------------------------------
-    final = {k: v for k, v in last_eval.items() if k != "step"}
-    if last_eval.get("step") != step:
-        final = task.evaluate(raw_model, cfg.eval.samples, device)
-    if saved_step != step:  # a run stopped at the eval target is resumable too
-        snapshot = state()
-        if is_main:
+    def save(snapshot: Dict[str, Any], path: Optional[str] = None) -> bool:
+        """Write a step checkpoint (or ``path``) unless the weights went non-finite: such
+        a file would replace a good one (rank 0 only)."""
+        if not _finite_weights(snapshot["model"]):
+            log.event(step, "checkpoint not written: the weights hold NaN or infinity")
+            return False
+        if path:
+            checkpoint.atomic_save(snapshot, path)
+        else:
             checkpoint.save_step(snapshot, run_dir, step, cfg.checkpoint.keep)
-    summary = {"steps": step, "stopped_by": stopped_by, "device": str(device),
-               "precision": precision, "cuda_graphs": graphs, "world_size": dist.world,
-               "tokens": tokens_seen, "params": sum(p.numel() for p in raw_model.parameters()),
-               "best": best, "final": final, "last_train": metrics,
-               "rollbacks": guard.rollbacks, "wall_s": round(time.time() - log.t0, 2)}
-    if is_main:
-        write_json(os.path.join(run_dir, "summary.json"), summary)
-        log.show(step, {"loss": metrics.get("loss", float("nan")), **final}, final=True)
-    log.close()
-    sampler.close()
-    distributed.shutdown(dist)
-    return summary
+        return True
+
+    try:
+        # --- the loop ------------------------------------------------------------------
+        saved_step, stopped_by = step, None
+        metrics: Dict[str, float] = {}
+        last_eval: Dict[str, float] = {}
+        window_steps, window_t0 = 0, time.perf_counter()
+        with environment.StopRequest() as stop, environment.profiler(
+                cfg.log.profile and is_main, run_dir) as prof:
+            while step < cfg.train.steps:
+                stepper.run(step)
+                step += 1
+                tokens_seen += cfg.train.batch_size * seq_len
+                window_steps += 1
+                if prof is not None:
+                    prof.step()
+                log_now = step % cfg.log.every == 0 or step == cfg.train.steps
+
+                if log_now:  # the one regular host sync
+                    metrics = _log_step(stepper, guard, log, timer, sampler, step, window_steps,
+                                        window_t0, cfg, seq_len, flops_per_token, peak, dist)
+                    _guard_snapshot_or_rollback(guard, cfg, metrics.get("spikes", 0), step, model,
+                                                optimizer, log)
+                    window_steps, window_t0 = 0, time.perf_counter()
+
+                if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                    eval_t0 = time.perf_counter()
+                    ev = task.evaluate(raw_model, cfg.eval.samples, device)  # host sync
+                    last_eval = {"step": step, **ev}
+                    log.log("eval", step, ev)
+                    log.event(step, "eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+                    # scores below the curriculum's last level compare with neither the target
+                    # nor the best so far
+                    score = ev.get(task.metric) if task.curriculum_done else None
+                    change = task.curriculum(ev)
+                    if change:  # a task may change state its captured step cannot see
+                        log.event(step, change)
+                        stepper.invalidate()
+                    if score is not None and (best is None or score > best):
+                        best = score
+                        snapshot = state()  # a collective under FSDP: every rank takes part
+                        if is_main:
+                            save(snapshot, os.path.join(run_dir, "best.pt"))
+                    metrics.update(ev)
+                    if cfg.eval.target is not None and score is not None and score >= cfg.eval.target:
+                        stopped_by = f"reached {task.metric} >= {cfg.eval.target}"
+                        break
+                    window_t0 += time.perf_counter() - eval_t0  # evaluation is no training time
+
+                # a signal may reach one rank first: ranks agree at log steps (a collective)
+                stop_now = (distributed.any_flag(stop.signal is not None, dist, device)
+                            if log_now or not dist.active else False)
+                if step % cfg.checkpoint.every == 0 or stop_now:
+                    snapshot = state()
+                    if is_main:
+                        save(snapshot)
+                    saved_step = step
+                    distributed.barrier(dist)
+                if stop_now:
+                    stopped_by = f"signal {stop.signal or 'on another rank'}"
+                    log.event(step, f"stopping on {stopped_by}; checkpoint written")
+                    break
+
+        # --- end of run ----------------------------------------------------------------
+        final = {k: v for k, v in last_eval.items() if k != "step"}
+        if last_eval.get("step") != step:
+            final = task.evaluate(raw_model, cfg.eval.samples, device)
+        if saved_step != step:  # a run stopped at the eval target is resumable too
+            snapshot = state()
+            if is_main:
+                save(snapshot)
+        summary = {"steps": step, "stopped_by": stopped_by, "device": str(device),
+                   "precision": precision, "cuda_graphs": graphs, "world_size": dist.world,
+                   "tokens": tokens_seen, "params": sum(p.numel() for p in raw_model.parameters()),
+                   "best": best, "final": final, "last_train": metrics,
+                   "rollbacks": guard.rollbacks, "wall_s": round(log.elapsed(), 2), "threads": threads}
+        if is_main:
+            write_json(os.path.join(run_dir, "summary.json"), summary)
+            rundir.write_status(run_dir, "stopped" if stopped_by and stopped_by.startswith("signal")
+                                else "finished", step, stopped_by=stopped_by)
+            log.show(step, {"loss": metrics.get("loss", float("nan")), **final}, final=True)
+        log.close()
+        sampler.close()
+        distributed.shutdown(dist)
+        return summary
+    except Exception as exc:
+        if is_main:  # report and sweep show the run as failed, with the reason
+            rundir.write_status(run_dir, "failed", step, error=f"{type(exc).__name__}: {exc}")
+        raise
 
 
-SHOWN = ("loss", "steps_s", "samples_s", "tok_s", "mfu", "gpu_util", "gpu_mem_gb",
-         "gpu_power_w", "ms_data", "ms_forward_backward", "ms_optimizer")
+#: what the progress line shows, in this order while it fits, and under which label
+SHOWN = {"loss": "loss", "lr": "lr", "steps_s": "it/s", "samples_s": "samples/s",
+         "gpu_util": "gpu%", "gpu_mem_gb": "memGB", "gpu_power_w": "W", "mfu": "mfu",
+         "tok_s": "tok/s", "ms_data": "data_ms", "ms_forward_backward": "fwd_bwd_ms",
+         "ms_optimizer": "optim_ms"}
 
 
 def _log_step(stepper, guard, log, timer, sampler, step, window_steps, window_t0, cfg, seq_len,
@@ -216,8 +366,7 @@ def _log_step(stepper, guard, log, timer, sampler, step, window_steps, window_t0
         log.event(step, f"{counts['skipped']} update(s) skipped by the optimizer: inf/NaN "
                         "gradients", skipped=counts["skipped"])
     log.log("train", step, metrics)
-    log.show(step, {k.removeprefix("ms_") + ("_ms" if k.startswith("ms_") else ""): metrics[k]
-                    for k in SHOWN if k in metrics})
+    log.show(step, {label: metrics[k] for k, label in SHOWN.items() if k in metrics})
     return metrics
 
 
