@@ -31,16 +31,28 @@ Reduce parse_reduce(c10::string_view name) {
 
 bool selects_row(Reduce reduce) { return reduce == Reduce::Max || reduce == Reduce::Min; }
 
-void check_features(const char* op, const char* name, const at::Tensor& t) {
+// `integers`: the op also takes int32/int64 values (pooling and broadcasting them, not
+// their gradients), in the CPU kernels only; fastlab.ops runs CUDA ones through the
+// plain-PyTorch reference, so a direct call with them is refused here.
+void check_features(const char* op, const char* name, const at::Tensor& t, bool integers) {
   TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D (rows, features), got shape ",
                     t.sizes());
   const at::ScalarType dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
-                   dtype);
+  const bool floating = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                        dtype == at::kBFloat16;
+  const bool integral = dtype == at::kInt || dtype == at::kLong;
+  if (integers) {
+    TORCH_CHECK_TYPE(floating || integral, op, ": ", name,
+                     " must be float32, float64, float16, bfloat16, int32 or int64, got ", dtype);
+  } else {
+    TORCH_CHECK_TYPE(floating, op, ": ", name,
+                     " must be float32, float64, float16 or bfloat16, got ", dtype);
+  }
   TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), op, ": ", name,
                     " must be a CPU or CUDA tensor, got ", t.device());
+  TORCH_CHECK_TYPE(!(integral && t.is_cuda()), op, ": ", name, " of dtype ", dtype,
+                   " runs on CPU tensors only (fastlab.ops.", op,
+                   " runs CUDA integer inputs through the reference)");
 }
 
 void check_offsets(const char* op, const at::Tensor& offsets, const at::Tensor& like,
@@ -102,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> segment_pool(const at::Tensor& x_in,
                                                 bool return_arg) {
   constexpr const char* op = "segment_pool";
   const Reduce reduce = parse_reduce(reduce_name);
-  check_features(op, "x", x_in);
+  check_features(op, "x", x_in, /*integers=*/true);
   const int64_t total = x_in.size(0);
   check_offsets(op, offsets_in, x_in, "x", total);
   maybe_check_offset_values(op, offsets_in, total, validate);
@@ -128,7 +140,7 @@ at::Tensor segment_broadcast(const at::Tensor& y_in, const at::Tensor& offsets_i
                              int64_t shift, const c10::optional<at::Tensor>& base_in, bool mean,
                              bool validate) {
   constexpr const char* op = "segment_broadcast";
-  check_features(op, "y", y_in);
+  check_features(op, "y", y_in, /*integers=*/true);
   TORCH_CHECK_VALUE(total >= 0, op, ": total must be >= 0, got ", total);
   TORCH_CHECK_VALUE(shift >= 0, op, ": shift must be >= 0, got ", shift);
   check_offsets(op, offsets_in, y_in, "y", total);
@@ -166,7 +178,7 @@ at::Tensor segment_broadcast(const at::Tensor& y_in, const at::Tensor& offsets_i
 at::Tensor segment_arg_scatter(const at::Tensor& grad_in, const at::Tensor& arg_in,
                                const at::Tensor& offsets_in, int64_t total) {
   constexpr const char* op = "segment_arg_scatter";
-  check_features(op, "grad", grad_in);
+  check_features(op, "grad", grad_in, /*integers=*/false);
   TORCH_CHECK_VALUE(total >= 0, op, ": total must be >= 0, got ", total);
   check_offsets(op, offsets_in, grad_in, "grad", total);
   TORCH_CHECK_VALUE(offsets_in.numel() - 1 == grad_in.size(0), op,

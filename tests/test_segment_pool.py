@@ -135,6 +135,82 @@ def test_broadcast_matches_reference(dtype, shift, with_base, layout, index_dtyp
     _check_broadcast_once(dtype, shift, with_base, layout, index_dtype)
 
 
+def _scatter_semantics(x, offsets, reduce):
+    """Segment by segment in Python integers, as torch_scatter's segment_csr computes them:
+    the sum wrapped to the input's width, the mean truncated toward zero (C division)."""
+    bits = torch.iinfo(x.dtype).bits
+    out = []
+    for s in range(offsets.numel() - 1):
+        rows = x[int(offsets[s]):int(offsets[s + 1])].tolist()
+        column = []
+        for values in zip(*rows) if rows else [[]] * x.shape[1]:
+            if not values:
+                column.append(0)
+            elif reduce in ("sum", "mean"):
+                total = sum(values)
+                if reduce == "mean":
+                    total = abs(total) // len(values) * (1 if total >= 0 else -1)
+                column.append((total + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1))
+            else:
+                column.append({"max": max, "min": min, "first": lambda v: v[0],
+                               "last": lambda v: v[-1]}[reduce](values))
+        out.append(column)
+    return torch.tensor(out, dtype=x.dtype).reshape(-1, x.shape[1])
+
+
+@pytest.mark.parametrize("bk", ["auto", "reference"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_integer_pool_matches_torch_scatter_semantics(reduce, dtype, layout, index_dtype, bk):
+    offsets = _offsets(23, 6, seed=41, index_dtype=index_dtype)
+    g = torch.Generator().manual_seed(42)
+    x = torch.randint(-1000, 1000, (int(offsets[-1]), 5), generator=g).to(dtype)
+    x = _layout(x, layout)
+    with backend(bk):
+        out = segment_pool(x, offsets, reduce)
+    assert out.dtype == dtype and not out.requires_grad
+    assert torch.equal(out, _scatter_semantics(x, offsets, reduce))
+
+
+def test_integer_mean_truncates_and_sum_wraps():
+    """torch_scatter's integer rules: -7/2 gives -3 (not floor's -4); an int32 sum past
+    2**31 - 1 wraps around. Accumulated in 64 bits, the int32 mean stays exact there."""
+    x = torch.tensor([[-7], [0], [7], [0], [5], [1], [1]], dtype=torch.int32)
+    offsets = torch.tensor([0, 2, 4, 7, 7])
+    big = torch.tensor([[2**31 - 1], [1], [2**31 - 1], [2**31 - 1]], dtype=torch.int32)
+    big_offsets = torch.tensor([0, 2, 4])
+    for bk in ("auto", "reference"):
+        with backend(bk):
+            assert segment_pool(x, offsets, "mean").flatten().tolist() == [-3, 3, 2, 0]
+            assert segment_pool(x.long(), offsets, "mean").flatten().tolist() == [-3, 3, 2, 0]
+            assert segment_pool(big, big_offsets, "sum").flatten().tolist() == [-2**31, -2]
+            assert segment_pool(big, big_offsets, "mean").flatten().tolist() == [
+                2**30, 2**31 - 1]
+            levels = hierarchical_pool(x, [offsets, torch.tensor([0, 1, 4])], ["sum", "max"])
+            assert levels[1].flatten().tolist() == [-7, 7]
+
+
+@pytest.mark.parametrize("bk", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_integer_broadcast(dtype, bk):
+    offsets = _offsets(13, 5, seed=43)
+    total = int(offsets[-1])
+    g = torch.Generator().manual_seed(44)
+    y = torch.randint(-100, 100, (13, 4), generator=g).to(dtype)
+    base = torch.randint(-100, 100, (total, 4), generator=g).to(dtype)
+    base[0, 0] = torch.iinfo(dtype).max  # wraps around when its unit's value is positive
+    unit = torch.repeat_interleave(torch.arange(13), lengths_from_offsets(offsets))
+    source = torch.cat([torch.zeros(1, 4, dtype=dtype), y])[unit]  # shift=1: the unit before
+    expected = (base.long() + source.long()).to(dtype)
+    with backend(bk):
+        out = segment_broadcast(y, offsets, total, shift=1, base=base)
+        plain = segment_broadcast(y, offsets, total)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert torch.equal(plain, y[unit])
+
+
 def test_broadcast_is_the_inverse_of_pool():
     offsets = _offsets(17, 6, seed=7)
     y = randn((17, 11), torch.float64, seed=8)
@@ -260,7 +336,11 @@ def _opcheck_cases():
     grad = randn((9, 6), torch.float32, seed=25, requires_grad=True)
     cases = [("segment_pool", (x, offsets, reduce)) for reduce in REDUCTIONS]
     cases += [("segment_pool", (x.detach().bfloat16(), offsets.int(), "mean")),
-              ("segment_pool", (x.detach(), offsets, "min", False, False))]
+              ("segment_pool", (x.detach(), offsets, "min", False, False)),
+              ("segment_pool", ((x.detach() * 100).int(), offsets, "mean")),
+              ("segment_pool", ((x.detach() * 100).long(), offsets.int(), "max", False, False)),
+              ("segment_broadcast", ((y.detach() * 100).long(), offsets, total, 1,
+                                     (base.detach() * 100).long()))]
     cases += [("segment_broadcast", (y, offsets, total, shift, b, mean))
               for shift, b, mean in [(0, None, False), (1, base, False), (0, None, True)]]
     cases += [("segment_arg_scatter", (grad, arg, offsets, total))]
@@ -370,8 +450,12 @@ def _bad_calls():
     return {
         "x not 2-D": (ValueError, "segment_pool: x must be 2-D",
                       lambda: pool(torch.randn(7), ok_offsets(), "sum")),
-        "x integer": (TypeError, "x must be float32, float64, float16 or bfloat16",
-                      lambda: pool(torch.ones(7, 3, dtype=torch.int64), ok_offsets(), "sum")),
+        "x bool": (TypeError, "x must be float32, float64, float16, bfloat16, int32 or int64",
+                   lambda: pool(torch.ones(7, 3, dtype=torch.bool), ok_offsets(), "sum")),
+        "grad integer": (TypeError, "grad must be float32, float64, float16 or bfloat16",
+                         lambda: _ops().segment_arg_scatter(torch.ones(2, 3, dtype=torch.long),
+                                                            torch.zeros(2, 3, dtype=torch.long),
+                                                            ok_offsets(), 7)),
         "offsets float": (TypeError, "offsets must be int32 or int64",
                           lambda: pool(ok_x(), ok_offsets().float(), "sum")),
         "offsets 2-D": (ValueError, "offsets must be 1-D",
@@ -643,6 +727,24 @@ def test_cuda_bad_offsets_are_clamped_and_validate_raises():
     assert spread.shape == (1000, 64)
     with pytest.raises(ValueError, match="offsets must start at 0"):
         segment_pool(x, bad, "sum", validate=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cuda_integers_run_the_reference(dtype):
+    """The CUDA kernels take floats only: CUDA integer inputs run the reference and give the
+    CPU kernel's results; the extension's op itself refuses them."""
+    offsets = _offsets(2001, 9, seed=45)
+    g = torch.Generator().manual_seed(46)
+    x = torch.randint(-10**6, 10**6, (int(offsets[-1]), 24), generator=g).to(dtype)
+    for reduce in REDUCTIONS:
+        got = segment_pool(x.cuda(), offsets.cuda(), reduce)
+        assert got.is_cuda and torch.equal(got.cpu(), segment_pool(x, offsets, reduce))
+    y = x[:2001]
+    spread = segment_broadcast(y.cuda(), offsets.cuda(), x.shape[0], 1, x.cuda())
+    assert torch.equal(spread.cpu(), segment_broadcast(y, offsets, x.shape[0], 1, x))
+    with pytest.raises(TypeError, match="runs on CPU tensors only"):
+        _ops().segment_pool(x.cuda(), offsets.cuda(), "sum")
 
 
 @pytest.mark.gpu

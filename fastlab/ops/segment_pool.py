@@ -19,6 +19,14 @@ broadcast backward a segment sum, both twice differentiable; max/min route the g
 the arg row, the first one on ties. ``backend("reference")`` (fastlab.ops) runs the
 plain-PyTorch references instead.
 
+Integers. Pooling and broadcasting take int32/int64 values with torch_scatter's semantics
+(its segment_csr): sums wrap around in the input's width, a mean is the sum divided by the
+row count truncated toward zero, max/min and first/last as for floats; no gradients. The
+CPU kernels run them (accumulating in 64 bits, so an int32 mean is exact even where its sum
+overflows int32, where torch_scatter's wraps first); the CUDA kernels do not, and CUDA
+integer inputs run the reference, which syncs with the host for max/min (the longest unit
+sizes its padded view).
+
 Host syncs. Output sizes come from shapes (``offsets.shape``, ``total``), never from
 offsets' values, so no op syncs with the GPU. Offsets' values are checked (start at 0, end at
 N, non-decreasing) always on CPU, and on CUDA only with ``validate=True``, which costs one
@@ -35,6 +43,8 @@ from fastlab.ops._dispatch import reference_forced
 
 REDUCTIONS = ("sum", "mean", "max", "min", "first", "last")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: Integer values segment_pool and segment_broadcast take (no gradients, as in torch).
+INT_DTYPES = (torch.int32, torch.int64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
 
@@ -150,12 +160,16 @@ def padded_to_ragged(padded: torch.Tensor, lengths: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point:
+        return torch.int64
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def segment_pool_ref(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """Plain-PyTorch segment pooling with the kernels' semantics (fp32 accumulation, empty
-    units give 0, max/min pick the first row on ties). Reads offsets on the host."""
+    units give 0, max/min pick the first row on ties). Integers as torch_scatter's
+    segment_csr: sums in int64 wrapped to the input's width, a mean truncated toward zero.
+    Reads offsets on the host."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     lengths = lengths_from_offsets(offsets)
@@ -164,9 +178,14 @@ def segment_pool_ref(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean
     if reduce in ("sum", "mean"):
         out = acc.new_zeros(units, features).index_add(0, segment_ids(offsets, x.shape[0]), acc)
         if reduce == "mean":
-            out = out / lengths.clamp(min=1)[:, None].to(out.dtype)
+            count = lengths.clamp(min=1)[:, None].to(out.dtype)
+            out = out / count if out.is_floating_point() else out.div(count, rounding_mode="trunc")
         return out.to(x.dtype)
-    fill = {"max": -float("inf"), "min": float("inf")}.get(reduce, 0.0)
+    if acc.is_floating_point():
+        fill = {"max": -float("inf"), "min": float("inf")}.get(reduce, 0.0)
+    else:
+        fill = {"max": torch.iinfo(acc.dtype).min, "min": torch.iinfo(acc.dtype).max}.get(
+            reduce, 0)
     padded = ragged_to_padded(acc, offsets, max(int(lengths.max()) if units else 0, 1), fill=fill)
     if reduce == "max":
         out = padded.max(dim=1).values
@@ -205,13 +224,25 @@ def _check_tensor(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
 
 
-def _check_features(op: str, name: str, t: torch.Tensor) -> None:
+def _check_features(op: str, name: str, t: torch.Tensor, integers: bool = False) -> None:
+    """``integers``: int32/int64 values are taken too (the extension's CPU kernels only;
+    the public functions run CUDA ones through the reference)."""
     _check_tensor(op, name, t)
     if t.dim() != 2:
         raise ValueError(f"{op}: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
+    if integers and t.dtype not in FLOAT_DTYPES + INT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float64, float16, bfloat16, int32 or "
+                        f"int64, got {t.dtype}")
+    if not integers and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got "
                         f"{t.dtype}")
+
+
+def _check_kernel_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """The extension's own rule (its fake kernels repeat it): integers on CPU only."""
+    if t.dtype in INT_DTYPES and t.device.type == "cuda":
+        raise TypeError(f"{op}: {name} of dtype {t.dtype} runs on CPU tensors only "
+                        f"(fastlab.ops.{op} runs CUDA integer inputs through the reference)")
 
 
 def _check_offsets(op: str, offsets: torch.Tensor, like: torch.Tensor, like_name: str,
@@ -244,7 +275,7 @@ def _check_reduce(op: str, reduce) -> None:
 
 def _check_pool_args(x, offsets, reduce) -> None:
     _check_reduce("segment_pool", reduce)
-    _check_features("segment_pool", "x", x)
+    _check_features("segment_pool", "x", x, integers=True)
     _check_offsets("segment_pool", offsets, x, "x", x.shape[0])
 
 
@@ -298,7 +329,7 @@ def _validate_broadcast(y, offsets, total, shift, base, validate: bool, extensio
             _check_tensor(op, "base", base)
             total = base.shape[0]
         else:
-            _check_features(op, "y", y)
+            _check_features(op, "y", y, integers=True)
             _check_offsets(op, offsets, y, "y", 0)
             total = int(offsets[-1])  # host sync, documented
     if extension and torch.compiler.is_compiling():
@@ -325,6 +356,7 @@ def _validate_hierarchy(level_offsets, reduce) -> List[str]:
 
 def _fake_segment_pool(x, offsets, reduce="mean", validate=False, return_arg=True):
     _check_pool_args(x, offsets, reduce)
+    _check_kernel_dtype("segment_pool", "x", x)
     segments = offsets.shape[0] - 1
     out = x.new_empty(segments, x.shape[1])
     arg_shape = (segments, x.shape[1]) if reduce in ("max", "min") and return_arg else (0,)
@@ -333,7 +365,7 @@ def _fake_segment_pool(x, offsets, reduce="mean", validate=False, return_arg=Tru
 
 def _check_broadcast_args(y, offsets, total, shift, base) -> None:
     op = "segment_broadcast"
-    _check_features(op, "y", y)
+    _check_features(op, "y", y, integers=True)
     if total < 0:
         raise ValueError(f"{op}: total must be >= 0, got {total}")
     if shift < 0:
@@ -352,6 +384,7 @@ def _check_broadcast_args(y, offsets, total, shift, base) -> None:
 
 def _fake_segment_broadcast(y, offsets, total, shift=0, base=None, mean=False, validate=False):
     _check_broadcast_args(y, offsets, total, shift, base)
+    _check_kernel_dtype("segment_broadcast", "y", y)
     return y.new_empty(total, y.shape[1])
 
 
@@ -462,14 +495,26 @@ def _ops():
     return torch.ops.fastlab
 
 
+def _runs_reference(values) -> bool:
+    """backend("reference"), or integer values on CUDA, which the CUDA kernels do not take
+    (the CPU kernels do): there the reference is the correct path."""
+    if reference_forced():
+        return True
+    return (isinstance(values, torch.Tensor) and values.dtype in INT_DTYPES
+            and values.device.type == "cuda")
+
+
 def segment_pool(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean", *,
                  validate: bool = False) -> torch.Tensor:
     """Reduce each unit's rows of ``x`` ``(N, D)`` to one vector: returns ``(S, D)``.
 
     ``reduce``: "sum", "mean", "max", "min", "first" or "last". Empty units give 0.
-    ``validate=True`` checks offsets' values on CUDA too (one host sync); CPU always checks.
+    ``x`` is float32, float64, float16, bfloat16, int32 or int64; integers follow
+    torch_scatter's segment_csr (the sum wraps around in their width, the mean truncates
+    toward zero) and have no gradient. ``validate=True`` checks offsets' values on CUDA too
+    (one host sync); CPU always checks.
     """
-    reference = reference_forced()
+    reference = _runs_reference(x)
     validate = _validate_pool(x, offsets, reduce, validate, not reference)
     if reference:
         return segment_pool_ref(x, offsets, reduce)
@@ -486,9 +531,10 @@ def segment_broadcast(y: torch.Tensor, offsets: torch.Tensor, total: Optional[in
 
     ``shift=1`` gives each unit the previous unit's vector (0 for the first unit), the
     causal variant; ``base`` ``(total, D)`` fuses ``base + broadcast(y)``. ``total`` is N;
-    ``None`` takes it from ``base`` or else reads ``offsets[-1]`` (a host sync).
+    ``None`` takes it from ``base`` or else reads ``offsets[-1]`` (a host sync). Integer
+    ``y`` and ``base`` (int32, int64) are added in their width, wrapping around.
     """
-    reference = reference_forced()
+    reference = _runs_reference(y)
     total, validate = _validate_broadcast(y, offsets, total, shift, base, validate,
                                           not reference)
     if reference:
