@@ -4,23 +4,57 @@ Plots every numeric series of metrics.jsonl by kind (train: each loss, lr, throu
 phase times, GPU utilisation; eval: each metric) and writes ``report.md`` beside them.
 """
 import json
+import math
 import os
 import sys
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
 
-def read_metrics(run_dir: str) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
-    """``{kind: {key: [(step, value), ...]}}`` from metrics.jsonl."""
-    series: Dict[str, Dict[str, List[Tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+def read_records(run_dir: str) -> Tuple[List[dict], int]:
+    """The records of metrics.jsonl and how many lines could not be read (the torn last
+    line of a killed run, or damage)."""
+    records, bad = [], 0
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return records, bad
+    with open(path) as f:
         for line in f:
-            rec = json.loads(line)
-            for key, value in rec.items():
-                if key in ("kind", "step", "time") or not isinstance(value, (int, float)):
-                    continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(rec, dict) and "kind" in rec and isinstance(rec.get("step"), int):
+                records.append(rec)
+            else:
+                bad += 1
+    return records, bad
+
+
+def read_metrics(run_dir: str) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
+    """``{kind: {key: [(step, value), ...]}}`` from metrics.jsonl; a null (a non-finite
+    value) is NaN, a gap in the plot."""
+    series: Dict[str, Dict[str, List[Tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for rec in read_records(run_dir)[0]:
+        for key, value in rec.items():
+            if key in ("kind", "step", "time", "unix") or isinstance(value, bool):
+                continue
+            if value is None:
+                value = float("nan")
+            if isinstance(value, (int, float)):
                 series[rec["kind"]][key].append((rec["step"], float(value)))
     return series
+
+
+def last_values(run_dir: str, kind: str) -> Dict[str, float]:
+    """The latest value of each numeric key among records of ``kind``."""
+    out: Dict[str, float] = {}
+    for key, points in read_metrics(run_dir).get(kind, {}).items():
+        out[key] = points[-1][1]
+    return out
 
 
 # panels of the report: (file name, title, kind, keys matched by prefix)
@@ -56,7 +90,8 @@ def plot(run_dir: str, out_dir: str = None) -> List[str]:
             steps, values = zip(*series[kind][key])
             ax.plot(steps, [v * 100 if key == "mfu" else v for v in values],
                     label=key + (" (%)" if key == "mfu" else ""))
-        if name == "loss.png" and min(v for _, v in series[kind]["loss"]) > 0:
+        finite = [v for _, v in series[kind].get("loss", []) if math.isfinite(v)]
+        if name == "loss.png" and finite and min(finite) > 0:
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(title)
@@ -71,12 +106,33 @@ def plot(run_dir: str, out_dir: str = None) -> List[str]:
 
 
 def summary_markdown(run_dir: str, plots: List[str]) -> str:
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
+    """The run's summary; for a run without summary.json (running, killed or failed) its
+    status and the last logged values."""
+    from fastlab.train.rundir import read_status
+
+    status = read_status(run_dir) or {}
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        summary = None
+    records, bad = read_records(run_dir)
     lines = [f"# Run {os.path.basename(os.path.abspath(run_dir))}", ""]
-    for key in ("steps", "stopped_by", "device", "precision", "world_size", "params", "tokens",
-                "rollbacks", "wall_s", "best"):
-        lines.append(f"- **{key}**: {summary.get(key)}")
+    state = status.get("state", "finished" if summary else "unknown")
+    lines.append(f"- **status**: {state}" + (f" ({status['error']})" if status.get("error")
+                                              else ""))
+    if summary is None:
+        last_step = max((r["step"] for r in records), default=0)
+        lines.append(f"- **last logged step**: {last_step} (no summary.json: the run has "
+                     "not ended cleanly)")
+        summary = {"final": last_values(run_dir, "eval"),
+                   "last_train": last_values(run_dir, "train")}
+    else:
+        for key in ("steps", "stopped_by", "device", "precision", "world_size", "params",
+                    "tokens", "rollbacks", "wall_s", "best"):
+            lines.append(f"- **{key}**: {summary.get(key)}")
+    if bad:
+        lines.append(f"- **unreadable metrics lines skipped**: {bad}")
     for group in ("final", "last_train"):
         if summary.get(group):
             lines += ["", f"## {group.replace('_', ' ')}", "", "| metric | value |", "|---|---|"]
@@ -92,6 +148,9 @@ def main(argv=None) -> int:
         print("usage: python -m fastlab.report RUN_DIR")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     run_dir = argv[0]
+    if not os.path.isdir(run_dir):
+        print(f"error: {run_dir}: no such run directory", file=sys.stderr)
+        return 2
     plots = plot(run_dir)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(summary_markdown(run_dir, plots))

@@ -412,7 +412,7 @@ def test_sampling():
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda m: generate(m, [torch.tensor([1, 2])], 0), ValueError, "max_new_tokens"),
-    (lambda m: generate(m, [torch.tensor([1, 2])], 23), ValueError, "exceeds block_size"),
+    (lambda m: generate(m, [torch.tensor([1, 2])], 24), ValueError, "exceeds block_size"),
     (lambda m: generate(m, [], 2), ValueError, "at least one prompt"),
     (lambda m: generate(m, [torch.tensor([1.0])], 2), TypeError, "integer token ids"),
     (lambda m: generate(m, [torch.tensor([1])], 2, temperature=-1.0), ValueError,

@@ -452,4 +452,34 @@ def test_sweep_writes_table_and_heatmap(tmp_path):
     assert all(r["returncode"] == 0 and "exact_match" in r["final"] for r in results)
     table = (tmp_path / "grid" / "results.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "exact_match" in table[0]
+    assert all("| finished |" in row for row in table[2:])
     assert (tmp_path / "grid" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a re-run ranks by a training metric, leaves finished runs untouched and runs the
+    # new value, whose run fails at set-up (no CUDA here) and is marked so
+    summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").glob("*/summary.json")}
+    out = subprocess.run(cmd + ["--metric", "loss"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.count("finished earlier") == 4, out.stdout
+    assert {p: p.stat().st_mtime_ns for p in summaries} == summaries
+    table = (tmp_path / "grid" / "results.md").read_text().splitlines()
+    assert "| loss |" in table[0] and "nan" not in "".join(table[2:]), table
+    if torch.cuda.is_available():
+        return
+    out = subprocess.run([sys.executable, "-m", "fastlab.sweep", *TINY[:-2], "train.steps=4",
+                          "log.nvml=false", "train.device=cuda", "model.d_model=16,32",
+                          f"log.out_dir={tmp_path}", "log.name=broken"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 1 and out.stdout.count("failed (exit 2)") == 2, out.stdout
+    rows = (tmp_path / "broken" / "results.md").read_text().splitlines()[2:]
+    assert all("failed (exit 2)" in row for row in rows), rows
+
+
+def test_sweep_option_errors_are_error_lines(tmp_path):
+    for args, message in ((["model.d_model=16,32", "--parallel"], "--parallel needs a value"),
+                          (["model.d_model=16,32", "--parallel", "0"], "--parallel expects"),
+                          (["model.d_model=16,32", "log.every=0"], "log.every must be >= 1")):
+        out = subprocess.run([sys.executable, "-m", "fastlab.sweep", f"log.out_dir={tmp_path}",
+                              *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith(
+            "error: ") and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -69,10 +69,12 @@ def generate(model: GPT, prompts: Union[torch.Tensor, Sequence[torch.Tensor]],
     idx, sizes = _pad_prompts(prompts, device)
     lens = torch.tensor(sizes, device=device)
     batch, longest = idx.shape
-    if longest + max_new_tokens > model.cfg.block_size:
-        raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) "
+    # the last new token is returned, never fed back: it needs no position
+    positions = longest + max_new_tokens - 1
+    if positions > model.cfg.block_size:
+        raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) - 1 "
                          f"exceeds block_size {model.cfg.block_size}")
-    caches = model.new_kv_caches(batch, longest + max_new_tokens, cache_dtype)
+    caches = model.new_kv_caches(batch, positions, cache_dtype)
     ragged = min(sizes) != max(sizes)
     logits, _ = model(idx, caches=caches, new_lens=lens if ragged else None,
                       logits_at=lens - 1)

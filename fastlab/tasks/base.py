@@ -29,6 +29,10 @@ import torch
 from torch import nn
 
 
+#: the seed of validation-loss batches (see :meth:`Task.validation_loss`)
+VALIDATION_SEED = 0x7A11DA7E
+
+
 class ConfigError(ValueError):
     """A configuration the run cannot use, found at parse time or when the run sets up;
     ``python -m fastlab.train`` prints it as one ``error:`` line and exits with status 2."""
@@ -90,6 +94,38 @@ class Task:
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device
                  ) -> Dict[str, float]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module, n_samples: int, device: torch.device
+                        ) -> Dict[str, float]:
+        """The loss (and each sub-loss) over ``n_samples`` samples of batches drawn with
+        :data:`VALIDATION_SEED`, a seed no default run trains with: ``{"val_loss": ...}``.
+        A task with a held-out split of its own may override it."""
+        was_training = model.training
+        model.eval()
+        total = count = 0.0
+        per_batch = min(n_samples, 1024)
+        for i in range(-(-n_samples // per_batch)):  # host syncs: outside training
+            batch = self.batch(torch.tensor(i, device=device), per_batch, device,
+                               seed=VALIDATION_SEED)
+            out = self.loss(model, batch)
+            total += float(out.total)
+            count += float(out.count)
+        model.train(was_training)
+        return {"val_loss": total / max(count, 1.0)}
+
+    # --- generative tasks: what ``python -m fastlab.sample`` needs ---------------------
+    def encode(self, text: str) -> torch.Tensor:
+        """A prompt written as text -> its token ids (1-D int64)."""
+        raise ConfigError(f"task {self.name!r} has no text form for its prompts")
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """Token ids (1-D) -> text."""
+        raise ConfigError(f"task {self.name!r} has no text form for its tokens")
+
+    def example_prompts(self, n: int, device: torch.device):
+        """``n`` held-out prompts (n, S) and the expected completion of each as text."""
+        raise ConfigError(f"task {self.name!r} has no prompts to sample from")
 
     # --- curriculum hook: a task may change its difficulty from its metrics ---------------
     def curriculum(self, metrics: Dict[str, float]) -> Optional[str]:
