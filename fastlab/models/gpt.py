@@ -17,6 +17,8 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 128
+    #: width of the MLPs (0: 4 x d_model)
+    d_hid: int = 0
     dropout: float = 0.0
 
 
@@ -26,9 +28,10 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_head, causal=True)
         self.ln2 = nn.LayerNorm(cfg.d_model)
+        d_hid = cfg.d_hid or 4 * cfg.d_model
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
-            nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, d_hid), nn.GELU(),
+            nn.Linear(d_hid, cfg.d_model), nn.Dropout(cfg.dropout),
         )
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,

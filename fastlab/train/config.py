@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type
 
+from fastlab.models.thinker import parse_plan
 from fastlab.tasks import TaskConfig, resolve
 from fastlab.tasks.base import ConfigError
 from fastlab.tasks.base import check_option as _check
@@ -63,6 +64,7 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.n_latent >= 1, f"model.n_latent must be >= 1, got {self.n_latent}")
         _check(self.n_step >= 1, f"model.n_step must be >= 1, got {self.n_step}")
+        parse_plan(self.plan, option="model.plan")
 
 
 SCHEDULES = ("linear", "cosine", "inverse_sqrt", "constant")
