@@ -15,7 +15,6 @@ checked against the reference before it is timed.
 on the same shapes scaled down (no GPU needed).
 """
 import functools
-import os
 import time
 
 import pytest
@@ -30,6 +29,7 @@ from fastlab.ops.segment_pool import (
     segment_ids,
     segment_pool,
     segment_pool_ref,
+    staged_kernel_tuning,
 )
 from fastlab.testing import assert_close
 
@@ -43,23 +43,18 @@ HIERARCHY = dict(characters=1 << 22, features=128, max_lens=(16, 16, 6))
 PROVIDERS = ["fastlab", "segment_reduce", "index_add", "torch_scatter"]
 # Pooling kernel variants beside the default (staged: 40 KiB buffer, 32 KiB windows, 2 segments
 # a group for rows of 32 or more vectors, the block's offsets in shared memory), forward
-# only, picked through the extension's FASTLAB_SEGMENT_POOL_* overrides (buffer, window KiB,
-# segments a group).
+# only, picked through staged_kernel_tuning (buffer, window KiB, segments a group, threads).
 VARIANTS = {
-    "fastlab-registers": {"FASTLAB_SEGMENT_POOL_STAGE": "0"},
-    "fastlab-b24-w16": {"FASTLAB_SEGMENT_POOL_STAGE": "24", "FASTLAB_SEGMENT_POOL_WINDOW": "16"},
+    "fastlab-registers": dict(buffer_kib=0),
+    "fastlab-b24-w16": dict(buffer_kib=24, window_kib=16),
     # at least 2 or 4 segments a group (smaller blocks): evens out a warp's groups
-    "fastlab-segs2": {"FASTLAB_SEGMENT_POOL_SEGS": "2"},
-    "fastlab-segs4": {"FASTLAB_SEGMENT_POOL_SEGS": "4"},
+    "fastlab-segs2": dict(segs_per_group=2),
+    "fastlab-segs4": dict(segs_per_group=4),
     # each group reads its segments' bounds from global memory (before: staged in shared)
-    "fastlab-global-offsets": {"FASTLAB_SEGMENT_POOL_OFFSETS": "0"},
+    "fastlab-global-offsets": dict(stage_offsets=0),
     # smaller blocks with smaller buffers: more of them an SM, each a shorter round trip
-    "fastlab-t128-b24-w16": {"FASTLAB_SEGMENT_POOL_THREADS": "128",
-                             "FASTLAB_SEGMENT_POOL_STAGE": "24",
-                             "FASTLAB_SEGMENT_POOL_WINDOW": "16"},
-    "fastlab-t128-b16-w12": {"FASTLAB_SEGMENT_POOL_THREADS": "128",
-                             "FASTLAB_SEGMENT_POOL_STAGE": "16",
-                             "FASTLAB_SEGMENT_POOL_WINDOW": "12"},
+    "fastlab-t128-b24-w16": dict(threads=128, buffer_kib=24, window_kib=16),
+    "fastlab-t128-b16-w12": dict(threads=128, buffer_kib=16, window_kib=12),
 }
 
 
@@ -115,13 +110,9 @@ def _mean_fn(provider, case):
     return lambda x: scatter.segment_csr(x, offsets, reduce="mean")
 
 
-def _pool_variant(env, offsets, x):
-    os.environ.update(env)
-    try:
+def _pool_variant(tuning, offsets, x):
+    with staged_kernel_tuning(**tuning):
         return segment_pool(x, offsets, "mean")
-    finally:
-        for name in env:
-            del os.environ[name]
 
 
 def _measure_pool(bench, case_name, provider):

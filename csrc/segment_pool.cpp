@@ -10,7 +10,10 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
+#include <initializer_list>
 #include <limits>
 
 #include "segment_pool.h"
@@ -207,7 +210,43 @@ at::Tensor segment_arg_scatter(const at::Tensor& grad_in, const at::Tensor& arg_
   return out;
 }
 
+// The staged kernel's launch overrides (segment_pool.h); -1: unset. Atomics, as a bench or
+// test may set them while another thread launches.
+std::atomic<int> tuning_buffer_kib{-1};
+std::atomic<int> tuning_window_kib{-1};
+std::atomic<int> tuning_segs_per_group{-1};
+std::atomic<int> tuning_threads{-1};
+std::atomic<int> tuning_stage_offsets{-1};
+
+int checked_tuning(const char* name, int64_t value, std::initializer_list<int> allowed) {
+  const bool ok = value == -1 || std::find(allowed.begin(), allowed.end(), value) != allowed.end();
+  TORCH_CHECK_VALUE(ok, "segment_pool_tuning: ", name, " must be -1 (the default) or one of ",
+                    c10::ArrayRef<int>(allowed), ", got ", value);
+  return static_cast<int>(value);
+}
+
+// Sets every override at once (-1 restores a default); the values are the ones the staged
+// kernel's planning supports.
+void segment_pool_tuning(int64_t buffer_kib, int64_t window_kib, int64_t segs_per_group,
+                         int64_t threads, int64_t stage_offsets) {
+  const int buffer = checked_tuning("buffer_kib", buffer_kib, {0, 8, 16, 24, 32, 40, 48});
+  const int window = checked_tuning("window_kib", window_kib, {4, 8, 12, 16, 24, 32, 40});
+  const int segs = checked_tuning("segs_per_group", segs_per_group, {1, 2, 4, 8});
+  const int block = checked_tuning("threads", threads, {64, 128, 256});
+  const int staged = checked_tuning("stage_offsets", stage_offsets, {0, 1});
+  tuning_buffer_kib = buffer;
+  tuning_window_kib = window;
+  tuning_segs_per_group = segs;
+  tuning_threads = block;
+  tuning_stage_offsets = staged;
+}
+
 }  // namespace
+
+StagingTuning staging_tuning() {
+  return {tuning_buffer_kib.load(), tuning_window_kib.load(), tuning_segs_per_group.load(),
+          tuning_threads.load(), tuning_stage_offsets.load()};
+}
 
 TORCH_LIBRARY(fastlab, m) {
   // Fake (meta) kernels and autograd formulas live in this Python module.
@@ -219,6 +258,10 @@ TORCH_LIBRARY(fastlab, m) {
         " Tensor? base=None, bool mean=False, bool validate=False) -> Tensor");
   m.def("segment_arg_scatter(Tensor grad, Tensor arg, Tensor offsets, SymInt total)"
         " -> Tensor");
+  // Launch overrides of the CUDA staged pooling kernel (benches, tests); no effect on CPU.
+  m.def("segment_pool_tuning(int buffer_kib=-1, int window_kib=-1, int segs_per_group=-1,"
+        " int threads=-1, int stage_offsets=-1) -> ()",
+        &segment_pool_tuning);
 }
 
 TORCH_LIBRARY_IMPL(fastlab, CPU, m) {

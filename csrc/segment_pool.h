@@ -56,6 +56,18 @@ C10_HOST_DEVICE inline bool replaces(acc_t candidate, acc_t current) {
   return better || (candidate != candidate && current == current);
 }
 
+// Overrides of the CUDA staged pooling kernel's launch, for benches and tests (the register
+// kernel, other buffer, window, group and block sizes), set by the op segment_pool_tuning and
+// read from memory at each launch. A negative field keeps the kernel's own choice.
+struct StagingTuning {
+  int buffer_kib;      // shared-memory buffer in KiB; 0 runs the register kernel
+  int window_kib;      // bytes of x a block's window aims at, in KiB
+  int segs_per_group;  // fewest segments a group of threads takes
+  int threads;         // most threads a block
+  int stage_offsets;   // 0: the block's offsets stay in global memory
+};
+StagingTuning staging_tuning();
+
 // out (S, D) = reduce over each segment of x; arg (S, D), offsets' dtype, written for
 // max/min when defined and non-empty: the row each value came from, `total` (= N) for empty
 // segments.

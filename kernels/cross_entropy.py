@@ -40,13 +40,14 @@ LOG2E_HI = tl.constexpr(1.4426950216293335)  # log2(e) rounded to float32
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)  # log2(e) - LOG2E_HI
 LN2 = tl.constexpr(0.6931471824645996)
 
-#: Rows up to this many bytes are loaded once and kept in registers between the sweeps
-#: (16 KiB: 8192 bf16 values, 32 per thread over 8 warps). Longer rows stream: at 64 KiB
-#: the streaming sweeps measured faster than a register-resident row over 32 warps; rows
-#: between 16 and 64 KiB were not measured, the cut between them is a choice.
+# Launch constants: one line of why each; what the sweeps measured, and the variants tried
+# and dropped, are in benches/results/2026-12-02_cross_entropy_launch_notes.md.
+
+#: Rows up to this many bytes are held in registers between the sweeps and read once (16 KiB:
+#: 8192 bf16 values, 32 per thread over 8 warps); longer rows stream, faster at 64 KiB.
 _SINGLE_BLOCK_BYTES = 16384
-#: Bytes of logits one streaming block loads: 8 KiB over 8 warps is two 16-byte vector
-#: loads per thread, and small enough for several programs per SM to hide HBM latency.
+#: Bytes one streaming block loads: two 16-byte loads per thread over 8 warps, fastest of
+#: the block-size sweep at V >= 32K (H100, H200).
 _STREAM_BLOCK_BYTES = 8192
 #: Warps of a streaming program (see above).
 _STREAM_WARPS = 8
@@ -65,18 +66,8 @@ def launch_config(V: int, itemsize: int, n_rows: int):
     """dict(block_v, single, warps, programs) for ``n_rows`` rows of V values of
     ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows).
 
-    Chosen from sweeps (benches/bench_cross_entropy.py, mode ``sweep``): one program per
-    row beat every persistent grid on an H100 and an H200 (fewer rows in flight keep more
-    of them in L2 for sweep 2, but cannot keep enough loads in flight); 8 KiB blocks over
-    8 warps were best for 64 KiB rows (also better than holding the row in registers) and
-    for 256 KiB rows: 3.52-3.54 against 3.64-3.66 ms for 16 KiB over 16 warps at
-    16384 x 128256 bf16 on an H200, 4.01 against 4.01 on an H100; 32 and 64 KiB blocks
-    over 16 or 32 warps (fewer rows in flight) 3.75-4.05 ms there. Measured and dropped:
-    splitting a row over 2 to 8 programs that hold 16-64 KiB chunks in registers and
-    combine their partials through a per-row counter, which reads the logits once:
-    4.88-6.05 ms against 4.01 ms for this kernel at 16384 x 128256 bf16 on an H100
-    (0.63-0.76 against 0.46 ms at 8192 x 32768), as the programs idle while they wait for
-    their row's others.
+    One program per row (a smaller grid keeps fewer rows in flight: slower in every sweep,
+    benches/bench_cross_entropy.py mode ``sweep``).
     """
     row_bytes = V * itemsize
     if row_bytes <= _SINGLE_BLOCK_BYTES:

@@ -27,6 +27,7 @@ from fastlab.ops.segment_pool import (
     segment_broadcast_ref,
     segment_pool,
     segment_pool_ref,
+    staged_kernel_tuning,
 )
 from fastlab.testing import assert_close, non_contiguous, randn
 
@@ -650,18 +651,32 @@ def test_cuda_real_sizes(reduce, features, max_len):
                           max_len, "cuda")
 
 
-# Kernel settings forced through the extension's FASTLAB_SEGMENT_POOL_* overrides: the register
-# kernel and the staged kernel at several buffer, window and group sizes.
+# Kernel settings forced through staged_kernel_tuning: the register kernel and the staged
+# kernel at several buffer, window, group and block sizes.
 _KERNEL_SETTINGS = {
-    "registers": dict(STAGE="0", WINDOW="16", SEGS="1"),
-    "b8-w40": dict(STAGE="8", WINDOW="40", SEGS="1"),
-    "b24-w16": dict(STAGE="24", WINDOW="16", SEGS="1"),
-    "b48-w4": dict(STAGE="48", WINDOW="4", SEGS="1"),
-    "b40-w32-s4": dict(STAGE="40", WINDOW="32", SEGS="4"),
-    "b16-w8-s8": dict(STAGE="16", WINDOW="8", SEGS="8"),
-    "b24-w16-t128": dict(STAGE="24", WINDOW="16", THREADS="128"),
-    "global-offsets": dict(OFFSETS="0"),
+    "registers": dict(buffer_kib=0, window_kib=16, segs_per_group=1),
+    "b8-w40": dict(buffer_kib=8, window_kib=40, segs_per_group=1),
+    "b24-w16": dict(buffer_kib=24, window_kib=16, segs_per_group=1),
+    "b48-w4": dict(buffer_kib=48, window_kib=4, segs_per_group=1),
+    "b40-w32-s4": dict(buffer_kib=40, window_kib=32, segs_per_group=4),
+    "b16-w8-s8": dict(buffer_kib=16, window_kib=8, segs_per_group=8),
+    "b24-w16-t128": dict(buffer_kib=24, window_kib=16, threads=128),
+    "global-offsets": dict(stage_offsets=0),
 }
+
+
+def test_kernel_tuning_checks_its_values_and_leaves_cpu_results_alone():
+    offsets = _offsets(17, 6, seed=47)
+    x = randn((int(offsets[-1]), 8), torch.float32, seed=48)
+    want = segment_pool(x, offsets, "mean")
+    with staged_kernel_tuning(buffer_kib=0, threads=128):
+        assert torch.equal(segment_pool(x, offsets, "mean"), want)
+    with pytest.raises(ValueError, match="buffer_kib must be -1 \\(the default\\) or one of"):
+        with staged_kernel_tuning(buffer_kib=12):
+            pass
+    with pytest.raises(ValueError, match="segs_per_group must be"):
+        _ops().segment_pool_tuning(-1, -1, 0)
+    _ops().segment_pool_tuning()
 
 
 def _skewed_offsets(units, long_every, long_len, seed, device):
@@ -675,22 +690,21 @@ def _skewed_offsets(units, long_every, long_len, seed, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("setting", list(_KERNEL_SETTINGS))
-def test_cuda_pool_kernels_agree(setting, monkeypatch):
+def test_cuda_pool_kernels_agree(setting):
     """Every kernel against the reference with units spanning many buffers (3000 rows of 512
     bytes against 8 KiB), skewed units, empty units, one-vector rows and int32 offsets."""
-    for name, value in _KERNEL_SETTINGS[setting].items():
-        monkeypatch.setenv(f"FASTLAB_SEGMENT_POOL_{name}", value)
-    for reduce in REDUCTIONS:
-        for features, units, max_len in [(256, 41, 3000), (24, 301, 7), (96, 2001, 3)]:
-            _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, features, units,
-                             max_len, "cuda")
-        _check_pool_once(reduce, torch.float32, "contiguous", torch.int32, 64, 2001, 40, "cuda")
-        _check_pool_once(reduce, torch.float16, "contiguous", torch.int32, 8, 3001, 20, "cuda")
-        _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, 128, max_len=400,
-                         device="cuda", offsets=_skewed_offsets(5001, 97, 400, 7, "cuda"))
-        _check_pool_once(reduce, torch.float64, "contiguous", torch.int32, 32, max_len=60,
-                         device="cuda",
-                         offsets=_skewed_offsets(3001, 13, 60, 8, "cuda").int())
+    with staged_kernel_tuning(**_KERNEL_SETTINGS[setting]):
+        for reduce in REDUCTIONS:
+            for features, units, max_len in [(256, 41, 3000), (24, 301, 7), (96, 2001, 3)]:
+                _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, features, units,
+                                 max_len, "cuda")
+            _check_pool_once(reduce, torch.float32, "contiguous", torch.int32, 64, 2001, 40, "cuda")
+            _check_pool_once(reduce, torch.float16, "contiguous", torch.int32, 8, 3001, 20, "cuda")
+            _check_pool_once(reduce, torch.bfloat16, "contiguous", torch.int64, 128, max_len=400,
+                             device="cuda", offsets=_skewed_offsets(5001, 97, 400, 7, "cuda"))
+            _check_pool_once(reduce, torch.float64, "contiguous", torch.int32, 32, max_len=60,
+                             device="cuda",
+                             offsets=_skewed_offsets(3001, 13, 60, 8, "cuda").int())
 
 
 @pytest.mark.gpu

@@ -29,16 +29,13 @@
 //    global memory once per unit. Other widths and first/last use the register kernel,
 //    which issues kUnroll predicated row loads per pass.
 // 4. Instructions. With the bytes in flight, the short units of the upper levels (2-3 rows
-//    a unit) left the staged kernel bound by instruction issue (Nsight Compute, H200, D =
-//    96: 80% SM throughput against 65% of DRAM bandwidth): per output vector, eight fp32
-//    divisions for the mean, and per row a first-row test and a two-instruction widening of
-//    each high bf16 half. The mean now divides through one reciprocal a unit and a
-//    correction step (as exact as division), the first row is peeled out of the fold loop
-//    and bf16 pairs widen with one shift or mask an element: the level forwards went from
-//    1.20-1.39x to 1.09-1.14x the floor. (A persistent grid feeding a ring of shared-memory
-//    stages with bulk copies on mbarriers, sm_90, was measured and dropped: 1.4-2.3x the
-//    floor at the levels over the ring depths and tile sizes tried, slower still with each
-//    window cut into more copies: issuing the bulk copies bounded it.)
+//    a unit) leave the staged kernel bound by instruction issue, so each instruction per
+//    element counts: the mean divides through one reciprocal a unit and a correction step
+//    (as exact as division), the first row is peeled out of the fold loop, and bf16 pairs
+//    widen with one shift or mask an element.
+//
+// What each variant measured, and the designs tried and dropped, are in
+// benches/results/2026-12-02_segment_pool_kernel_notes.md.
 // 5. Numerics. Accumulation in fp32 registers for bf16/fp16 (opmath), one rounding per
 //    output element. max/min keep the first row on ties and propagate NaN (segment_bounds
 //    and replaces() in segment_pool.h are shared with the CPU kernel).
@@ -57,8 +54,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -87,8 +82,8 @@ __device__ __forceinline__ Vec<T, N> load(const T* p) {
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
-// Stores through an integer of the vector's size: a plain struct copy was split into one
-// 2-byte store per bf16 element in places (SASS of the broadcast and arg-scatter kernels).
+// Stores through an integer of the vector's size: the compiler splits a plain struct copy
+// into one 2-byte store per bf16 element in places.
 template <typename T, int N>
 __device__ __forceinline__ void store(T* p, const Vec<T, N>& value) {
   constexpr size_t kBytes = sizeof(Vec<T, N>);
@@ -111,8 +106,8 @@ __device__ __forceinline__ bool my_segment(int lanes, int64_t segments, int64_t&
 }
 
 // A row vector in opmath precision. A bf16 pair unpacks with one shift (low half) and one
-// mask (high half), exact for every value; the generic conversion spent a permute and a
-// multiply on the high half (SASS), a third of a bf16 fold's instructions.
+// mask (high half), exact for every value; the generic conversion spends a permute and a
+// multiply on the high half.
 template <typename acc_t, typename scalar_t, int VEC>
 __device__ __forceinline__ void widen(const Vec<scalar_t, VEC>& row, acc_t (&value)[VEC]) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && VEC % 2 == 0) {
@@ -164,12 +159,9 @@ __device__ __forceinline__ void fold_row(acc_t (&acc)[VEC], index_t (&where)[VEC
 
 // a / b for the mean, given r = 1 / b (rounded): the correctly rounded quotient, as IEEE
 // division gives it, in one multiply and two FMAs (Markstein's correction: q = a r, then
-// q + (a - q b) r), so that a unit's division costs one reciprocal and not one full division
-// per element; in fp32 the division is a multi-instruction sequence, and at the short units
-// of the hierarchy's upper levels (2-3 rows) those divisions were about half of the staged
-// kernel's instructions, which is bound by instruction issue there (Nsight Compute, H200,
-// D = 96: 80% SM throughput against 65% of DRAM bandwidth). Compared with IEEE division
-// on 65K dividends of magnitudes 1e-30 to 1e30 and divisors 1 to 5000: no difference.
+// q + (a - q b) r), so that a unit's division costs one reciprocal and not one full fp32
+// division (a multi-instruction sequence) per element: design point 4. Equal to the CPU
+// kernel's division bit for bit (tests/test_segment_pool.py, the CUDA mean test).
 // Infinities and NaN, where the correction would give NaN, keep a r (= a / b there).
 template <typename acc_t>
 __device__ __forceinline__ acc_t divide(acc_t a, acc_t b, acc_t r) {
@@ -276,8 +268,8 @@ __device__ __forceinline__ void copy_async_commit() {
 }
 
 // One 16-byte vector from shared memory in one instruction (LDS.128). Reading the Vec
-// struct directly lets the compiler split it into a 2-byte load per bf16 value (seen in
-// the SASS: eight LDS.U16 per vector), eight times the shared-memory instructions.
+// struct directly lets the compiler split it into a 2-byte load per bf16 value, eight times
+// the shared-memory instructions.
 template <typename V>
 __device__ __forceinline__ V load_shared(const V* p) {
   static_assert(sizeof(V) == 16, "a shared-memory vector is 16 bytes");
@@ -297,8 +289,7 @@ __device__ __forceinline__ void copy_async_wait() {
 
 // Blocks of the staged kernel an SM must hold at once: five 40 KiB buffers fill its shared
 // memory, and the bound keeps the compiler within the 48 registers a thread that five
-// 256-thread blocks allow. Unbounded, staging the offsets took it to 53, four blocks an SM,
-// and every level width lost 8-13% (H200).
+// 256-thread blocks allow (unbounded it takes more, and an SM holds four).
 constexpr int kStagedBlocksPerSM = 5;
 
 // Staged kernel: 16-byte vectors, one column vector per thread (D <= kThreads x VEC),
@@ -310,8 +301,8 @@ constexpr int kStagedBlocksPerSM = 5;
 // the buffer and writing a segment's result as soon as its last row is folded. The host
 // sizes the window to fit one buffer, so most blocks make one copy round trip; bytes in
 // flight per SM are then set by shared memory, not by the few rows a short unit gives each
-// thread. (Double buffering was measured slower: with windows this small, the extra barrier
-// and the smaller buffers cost more than the overlap gains.)
+// thread. One buffer, not two: with windows this small, a second buffer's barrier and the
+// halved buffers cost more than the overlap gains.
 template <typename scalar_t, typename index_t, int VEC, Reduce R>
 __global__ void __launch_bounds__(kThreads, kStagedBlocksPerSM) segment_pool_staged_kernel(
     const scalar_t* __restrict__ x, const index_t* __restrict__ offsets,
@@ -337,8 +328,8 @@ __global__ void __launch_bounds__(kThreads, kStagedBlocksPerSM) segment_pool_sta
   const bool mine = group < groups && first < last;
   // The block's offsets, indexed from its first segment. Staged in shared memory by one
   // coalesced load, each group's bounds are a shared-memory read: from global memory, a
-  // group walking several segments waited on one dependent L1/L2 miss per segment after
-  // its rows had landed.
+  // group walking several segments waits on one dependent L1/L2 miss per segment after
+  // its rows have landed.
   const index_t* block_offsets = offsets + block_first;
   if (stage_offsets) {
     index_t* const staged =
@@ -372,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, kStagedBlocksPerSM) segment_pool_sta
 
   // Rows stored back to back (the usual case) make the window one run of vectors: the copy
   // loop then costs an add per vector, not a division by `cols` and a 64-bit multiply
-  // (which, at 16.8M vectors a level, issue as many instructions as the loads themselves).
+  // (which issue as many instructions as the loads themselves).
   const bool dense = x_row == features;
   for (int64_t base = lo; base < hi; base += buffer_rows) {
     const int n = static_cast<int>(hi - base < buffer_rows ? hi - base : buffer_rows);
@@ -571,13 +562,10 @@ Launch plan(int64_t segments, int64_t features, int vec) {
 }
 
 // Staged pooling: bytes of the shared-memory buffer, and bytes of x a block's window aims
-// at (at most), chosen from an H100 sweep (benches/bench_segment_pool.py variants, level
-// forward x floor): 40/32 KiB gave 1.18-1.37x over the five level widths, 24/16 1.22-1.40x,
-// 32/24 1.19-1.53x, 16/8 1.29-1.62x, the register kernel 1.43-1.68x. A window that fits
-// the buffer makes one copy round trip per block; ~5 such blocks per SM (shared memory
-// bound) keep ~200 KB in flight. Forced for benches by FASTLAB_SEGMENT_POOL_STAGE (buffer
-// KiB; 0 runs the register kernel), FASTLAB_SEGMENT_POOL_WINDOW (KiB) and
-// FASTLAB_SEGMENT_POOL_THREADS (most threads a block).
+// at (at most): the fastest pair of the buffer/window sweep over the five level widths. A
+// window that fits the buffer makes one copy round trip per block; ~5 such blocks per SM
+// (shared memory bound) keep ~200 KB in flight. Benches and tests override these and the
+// other launch choices through staging_tuning() (segment_pool.h).
 constexpr int kStageBufferKiB = 40;
 constexpr int kStageWindowKiB = 32;
 // Most segments a staged block takes, so that its offsets (per_block + 1 values) fit in
@@ -586,14 +574,9 @@ constexpr int kMaxBlockSegments = 511;
 // Dynamic shared memory a launch may use without opting in per kernel.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
-int env_kib(const char* name, int fallback, std::initializer_list<int> allowed) {
-  const char* forced = std::getenv(name);
-  if (forced == nullptr || *forced == 0) return fallback;
-  const std::string value(forced);
-  for (const int a : allowed) {
-    if (value == std::to_string(a)) return a;
-  }
-  TORCH_CHECK(false, name, " got '", value, "', which is not one of the allowed sizes");
+// An override of staging_tuning(), or the default where it is unset (negative).
+int tuned(int override_value, int fallback) {
+  return override_value >= 0 ? override_value : fallback;
 }
 
 struct Staging {
@@ -608,12 +591,10 @@ struct Staging {
 // The staged kernel's launch for segments of `cols` 16-byte vectors a row. Blocks shrink
 // (fewer groups) or groups take more segments until the expected window, from the mean
 // unit length N / S (shapes only, no sync), is the largest within 1.25x the target.
-// FASTLAB_SEGMENT_POOL_OFFSETS=0 leaves the offsets in global memory (bench variant).
 Staging plan_staging(int64_t total, int64_t segments, int64_t cols, int64_t index_bytes) {
-  const int buffer_kib =
-      env_kib("FASTLAB_SEGMENT_POOL_STAGE", kStageBufferKiB, {0, 8, 16, 24, 32, 40, 48});
-  const int window_kib =
-      env_kib("FASTLAB_SEGMENT_POOL_WINDOW", kStageWindowKiB, {4, 8, 12, 16, 24, 32, 40});
+  const StagingTuning tuning = staging_tuning();
+  const int buffer_kib = tuned(tuning.buffer_kib, kStageBufferKiB);
+  const int window_kib = tuned(tuning.window_kib, kStageWindowKiB);
   if (buffer_kib == 0 || cols > kThreads) return {0, 0, 0, 0, 0, false};
   const int lanes = static_cast<int>(cols);
   const int64_t row_bytes = cols * 16;
@@ -622,12 +603,10 @@ Staging plan_staging(int64_t total, int64_t segments, int64_t cols, int64_t inde
   const double group_bytes =
       std::max(1.0, static_cast<double>(total) / std::max<int64_t>(segments, 1)) * row_bytes;
   // at least min_segs segments a group (blocks shrink to keep the window): sums of lengths
-  // vary less than lengths. Measured on an H100 (bench variants segs2/segs4): 2 a group
-  // helped warp-wide groups (4.19M x 256 bf16: 0.893 against 0.918 ms); narrower rows lost
-  // more to the smaller blocks than they gained (D32/D48: 1.52x/2.08x the floor against
-  // 1.37x), so they keep 1.
-  const int min_segs = env_kib("FASTLAB_SEGMENT_POOL_SEGS", lanes >= 32 ? 2 : 1, {1, 2, 4, 8});
-  int threads = env_kib("FASTLAB_SEGMENT_POOL_THREADS", kThreads, {64, 128, 256});
+  // vary less than lengths, which evens out warp-wide groups; narrower rows lose more to
+  // the smaller blocks than they gain, so they keep 1.
+  const int min_segs = tuned(tuning.segs_per_group, lanes >= 32 ? 2 : 1);
+  int threads = tuned(tuning.threads, kThreads);
   while (threads / 2 >= std::max(lanes, 64) &&
          (threads / lanes) * min_segs * group_bytes > window) {
     threads /= 2;
@@ -644,7 +623,7 @@ Staging plan_staging(int64_t total, int64_t segments, int64_t cols, int64_t inde
   const int buffer_rows = static_cast<int>(std::max<int64_t>(1, buffer_kib * 1024 / row_bytes));
   const size_t buffer_bytes = static_cast<size_t>(buffer_rows * row_bytes);
   const size_t offsets_bytes = static_cast<size_t>((per_block + 1) * index_bytes);
-  const bool stage_offsets = env_kib("FASTLAB_SEGMENT_POOL_OFFSETS", 1, {0, 1}) == 1 &&
+  const bool stage_offsets = tuned(tuning.stage_offsets, 1) == 1 &&
                              per_block <= kMaxBlockSegments &&
                              buffer_bytes + offsets_bytes <= kDefaultSharedBytes;
   return {threads, segs, buffer_rows, buffer_bytes + (stage_offsets ? offsets_bytes : 0),

@@ -41,8 +41,8 @@ from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _refere
 
 #: Budget for one chunk's logits: 1 GiB holds 4096 rows of a 128K bf16 vocabulary. Each
 #: chunk's weight-gradient matmul reads and writes the fp32 accumulator (V x H x 4 bytes)
-#: once, so fewer, larger chunks cut that traffic: on an H100, N=16384 H=4096 V=128256
-#: fwd+bwd took 93.9 ms with 2048-row chunks and 79.9 ms with 4096-row chunks (+0.5 GB).
+#: once, so fewer, larger chunks cut that traffic (numbers in
+#: benches/results/2026-12-02_cross_entropy_launch_notes.md).
 _CHUNK_LOGITS_BYTES = 1 << 30
 #: Fewest rows per chunk, so a small vocabulary still gets matmuls worth launching.
 _MIN_CHUNK = 256

@@ -34,6 +34,7 @@ device-to-host copy. Unchecked bad offsets give unspecified values but never an
 out-of-bounds access: the kernels clamp them. The helpers that must size their output from
 data (``num_segments=None``, ``max_len=None``, ``total=None``) sync once, and say so.
 """
+import contextlib
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -540,6 +541,21 @@ def segment_broadcast(y: torch.Tensor, offsets: torch.Tensor, total: Optional[in
     if reference:
         return segment_broadcast_ref(y, offsets, total, shift, base)
     return _ops().segment_broadcast(y, offsets, total, shift, base, False, validate)
+
+
+@contextlib.contextmanager
+def staged_kernel_tuning(*, buffer_kib: int = -1, window_kib: int = -1,
+                         segs_per_group: int = -1, threads: int = -1, stage_offsets: int = -1):
+    """Inside the block, the CUDA pooling kernels launch with these overrides (benches and
+    tests: ``buffer_kib=0`` runs the register kernel; other buffer and window KiB, segments
+    a group, threads a block, ``stage_offsets=0`` leaves the offsets in global memory);
+    -1 keeps the kernel's own choice. Process-wide, and the exit restores every default, so
+    blocks do not nest. No effect on CPU tensors."""
+    _ops().segment_pool_tuning(buffer_kib, window_kib, segs_per_group, threads, stage_offsets)
+    try:
+        yield
+    finally:
+        _ops().segment_pool_tuning()
 
 
 def hierarchical_pool(x: torch.Tensor, level_offsets: Sequence[torch.Tensor],
