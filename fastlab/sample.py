@@ -65,9 +65,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for prompt, completion, truth in zip(prompts, out, expected):
-        line = f"{run.task.decode(prompt.cpu())} -> {run.task.decode(completion.cpu())}"
+        text = run.task.decode(completion.cpu())
+        line = f"{run.task.decode(prompt.cpu())} -> {text}"
         if truth is not None:
-            line += f"   (expected {truth}{'' if run.task.decode(completion.cpu()) == truth else ', wrong'})"
+            line += f"   (expected {truth}{'' if text == truth else ', wrong'})"
         print(line)
     return 0
 

@@ -290,7 +290,8 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                         if is_main:
                             save(snapshot, os.path.join(run_dir, "best.pt"))
                     metrics.update(ev)
-                    if cfg.eval.target is not None and score is not None and score >= cfg.eval.target:
+                    target = cfg.eval.target
+                    if target is not None and score is not None and score >= target:
                         stopped_by = f"reached {task.metric} >= {cfg.eval.target}"
                         break
                     window_t0 += time.perf_counter() - eval_t0  # evaluation is no training time
@@ -321,7 +322,8 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                    "precision": precision, "cuda_graphs": graphs, "world_size": dist.world,
                    "tokens": tokens_seen, "params": sum(p.numel() for p in raw_model.parameters()),
                    "best": best, "final": final, "last_train": metrics,
-                   "rollbacks": guard.rollbacks, "wall_s": round(log.elapsed(), 2), "threads": threads}
+                   "rollbacks": guard.rollbacks, "wall_s": round(log.elapsed(), 2),
+                   "threads": threads}
         if is_main:
             write_json(os.path.join(run_dir, "summary.json"), summary)
             rundir.write_status(run_dir, "stopped" if stopped_by and stopped_by.startswith("signal")
