@@ -127,11 +127,12 @@ def test_bad_arguments(call, error, match, bk):
 
 
 def _check_autocast_once(N, H, V, amp_dtype, bk, device, *, with_bias, reduction, chunk_size,
-                         dtypes=(torch.float32,) * 3, **options):
+                         dtypes=(torch.float32,) * 3, loss_scale=1.0, **options):
     """The op under torch.autocast against F.linear + F.cross_entropy under the same
     autocast: loss in float32, each gradient in its own input's dtype. Ours are accumulated
     in fp32 and rounded once, torch's pass through the autocast dtype first: the
-    tolerance is the autocast dtype's."""
+    tolerance is the autocast dtype's. ``loss_scale`` multiplies both losses before the
+    backward, as a GradScaler does (the gradients are compared divided by it)."""
     hidden, weight, bias, target = _inputs(N, H, V, torch.float32, with_bias, seed=N + V,
                                            ignore_every=5, device=device)
     hidden, weight = (t.detach().to(d).requires_grad_(True)
@@ -140,6 +141,7 @@ def _check_autocast_once(N, H, V, amp_dtype, bk, device, *, with_bias, reduction
         bias = bias.detach().to(dtypes[2]).requires_grad_(True)
     params = [p for p in (hidden, weight, bias) if p is not None]
     w = randn((N,), torch.float32, device, seed=4) if reduction == "none" else 1.0
+    w = w * loss_scale
     with torch.autocast(device, dtype=amp_dtype):
         logits = F.linear(hidden, weight, bias)
         want = F.cross_entropy(logits, target, reduction=reduction, **options)
@@ -153,7 +155,7 @@ def _check_autocast_once(N, H, V, amp_dtype, bk, device, *, with_bias, reduction
     assert_close(loss, want, amp_dtype, scale=0.5)
     for got, expected, param in zip(grads, want_grads, params):
         assert got.dtype == expected.dtype == param.dtype
-        assert_close(got, expected, amp_dtype, scale=2.0)
+        assert_close(got / loss_scale, expected / loss_scale, amp_dtype, scale=2.0)
 
 
 @pytest.mark.parametrize("bk", ["kernel", "reference"])
@@ -178,6 +180,40 @@ def test_autocast_mixed_input_dtypes(bk):
     hidden, weight, _, target = _inputs(19, 16, 75, torch.float32, False, seed=9)
     with pytest.raises(ValueError, match="must match hidden"):
         fused_linear_cross_entropy(hidden.bfloat16(), weight, target)
+
+
+@pytest.mark.parametrize("bk", ["kernel", "reference"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp16", "autocast-fp16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float16_gradients_survive_a_loss_scale(reduction, autocast, bk):
+    """fp16 + GradScaler: the logits' gradient (fp16) is formed with the incoming loss scale
+    already applied, else most of a wide vocabulary's p_j / n_valid is below fp16's range.
+    Against the float64 reference on the operands rounded to fp16, row by row (each weight
+    row is one class: a rare class's row is where a flushed gradient shows; rounded before
+    the scale, rows were off by up to 29%), within a few fp16 roundings of the logits."""
+    N, H, V = 37, 16, 4099
+    dtype = torch.float32 if autocast else torch.float16
+    hidden, weight, bias, target = _inputs(N, H, V, dtype, True, seed=11, ignore_every=6)
+    params = (hidden, weight, bias)
+    rounded = [p.detach().half().double().requires_grad_(True) for p in params]
+    w = 2.0 ** 16 * (torch.rand(N, dtype=torch.float64) + 0.5) / N \
+        if reduction == "none" else 2.0 ** 16
+    want = fused_linear_cross_entropy_ref(rounded[0], rounded[1], target, rounded[2],
+                                          reduction=reduction)
+    want_grads = torch.autograd.grad((want * w).sum(), rounded)
+    with backend(bk), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        loss = fused_linear_cross_entropy(hidden, weight, target, bias, reduction=reduction,
+                                          chunk_size=16)
+        grads = torch.autograd.grad((loss * w).sum(), params)
+    for name, got, expected, param in zip(("hidden", "weight", "bias"), grads, want_grads,
+                                          params):
+        assert got.dtype == param.dtype
+        got, expected = got.double().reshape(expected.shape[0], -1), expected.reshape(
+            expected.shape[0], -1)
+        size = expected.norm(dim=1)
+        assert bool((got[size == 0] == 0).all()), name  # ignored tokens' rows
+        row_error = (got - expected).norm(dim=1)[size > 0] / size[size > 0]
+        assert float(row_error.max()) < 2e-2, (name, float(row_error.max()))
 
 
 def test_autocast_gradients_are_rounded_once():
@@ -210,9 +246,11 @@ def test_autocast_gradients_are_rounded_once():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cuda_autocast_fp32_parameters_match_torch(reduction, amp_dtype):
     """The CUDA kernel path under torch.autocast("cuda"): several chunks, bias, fp32
-    parameters."""
+    parameters, the loss scaled as a GradScaler's first steps do (less for a sum, whose
+    scaled logits' gradient would pass fp16's largest value)."""
     _check_autocast_once(1031, 256, 8191, amp_dtype, "auto", "cuda", with_bias=True,
-                         reduction=reduction, chunk_size=256)
+                         reduction=reduction, chunk_size=256,
+                         loss_scale=2.0 ** 8 if reduction == "sum" else 2.0 ** 16)
 
 
 @pytest.mark.gpu

@@ -17,6 +17,15 @@ is exactly 1 (as after ``loss.backward()``), so that backward costs a launch, no
 over the logits; it can run once per forward. With ``inplace_backward=True`` the gradient
 is written over the logits, for callers that no longer need them.
 
+float16 logits are the exception: their gradient waits for the backward. Written in the
+forward, before the incoming gradient is known, p_j / n_valid falls below fp16's range
+(6e-8) for most classes of a large vocabulary and batch, and a GradScaler's loss scale,
+applied afterwards, multiplies zeros: the fp16 recipe (autocast fp16 + GradScaler) would
+train on a gradient that is mostly 0. So for fp16 the forward computes the loss only and the
+backward writes the gradient already multiplied by its incoming factor, rounding it to fp16
+once (one more read of the logits). bf16 has fp32's exponent range and keeps the one-pass
+design.
+
 The gradient buffer is written in place by the custom ops, and ``register_autograd``
 accepts functional ops only, so autograd is an ``autograd.Function`` around the custom
 ops; torch.compile traces it with no graph break.
@@ -197,6 +206,53 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
     return loss, zl
 
 
+def _backward_impl(logits: Tensor, target: Tensor, grad: Tensor, factor: Tensor,
+                   ignore_index: int, label_smoothing: float, z_loss: float,
+                   reduction: str) -> None:
+    """Writes into ``grad`` (may be ``logits``) the gradient of the loss times ``factor``,
+    the incoming gradient (one value, or one per row for ``reduction="none"``): the
+    deferred backward of float16 logits."""
+    V = logits.shape[-1]
+    x, t = _as_rows(logits, target)
+    grad2d = grad.view(-1, V)
+    rows = factor.reshape(-1).to(torch.float32) if reduction == "none" else None
+    if _kernel_ok(logits, target):
+        from fastlab.kernels import cross_entropy as K
+
+        if rows is None:
+            mean_factor, _ = K.count_valid(t, ignore_index, reduction == "mean")
+            rows = mean_factor * factor.to(torch.float32)
+        K.cross_entropy_forward(x, t, grad2d, rows, ignore_index, label_smoothing, z_loss)
+        return
+    if rows is None:
+        rows = _grad_scale(t, ignore_index, reduction)[0] * factor.to(torch.float32)
+    _, _, g = _reference_rows(x, t, ignore_index, label_smoothing, z_loss, True)
+    grad2d.copy_(g * (rows.double()[:, None] if rows.dim() else rows.double()))
+
+
+def _backward_op_impl(logits: Tensor, target: Tensor, grad: Tensor, factor: Tensor,
+                      ignore_index: int, label_smoothing: float, z_loss: float,
+                      reduction: str) -> None:
+    _backward_impl(logits, target, grad, factor, ignore_index, label_smoothing, z_loss,
+                   reduction)
+
+
+_backward_op = torch.library.custom_op("fastlab::cross_entropy_backward",
+                                       mutates_args=("grad",))(_backward_op_impl)
+
+
+def _backward_inplace_op_impl(logits: Tensor, target: Tensor, factor: Tensor,
+                              ignore_index: int, label_smoothing: float, z_loss: float,
+                              reduction: str) -> None:
+    _backward_impl(logits, target, logits, factor, ignore_index, label_smoothing, z_loss,
+                   reduction)
+
+
+_backward_inplace_op = torch.library.custom_op("fastlab::cross_entropy_backward_inplace",
+                                               mutates_args=("logits",))(
+    _backward_inplace_op_impl)
+
+
 def _fake_outputs(logits: Tensor, reduction: str) -> Tuple[Tensor, Tensor]:
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     shape = logits.shape[:-1] if reduction == "none" else ()
@@ -276,6 +332,16 @@ def _(grad, factor):
     return None
 
 
+@_backward_op.register_fake
+def _(logits, target, grad, factor, ignore_index, label_smoothing, z_loss, reduction):
+    return None
+
+
+@_backward_inplace_op.register_fake
+def _(logits, target, factor, ignore_index, label_smoothing, z_loss, reduction):
+    return None
+
+
 def scale_grad_(grad: Tensor, factor: Tensor) -> None:
     """In-place ``grad *= factor`` that leaves rows with factor exactly 1 untouched."""
     call_op(_scale_grad_op, _scale_grad_op_impl, grad, factor)
@@ -286,16 +352,22 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction,
                 check_targets, inplace_backward):
         args = (ignore_index, label_smoothing, z_loss, reduction, check_targets)
-        if inplace_backward:
+        ctx.deferred = logits.dtype == torch.float16
+        if ctx.deferred:
+            loss, zl = call_op(_forward_op, _forward_op_impl, logits, target, *args)
+            ctx.inplace = inplace_backward
+            ctx.options = (ignore_index, label_smoothing, z_loss, reduction)
+            ctx.save_for_backward(logits, target)
+        elif inplace_backward:
             loss, zl = call_op(_forward_inplace_op, _forward_inplace_op_impl, logits, target,
                                *args)
-            grad = logits
+            ctx.save_for_backward(logits)
         else:
             # contiguous whatever the logits' layout, so it always views as (N, V)
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             loss, zl = call_op(_forward_grad_op, _forward_grad_op_impl, logits, target, grad,
                                *args)
-        ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(zl)
         # the z-loss output never has a gradient: without this, autograd builds a zero
         # tensor for it on every backward (a fill launch, 30-90 us of host time measured)
@@ -304,10 +376,21 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_zl):
-        (grad,) = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 8
-        scale_grad_(grad, grad_loss)
+        if ctx.deferred:
+            logits, target = ctx.saved_tensors
+            if ctx.inplace:
+                call_op(_backward_inplace_op, _backward_inplace_op_impl, logits, target,
+                        grad_loss, *ctx.options)
+                grad = logits
+            else:
+                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+                call_op(_backward_op, _backward_op_impl, logits, target, grad, grad_loss,
+                        *ctx.options)
+        else:
+            (grad,) = ctx.saved_tensors
+            scale_grad_(grad, grad_loss)
         return grad, None, None, None, None, None, None, None
 
 

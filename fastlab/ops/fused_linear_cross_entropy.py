@@ -10,7 +10,10 @@ multiplies these by the incoming scalar, skipped when it is exactly 1.
 
 ``reduction="none"`` cannot fold a per-row incoming gradient into grad_weight ahead of
 time: its forward computes the losses only and its backward recomputes each chunk's logits
-with the incoming gradient of every row (one more matmul).
+with the incoming gradient of every row (one more matmul). float16 logits (fp16 inputs, or
+autocast to fp16) take that deferred path for every reduction: their logits' gradient, held
+in fp16, must be multiplied by the incoming gradient (a GradScaler's loss scale) before it
+is rounded, or most of it falls below fp16's range (see :mod:`fastlab.ops.cross_entropy`).
 
 Memory beyond the inputs: the chunk's logits, grad_hidden, and the float32 weight gradient
 (V x H x 4 bytes). The cast at the end writes the weight's dtype into the returned tensor
@@ -216,10 +219,16 @@ def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 
 @torch.library.custom_op("fastlab::fused_linear_cross_entropy_backward", mutates_args=())
 def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                 grad_rows: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                 chunk_size: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients for ``reduction="none"``, each row's gradient times ``grad_rows``."""
-    scale = grad_rows.reshape(-1).to(torch.float32)
+                 grad_loss: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                 reduction: str, chunk_size: int, dtype: torch.dtype
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the deferred path: each row's gradient times ``grad_loss`` (one per
+    row for ``reduction="none"``, else one value, with the mean's 1/n_valid)."""
+    if reduction == "none":
+        scale = grad_loss.reshape(-1).to(torch.float32)
+    else:
+        scale = _grad_scale(target.reshape(-1), ignore_index, reduction)[0] * grad_loss.to(
+            torch.float32)
     _, _, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
                             label_smoothing, z_loss, True, chunk_size, dtype)
     return gh.view_as(hidden), gw, _empty_grad(weight, gb)
@@ -240,8 +249,8 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduc
 
 
 @_backward_op.register_fake
-def _(hidden, weight, bias, target, grad_rows, ignore_index, label_smoothing, z_loss,
-      chunk_size, dtype):
+def _(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing, z_loss,
+      reduction, chunk_size, dtype):
     gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
@@ -250,13 +259,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
                 reduction, check_targets, chunk_size, dtype):
-        deferred = reduction == "none"
+        deferred = reduction == "none" or dtype == torch.float16
         loss, zl, gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_forward(
             hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
             check_targets, not deferred, chunk_size, dtype)
         ctx.deferred = deferred
         ctx.has_bias = bias is not None
-        ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size, dtype)
+        ctx.options = (ignore_index, label_smoothing, z_loss, reduction, chunk_size, dtype)
         if deferred:
             ctx.save_for_backward(hidden, weight, bias, target)
         else:
