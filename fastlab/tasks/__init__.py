@@ -5,8 +5,9 @@ from typing import Dict, Type
 
 from fastlab.tasks.addition import Addition, AdditionConfig
 from fastlab.tasks.base import LossOutput, Task, TaskConfig, counter_uniform
+from fastlab.tasks.copy import Copy, CopyConfig
 
-TASKS: Dict[str, Type[Task]] = {"addition": Addition}
+TASKS: Dict[str, Type[Task]] = {"addition": Addition, "copy": Copy}
 
 
 def resolve(name: str) -> Type[Task]:
@@ -36,4 +37,4 @@ def build_task(cfg: TaskConfig) -> Task:
 
 
 __all__ = ["Task", "TaskConfig", "LossOutput", "TASKS", "resolve", "build_task",
-           "counter_uniform", "Addition", "AdditionConfig"]
+           "counter_uniform", "Addition", "AdditionConfig", "Copy", "CopyConfig"]
