@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from fastlab.models.generate import generate
 from fastlab.models.gpt import GPT, GPTConfig
 from fastlab.models.thinker import Thinker, ThinkerConfig
 from fastlab.ops.cross_entropy import cross_entropy
@@ -263,8 +264,9 @@ class Copy(Task):
         """Greedy outputs (B, N) for padded input rows ``x`` (B, N)."""
         if self.arch == "thinker":
             return model(x).argmax(-1)
-        return model.greedy_complete(torch.cat([x, torch.full_like(x[:, :1], self.sep)], 1),
-                                     self.n)
+        # greedy through per-layer KV caches: each new token attends over the cache instead
+        # of recomputing the whole prefix
+        return generate(model, torch.cat([x, torch.full_like(x[:, :1], self.sep)], 1), self.n)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
