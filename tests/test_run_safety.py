@@ -360,3 +360,20 @@ def test_generate_needs_one_position_less_than_prompt_plus_new_tokens():
     assert torch.equal(out, model.greedy_complete(prompt, 4))
     with pytest.raises(ValueError, match="exceeds block_size 11"):
         generate(model, prompt, 5)
+
+
+def test_the_guard_forgets_its_window_after_a_rollback_or_a_harder_level():
+    """A harder curriculum level (or the state a rollback returns to) starts at a higher
+    loss: measured against the old window every step would be a spike, for good."""
+    from fastlab.train.config import GuardConfig
+    from fastlab.train.guard import SpikeGuard
+
+    guard = SpikeGuard(GuardConfig(window=8), torch.device("cpu"))
+    for _ in range(8):
+        assert not guard.check(torch.tensor(0.1))
+    assert guard.check(torch.tensor(2.4))  # against the old level: a spike
+    guard.forget()
+    assert not any(bool(guard.check(torch.tensor(2.4 - 0.01 * i))) for i in range(8))
+    guard.take_snapshot(0, [torch.zeros(3)])
+    guard.roll_back([torch.ones(3)])
+    assert int(guard.seen) == 0 and torch.isnan(guard.history).all()

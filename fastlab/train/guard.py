@@ -64,6 +64,13 @@ class SpikeGuard:
         self.skipped_steps.zero_()
         return {"spikes": spikes, "skipped": skipped}
 
+    def forget(self) -> None:
+        """Empty the window (in place: a captured step keeps reading it). After a change of
+        difficulty or a rollback the old losses are no measure: a harder level's first
+        losses would all count as spikes, and the run would freeze rolling back."""
+        self.history.fill_(float("nan"))
+        self.seen.zero_()
+
     # --- snapshot and rollback ---------------------------------------------------------
     def take_snapshot(self, step: int, tensors: List[torch.Tensor]) -> None:
         """Copy ``tensors`` (parameters and optimizer state) into the snapshot, reusing
@@ -87,6 +94,7 @@ class SpikeGuard:
                 t.copy_(saved)
         self.lr_scale.mul_(self.cfg.lr_backoff)
         self.rollbacks += 1
+        self.forget()
 
     def state_dict(self) -> Dict[str, Any]:
         # copies: on a CPU device .cpu() would alias tensors that later steps update in place

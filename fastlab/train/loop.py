@@ -284,6 +284,7 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                     if change:  # a task may change state its captured step cannot see
                         log.event(step, change)
                         stepper.invalidate()
+                        guard.forget()
                     if score is not None and (best is None or score > best):
                         best = score
                         snapshot = state()  # a collective under FSDP: every rank takes part
