@@ -1,6 +1,9 @@
 """The latent thinker: its memory in a KVCache computes (and differentiates) exactly what the
 torch.cat reference does, eagerly, compiled and through the Triton kernels; its options are
 checked; it learns addition through the trainer."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -81,7 +84,7 @@ def test_compiled_training_through_the_cache_equals_the_reference():
     # autograd's in-place error
     model = _thinker(dtype=torch.float32, plan="read_lookup_write", n_step=2)
     inputs = _inputs(model)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager")  # the failure is AOT autograd's
     for _ in range(2):  # the second call reuses the compiled graphs
         logits, grads = _grads(model, inputs, compiled)
     _check_against_reference(model, inputs, logits, grads, rtol=1e-4, atol=1e-6)
@@ -140,3 +143,22 @@ def test_bad_inputs_and_model_plan_are_value_errors():
         model(torch.zeros(2, 7))
     with pytest.raises(ValueError, match="model.plan must be a preset"):
         build_config(overrides=["model.arch=thinker", "model.plan=bogus"])
+
+
+def _train_records(run_dir, kind):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_the_thinker_learns_two_digit_addition_through_the_trainer(tmp_path):
+    # measured: exact match 0.64 at step 600 (2-core CPU, about 20 s); the threshold leaves
+    # room for other CPUs' rounding
+    args = ["model.arch=thinker", "task.n_digits=2", "model.d_model=32", "model.n_head=4",
+            "model.n_layer=1", "model.n_latent=4", "model.n_step=2", "train.batch_size=128",
+            "optim.lr=0.01", "optim.warmup_steps=20", "train.steps=600", "eval.every=600",
+            "eval.samples=500", "log.every=50", "train.device=cpu", "log.nvml=false",
+            "log.progress=false", f"log.out_dir={tmp_path}"]
+    summary = train(build_config(overrides=args), run_dir=str(tmp_path / "run"))
+    losses = [r["loss"] for r in _train_records(str(tmp_path / "run"), "train")]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert summary["final"]["exact_match"] >= 0.4, summary["final"]

@@ -2,7 +2,22 @@
 
 ``a+b=s`` with a, b of ``n_digits`` digits in ``base``: reversed, the sum's k-th digit
 follows the carry it depends on and sits at a fixed distance from the k-th digits of a and
-b, which a small causal model finds quickly.
+b, which a small causal model finds quickly. The sum has ``n_digits + 1`` digits (the last
+is the final carry).
+
+Targets (``task.target``): ``sum``, every digit of the sum; ``digit``, only the sum's digit
+``task.digit`` (0 the least significant, negative counting from the most significant as
+in Python indexing, -1 the final carry) as a classification.
+
+Layouts, by the model the task builds (``model.arch``):
+
+- ``gpt``, sum: one causal sequence ``a + b = s``; the loss covers the answer digits and
+  evaluation decodes them greedily after the prompt.
+- ``gpt``, digit: the prompt ``a + b =`` alone; the logits of its last position classify
+  the digit (targets (B, 1)).
+- ``thinker``: the prompt ``a + b =`` in (B, 2n + 2), the logits of every answer digit out
+  at once (B, n + 1, V), or of the one digit (B, 1, V); the loss covers every output and
+  evaluation takes the most likely token of each.
 
 Data: every digit of every operand is drawn on the device from a counter-based hash of
 (seed, step, row, column), so there is no finite pool to repeat and any step's batch can be
@@ -10,7 +25,8 @@ recomputed, also inside a CUDA graph. A pair (a, b) whose hash falls in the held
 (one in ``HELD_OUT_MOD``) is never trained on: a drawn pair that lands there is redrawn,
 up to ``REDRAWS`` times, and a row still held out after that (a chance of 20**-6) has its
 targets ignored. Evaluation draws only from that bucket and decodes greedily, so exact
-match measures generalisation.
+match measures generalisation (for the digit target, exact match is the accuracy of the
+one digit).
 
 Curriculum (``curriculum_start``): operands start with fewer digits and gain one each time
 the held-out exact match reaches ``curriculum_threshold``. The sequence layout stays that
@@ -24,6 +40,7 @@ import torch
 from torch import nn
 
 from fastlab.models.gpt import GPT, GPTConfig
+from fastlab.models.thinker import Thinker, ThinkerConfig
 from fastlab.ops.cross_entropy import cross_entropy
 from fastlab.tasks.base import (LossOutput, Task, TaskConfig, _mix32, check_option,
                                  counter_uniform)
@@ -36,6 +53,7 @@ REDRAWS = 6
 #: the seed of the evaluation draws, apart from every training seed's streams
 EVAL_SEED = 0x5EED
 MAX_DIGITS = 64
+TARGETS = ("sum", "digit")
 
 
 @dataclass
@@ -49,6 +67,11 @@ class AdditionConfig(TaskConfig):
     #: each time the held-out exact match reaches curriculum_threshold
     curriculum_start: int = 0
     curriculum_threshold: float = 0.9
+    #: sum: every digit of the sum; digit: only the sum's digit task.digit, classified
+    target: str = "sum"
+    #: the digit of the sum for task.target=digit: 0 the least significant, negative
+    #: counting from the most significant (-1: the final carry), as Python indexes
+    digit: int = 0
 
     def __post_init__(self):
         check_option(1 <= self.n_digits <= MAX_DIGITS,
@@ -60,6 +83,15 @@ class AdditionConfig(TaskConfig):
         check_option(0 < self.curriculum_threshold <= 1,
                      "task.curriculum_threshold must be in (0, 1], got "
                      f"{self.curriculum_threshold}")
+        check_option(self.target in TARGETS,
+                     f"task.target must be one of {TARGETS}, got {self.target!r}")
+        n_sum = self.n_digits + 1
+        check_option(-n_sum <= self.digit < n_sum,
+                     f"task.digit must be in [{-n_sum}, {n_sum - 1}] (the sum of "
+                     f"task.n_digits={self.n_digits} digits has {n_sum}), got {self.digit}")
+        check_option(self.target == "digit" or self.digit == 0,
+                     f"task.digit={self.digit} needs task.target=digit, got task.target="
+                     f"{self.target!r}")
 
 
 class Addition(Task):
@@ -76,16 +108,42 @@ class Addition(Task):
         self.level = cfg.curriculum_start or cfg.n_digits
         self.prompt_len = 2 * self.n + 2
         self.answer_len = self.n + 1
-        self.seq_len = self.prompt_len + self.answer_len - 1
+        self.digit_target = cfg.target == "digit"
+        #: the position of task.digit among the answer's digits (least significant first)
+        self.digit = cfg.digit % self.answer_len
+        #: the outputs a model predicts per problem: every answer digit, or the one digit
+        self.output_len = 1 if self.digit_target else self.answer_len
+        #: set by build_model: the batch layout follows the model
+        self.arch = "gpt"
+        self.seq_len = self._seq_len()
         # per-column weights of the held-out hash: operand a's columns, then b's
         self._weights = [_mix32(j + 1) for j in range(2 * self.n)]
         self._level_on: Dict[torch.device, torch.Tensor] = {}
         self._weights_on: Dict[torch.device, torch.Tensor] = {}
 
+    @property
+    def _prompt_only(self) -> bool:
+        """The model predicts its outputs from the prompt alone (the thinker, and the GPT
+        for the digit target) instead of continuing the sequence ``a + b = s``."""
+        return self.arch == "thinker" or self.digit_target
+
+    def _seq_len(self) -> int:
+        """Tokens per problem: the thinker's input and outputs, or the GPT's sequence."""
+        if self.arch == "thinker":
+            return self.prompt_len + self.output_len
+        return self.prompt_len if self.digit_target else self.prompt_len + self.answer_len - 1
+
     def build_model(self, model_cfg) -> nn.Module:
+        self.arch = model_cfg.arch
+        self.seq_len = self._seq_len()
+        if self.arch == "thinker":
+            return Thinker(ThinkerConfig.from_model_config(
+                model_cfg, vocab_size=self.vocab_size, input_len=self.prompt_len,
+                output_len=self.output_len))
         return GPT(GPTConfig(vocab_size=self.vocab_size, block_size=self.seq_len,
                              n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                             d_model=model_cfg.d_model, dropout=model_cfg.dropout))
+                             d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
+                             dropout=model_cfg.dropout))
 
     # --- data ------------------------------------------------------------------------
     @torch.compiler.disable  # created once per device, outside any compiled graph
@@ -131,13 +189,32 @@ class Addition(Task):
         first = (~held).to(torch.int8).argmax(0)  # the first draw outside the bucket
         pick = draws.gather(0, first.view(1, -1, 1, 1).expand(1, -1, 2, self.n))[0]
         seq = self.encode(pick)
-        inputs, targets = seq[:, :-1], seq[:, 1:].clone()
-        targets[:, : self.prompt_len - 1] = IGNORE
+        if self._prompt_only:
+            inputs, targets = seq[:, : self.prompt_len], self._outputs(seq)
+        else:
+            inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+            targets[:, : self.prompt_len - 1] = IGNORE
         targets = torch.where(held.all(0)[:, None], IGNORE, targets)
         return {"inputs": inputs, "targets": targets}
 
+    def _outputs(self, seq: torch.Tensor) -> torch.Tensor:
+        """What a model predicts from the prompt of ``seq``: (B, output_len) digits."""
+        answer = seq[:, self.prompt_len:]
+        return answer[:, self.digit:self.digit + 1] if self.digit_target else answer
+
+    def _logits(self, model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+        """(B, output_len, V) logits of the outputs, from the prompt alone (the thinker, or
+        the GPT's last prompt position for the digit target)."""
+        if self.arch == "thinker":
+            return model(prompt)
+        last = torch.full_like(prompt[:, 0], self.prompt_len - 1)
+        return model(prompt, logits_at=last)[0]
+
     def loss(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> LossOutput:
-        logits, _ = model(batch["inputs"])
+        if self._prompt_only:
+            logits = self._logits(model, batch["inputs"])
+        else:
+            logits, _ = model(batch["inputs"])
         targets = batch["targets"]
         total = cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
         return LossOutput(total, (targets != IGNORE).sum())
@@ -164,13 +241,18 @@ class Addition(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, n_samples: int, device: torch.device) -> Dict[str, float]:
         seq = self.encode(self.held_out_problems(n_samples, device))
-        prompt, answer = seq[:, : self.prompt_len], seq[:, self.prompt_len:]
+        prompt, answer = seq[:, : self.prompt_len], self._outputs(seq)
         was_training = model.training
         model.eval()
-        out = model.greedy_complete(prompt, self.answer_len)
+        if self._prompt_only:
+            out = self._logits(model, prompt).argmax(-1)
+        else:
+            out = model.greedy_complete(prompt, self.answer_len)
         model.train(was_training)
         correct = (out == answer).float()
         exact, digit = torch.stack([correct.all(1).float().mean(), correct.mean()]).tolist()
+        if self.digit_target:
+            return {"exact_match": exact, "accuracy": exact, "digits": float(self.level)}
         return {"exact_match": exact, "digit_accuracy": digit, "digits": float(self.level)}
 
     # --- curriculum ----------------------------------------------------------------------
