@@ -26,7 +26,9 @@ write appends, a read attends over the live slots through
 was written before the read, so the order of the writes is the causal order. Training runs
 through the cache: it keeps every appended chunk for autograd and writes their values into
 a buffer autograd never sees, so gradients reach every step and no later append modifies a
-tensor an earlier read saved (the in-place error of a cache written with ``index_copy_``).
+tensor an earlier read saved (autograd's in-place error of a cache written in place). Under
+``torch.compile`` the memory's reads and writes stay eager (graph breaks; see
+``_Memory.write``).
 ``forward(inputs, use_cache=False)`` computes the same function with the memory as a
 ``torch.cat`` of the written keys and values read by :func:`fastlab.ops.attention`: the
 reference the cache is tested against.
@@ -284,11 +286,6 @@ class Thinker(nn.Module):
         for block in self.decoder:
             x = block(x, memory)
         return self.head(self.ln_f(x))
-
-    @torch.no_grad()
-    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The most likely token of every output position, (B, output_len)."""
-        return self(inputs).argmax(-1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
