@@ -335,7 +335,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new, new_le
     has_new = k_new is not None
     n_new = k_new.shape[2] if has_new else 0
     block_m = min(max(next_power_of_2(n_rows), _MIN_BLOCK_M), _MAX_BLOCK_M)
-    block_d = next_power_of_2(head_dim)
+    block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
     m_blocks = triton.cdiv(n_rows, block_m)
     num_splits, split_size = plan_splits(m_blocks * batch * n_kv_heads, kv_bound, q.device)
     split = num_splits > 1

@@ -464,3 +464,18 @@ def test_gpu_prefill_real_size(dtype):
     expected = attention_with_kvcache_ref(q, k0, v0, len0, k, v, lens)
     assert_close(out, expected, scale=2.0)
     assert not out.isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_small_head_dims(head_dim, dtype):
+    """Heads narrower than a tensor-core tile (the thinker's d_model 16 over 8 heads) are
+    padded to 16 inside the kernel: tl.dot refuses a reduction dimension below 16."""
+    lengths = [5, 0, 9]
+    cache = _cache(3, 2, 32, head_dim, dtype, lengths, seed=12)
+    k0, v0, len0 = _snapshot(cache)
+    q = randn((3, 4, 6, head_dim), dtype, DEVICE, seed=13)
+    k, v = (randn((3, 2, 6, head_dim), dtype, DEVICE, seed=s) for s in (14, 15))
+    out = attention_with_kvcache(q, cache, k, v)
+    assert_close(out, attention_with_kvcache_ref(q, k0, v0, len0, k, v))
