@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                               f"gpt), this run has {type(run.model).__name__}; use "
                               "python -m fastlab.eval")
         if args.prompt:
-            prompts = [run.task.encode(text).to(run.device) for text in args.prompt]
+            prompts = [run.task.encode_text(text).to(run.device) for text in args.prompt]
             expected = [None] * len(prompts)
         else:
             batch, expected = run.task.example_prompts(args.n, run.device)
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for prompt, completion, truth in zip(prompts, out, expected):
-        text = run.task.decode(completion.cpu())
-        line = f"{run.task.decode(prompt.cpu())} -> {text}"
+        text = run.task.decode_text(completion.cpu())
+        line = f"{run.task.decode_text(prompt.cpu())} -> {text}"
         if truth is not None:
             line += f"   (expected {truth}{'' if text == truth else ', wrong'})"
         print(line)

@@ -295,7 +295,7 @@ def test_help_describes_every_option_with_its_allowed_values():
     assert len(rows) > 40
     for row in rows:
         assert len(row.split(None, 3)) == 4, f"no description: {row}"
-    assert "auto, fp32, bf16 or fp16" in text and "linear, cosine, inverse_sqrt or constant" in text
+    assert "fp32, bf16 or fp16 (CUDA only)" in text and "linear, cosine, inverse_sqrt or constant" in text
 
 
 def test_threads_default_to_one_per_cuda_run_and_a_share_of_the_cores():

@@ -42,8 +42,8 @@ from torch import nn
 from fastlab.models.gpt import GPT, GPTConfig
 from fastlab.models.thinker import Thinker, ThinkerConfig
 from fastlab.ops.cross_entropy import cross_entropy
-from fastlab.tasks.base import (LossOutput, Task, TaskConfig, _mix32, check_option,
-                                 counter_uniform)
+from fastlab.tasks.base import (ConfigError, LossOutput, Task, TaskConfig, _mix32,
+                                 check_option, counter_uniform)
 
 IGNORE = -100
 #: one pair in HELD_OUT_MOD lands in the held-out bucket
@@ -66,6 +66,7 @@ class AdditionConfig(TaskConfig):
     #: curriculum: start with operands of this many digits (0: none) and add one digit
     #: each time the held-out exact match reaches curriculum_threshold
     curriculum_start: int = 0
+    #: the held-out exact match, in (0, 1], at which the curriculum adds a digit
     curriculum_threshold: float = 0.9
     #: sum: every digit of the sum; digit: only the sum's digit task.digit, classified
     target: str = "sum"
@@ -180,6 +181,43 @@ class Addition(Task):
         col = lambda v: torch.full_like(a[:, :1], v)  # noqa: E731
         return torch.cat([a, col(self.plus), b, col(self.equals), *[t[:, None] for t in total],
                           carry[:, None]], dim=1)
+
+    # --- text, for python -m fastlab.sample: numbers as written, most significant first --
+    _SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+    def _text_form(self) -> None:
+        if self._prompt_only:
+            raise ConfigError("sampling continues the sequence a + b = s: it needs "
+                              "task.target=sum and model.arch=gpt")
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        """``"12+34="`` (digits of task.base, at most task.n_digits each) -> prompt ids."""
+        self._text_form()
+        a, plus, rest = text.strip().lower().partition("+")
+        b, equals, tail = rest.partition("=")
+        digits = self._SYMBOLS[:self.base]
+        ok = plus and equals and not tail and a and b and all(
+            len(x) <= self.n and all(c in digits for c in x) for x in (a, b))
+        if not ok:
+            raise ConfigError(f"prompt {text!r}: expected A+B= with at most {self.n} digits "
+                              f"of base {self.base} ({digits}) in each number")
+        rev = lambda x: [digits.index(c) for c in reversed(x.rjust(self.n, "0"))]  # noqa: E731
+        return torch.tensor(rev(a) + [self.plus] + rev(b) + [self.equals])
+
+    def decode_text(self, ids: torch.Tensor) -> str:
+        """Prompt ids -> ``"12+34="``; answer ids (least significant first) -> ``"46"``."""
+        ids = [int(i) for i in ids]
+        number = lambda xs: "".join(  # noqa: E731
+            self._SYMBOLS[x] if x < self.base else "?" for x in reversed(xs)).lstrip("0") or "0"
+        if len(ids) == self.prompt_len:
+            return f"{number(ids[:self.n])}+{number(ids[self.n + 1:2 * self.n + 1])}="
+        return number(ids)
+
+    def example_prompts(self, n: int, device: torch.device):
+        self._text_form()
+        seq = self.encode(self.held_out_problems(n, device))
+        answers = [self.decode_text(row) for row in seq[:, self.prompt_len:].cpu()]
+        return seq[:, :self.prompt_len], answers
 
     def batch(self, step: torch.Tensor, batch_size: int, device: torch.device,
               seed: int = 0) -> Dict[str, torch.Tensor]:

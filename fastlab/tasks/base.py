@@ -115,11 +115,11 @@ class Task:
         return {"val_loss": total / max(count, 1.0)}
 
     # --- generative tasks: what ``python -m fastlab.sample`` needs ---------------------
-    def encode(self, text: str) -> torch.Tensor:
+    def encode_text(self, text: str) -> torch.Tensor:
         """A prompt written as text -> its token ids (1-D int64)."""
         raise ConfigError(f"task {self.name!r} has no text form for its prompts")
 
-    def decode(self, ids: torch.Tensor) -> str:
+    def decode_text(self, ids: torch.Tensor) -> str:
         """Token ids (1-D) -> text."""
         raise ConfigError(f"task {self.name!r} has no text form for its tokens")
 
