@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from fastlab.train import checkpoint
+
 ARGS = ["task.n_digits=2", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
         "train.batch_size=16", "eval.samples=64", "log.progress=false", "train.device=cpu",
         "log.nvml=false", "log.every=1", "eval.every=1000", "checkpoint.every=6",
@@ -47,7 +49,7 @@ def test_two_ranks_match_one_and_checkpoints_cross_world_sizes(tmp_path, mode):
     reference = _run(tmp_path, "reference", 1, "train.steps=18")
     _close(more_on_one, reference, range(13, 19))
     _close(more_single, reference, range(13, 19))
-    ckpt = torch.load(tmp_path / f"two-{mode}" / "ckpt-00000018.pt", weights_only=False)
+    ckpt = checkpoint.load(str(tmp_path / f"two-{mode}" / "ckpt-00000018.pt"))
     assert ckpt["step"] == 18
 
 
@@ -86,5 +88,5 @@ def test_fsdp_skips_an_update_with_an_infinite_gradient_norm(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         events = [r for r in map(json.loads, f) if r["kind"] == "event"]
     assert [(e["step"], e["skipped"]) for e in events if "skipped" in e] == [(3, 1)]
-    ckpt = torch.load(tmp_path / "run" / "ckpt-00000006.pt", weights_only=False)
+    ckpt = checkpoint.load(str(tmp_path / "run" / "ckpt-00000006.pt"))
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
