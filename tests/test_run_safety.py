@@ -348,6 +348,7 @@ def test_eval_sample_and_init_from_use_a_trained_run(tmp_path):
                                          "model.d_model=48", f"train.init_from={run_dir}"])
     with pytest.raises(ConfigError, match="differs in shape"):
         train(bad)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_generate_needs_one_position_less_than_prompt_plus_new_tokens():

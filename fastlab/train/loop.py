@@ -61,7 +61,7 @@ def _finite_weights(state: Dict[str, Any]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _open_run(cfg: Config, run_dir: str, model: torch.nn.Module, dist):
+def _open_run(cfg: Config, run_dir: str, model: torch.nn.Module):
     """Decide, before anything is written, how this start uses ``run_dir``: fresh, moved
     aside first, resumed from its newest good checkpoint, or restarted from step 0 (a
     run killed before its first checkpoint). Returns (saved state or None, its path,
@@ -159,7 +159,7 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
     is_main = dist.rank == 0
 
     # --- the run directory and resume: every check passes before anything is written --
-    saved, saved_path, skipped_files, existed = _open_run(cfg, run_dir, model, dist)
+    saved, saved_path, skipped_files, existed = _open_run(cfg, run_dir, model)
     done = _finished(run_dir, saved, cfg)
     if done is not None:
         if is_main:
@@ -168,6 +168,9 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                   file=sys.stderr)
         distributed.shutdown(dist)
         return done
+    # a checkpoint's weights to start from, checked before the directory changes too
+    initialised = _init_from(cfg.train.init_from, raw_model) \
+        if cfg.train.init_from and not saved else None
     distributed.barrier(dist)  # every rank has looked at the directory before it changes
     changes = ([c for c in rundir.config_changes(saved.get("config", {}), cfg.to_dict())
                 if c.split(" ", 1)[0] not in _QUIET] if saved else [])
@@ -191,8 +194,6 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
         environment.set_rng_state(saved["rng"])
         step, best, tokens_seen = saved["step"], saved["best"], saved["tokens"]
         elapsed = saved.get("elapsed", 0.0)
-    initialised = _init_from(cfg.train.init_from, raw_model) \
-        if cfg.train.init_from and not saved else None
     timer = PhaseTimer(device)
     stepper = Stepper(task, model, optimizer, cfg, device, precision, dist, guard,
                       compile_on=cfg.train.compile == "on" or (cfg.train.compile == "auto"
