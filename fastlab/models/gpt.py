@@ -21,6 +21,13 @@ class GPTConfig:
     d_hid: int = 0
     dropout: float = 0.0
 
+    @classmethod
+    def from_model_config(cls, model_cfg, *, vocab_size: int, block_size: int) -> "GPTConfig":
+        """The GPT of the trainer's ``model.*`` options."""
+        return cls(vocab_size=vocab_size, block_size=block_size, n_layer=model_cfg.n_layer,
+                   n_head=model_cfg.n_head, d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
+                   dropout=model_cfg.dropout)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):

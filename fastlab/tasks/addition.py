@@ -141,10 +141,8 @@ class Addition(Task):
             return Thinker(ThinkerConfig.from_model_config(
                 model_cfg, vocab_size=self.vocab_size, input_len=self.prompt_len,
                 output_len=self.output_len))
-        return GPT(GPTConfig(vocab_size=self.vocab_size, block_size=self.seq_len,
-                             n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                             d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
-                             dropout=model_cfg.dropout))
+        return GPT(GPTConfig.from_model_config(model_cfg, vocab_size=self.vocab_size,
+                                               block_size=self.seq_len))
 
     # --- data ------------------------------------------------------------------------
     @torch.compiler.disable  # created once per device, outside any compiled graph

@@ -148,10 +148,8 @@ class Copy(Task):
         if self.arch == "thinker":
             return Thinker(ThinkerConfig.from_model_config(
                 model_cfg, vocab_size=self.vocab_size, input_len=self.n, output_len=self.n))
-        return GPT(GPTConfig(vocab_size=self.vocab_size, block_size=self.seq_len,
-                             n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                             d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
-                             dropout=model_cfg.dropout))
+        return GPT(GPTConfig.from_model_config(model_cfg, vocab_size=self.vocab_size,
+                                               block_size=self.seq_len))
 
     # --- the length distribution ---------------------------------------------------------
     def _cdf(self, accuracy: List[float]) -> torch.Tensor:
