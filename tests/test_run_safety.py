@@ -303,7 +303,9 @@ def test_threads_default_to_one_per_cuda_run_and_a_share_of_the_cores():
 
     assert environment.default_threads(torch.device("cuda")) == 1
     cores = environment.available_cores()
-    assert environment.default_threads(torch.device("cpu")) == max(1, min(4, cores // 2))
+    assert environment.default_threads(torch.device("cpu")) == max(1, min(4, cores))
+    assert environment.default_threads(torch.device("cpu"), processes=2) == max(
+        1, min(4, cores // 2))
     assert environment.default_threads(torch.device("cpu"), processes=64) == 1
 
 

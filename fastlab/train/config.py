@@ -132,7 +132,7 @@ class TrainConfig:
     #: ddp or fsdp, under torchrun
     dist: str = "ddp"
     #: CPU threads of this process; 0 picks: 1 for a CUDA run (the host only launches),
-    #: else the cores this process may use, at most 4
+    #: else the cores this process may use, at most 4 (a sweep gives each run its share)
     threads: int = 0
     #: start from the weights of this checkpoint file or run directory (its best.pt, else
     #: its newest checkpoint); ignored when the run resumes from its own checkpoint
