@@ -7,7 +7,15 @@ from fastlab.tasks.addition import Addition, AdditionConfig
 from fastlab.tasks.base import LossOutput, Task, TaskConfig, counter_uniform
 from fastlab.tasks.copy import Copy, CopyConfig
 
-TASKS: Dict[str, Type[Task]] = {"addition": Addition, "copy": Copy}
+#: the built-in tasks: name -> "module:Class", imported when a run selects them
+TASKS: Dict[str, str] = {
+    "addition": "fastlab.tasks.addition:Addition",
+    "copy": "fastlab.tasks.copy:Copy",
+    "lm": "fastlab.tasks.lm:LanguageModel",
+    "mlm": "fastlab.tasks.mlm:MaskedLM",
+    "hier_ae": "fastlab.tasks.hier_ae:HierarchicalAutoencoder",
+    "distill": "fastlab.tasks.distill:Distill",
+}
 
 
 def resolve(name: str) -> Type[Task]:
@@ -16,7 +24,8 @@ def resolve(name: str) -> Type[Task]:
         if name not in TASKS:
             raise ValueError(f"task.name: unknown task {name!r}; known: {sorted(TASKS)}, or "
                              f"package.module:Class for a task of your own")
-        return TASKS[name]
+        module_name, _, class_name = TASKS[name].partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
     module_name, _, class_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
