@@ -197,6 +197,12 @@ def test_cpu_tensors_use_reference_by_default():
                                attention_ref(q, k, k, causal=True))
 
 
+#: The op's arguments after kv_lens for the dense layout: no offsets, no ALiBi, no maxima.
+_DENSE = (None, None, None, 0, 0)
+#: window (-1, -1), softcap 0, dropout_p 0 and its key
+_NO_OPTIONS = (-1, -1, 0.0, 0.0, 0)
+
+
 @pytest.mark.parametrize("kernel", [False, True])
 def test_opcheck(kernel):
     q = randn((1, 2, 19, 16), torch.float32, DEVICE, seed=1, requires_grad=True)
@@ -205,12 +211,13 @@ def test_opcheck(kernel):
     lens = torch.tensor([17], device=DEVICE)
     with backend("kernel" if kernel else "reference"):
         torch.library.opcheck(torch.ops.fastlab.attention_fwd.default,
-                              (q, k, v, lens, True, 0.25))
-        out, lse = torch.ops.fastlab.attention_fwd(q, k, v, lens, True, 0.25)
+                              (q, k, v, lens, *_DENSE, True, 0.25, *_NO_OPTIONS))
+        out, lse = torch.ops.fastlab.attention_fwd(q, k, v, lens, *_DENSE, True, 0.25,
+                                                   *_NO_OPTIONS)
         torch.library.opcheck(torch.ops.fastlab.attention_bwd.default,
                               (torch.randn_like(out), torch.randn_like(lse), q.detach(),
                                k.detach(), v.detach(), out.detach(), lse.detach(), lens,
-                               True, 0.25))
+                               *_DENSE, True, 0.25, *_NO_OPTIONS))
 
 
 def test_torch_compile_fullgraph():
@@ -309,7 +316,8 @@ def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch):
 
     q, k, v = (randn((1, 2, 9, 8), torch.float32, DEVICE, seed=s, requires_grad=True)
                for s in (1, 2, 3))
-    want = torch.autograd.grad(mod._attention_fwd(q, k, v, None, True, 0.3)[0].sum(), (q, k, v))
+    want = torch.autograd.grad(mod._attention_fwd(q, k, v, None, *_DENSE, True, 0.3,
+                                                   *_NO_OPTIONS)[0].sum(), (q, k, v))
 
     def refuse(*args, **kwargs):
         raise AssertionError("eager call went through the torch.library dispatcher")

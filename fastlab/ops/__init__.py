@@ -5,7 +5,8 @@ or ``backend("reference")`` forces either side (tests use it to run the Triton k
 CPU under ``TRITON_INTERPRET=1``).
 """
 from fastlab.ops._dispatch import backend
-from fastlab.ops.attention import attention, attention_ref
+from fastlab.ops.attention import (attention, attention_ref, attention_varlen,
+                                   attention_varlen_ref)
 from fastlab.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from fastlab.ops.fused_linear_cross_entropy import (fused_linear_cross_entropy,
                                                     fused_linear_cross_entropy_ref)
@@ -15,7 +16,8 @@ from fastlab.ops.segment_pool import (hierarchical_pool, lengths_from_offsets, o
                                       segment_broadcast, segment_broadcast_ref, segment_ids,
                                       segment_pool, segment_pool_ref)
 
-__all__ = ["backend", "attention", "attention_ref", "cross_entropy", "cross_entropy_ref",
+__all__ = ["backend", "attention", "attention_ref", "attention_varlen", "attention_varlen_ref",
+           "cross_entropy", "cross_entropy_ref",
            "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
            "attention_with_kvcache", "attention_with_kvcache_ref", "segment_pool",
            "segment_pool_ref", "segment_broadcast", "segment_broadcast_ref", "hierarchical_pool",
