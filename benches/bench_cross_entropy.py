@@ -5,6 +5,8 @@ and writes their gradient once, 2 * N * V * 2 bytes. Fused linear cross-entropy:
 floor is its three matmuls, 6 * N * H * V flops. Every provider is checked against a
 float64 reference on a slice of rows before it is timed; ``peak_extra_mem_gb`` is what
 one forward + backward allocates beyond its inputs (the gradients it returns included).
+fastlab's fused linear CE records also carry the analytic peak of their mode and, in
+low-memory mode, the weight gradient's error against the default's fp32 accumulation.
 """
 import pytest
 import torch
@@ -169,27 +171,56 @@ def _flce_providers():
         return F.cross_entropy((h @ w.T).float(), t)
 
     return {
-        "fastlab": lambda h, w, t: fused_linear_cross_entropy(h, w, t),
         "eager": matmul_ce,
         "torch_compile": torch.compile(matmul_ce, dynamic=False),
     }
 
 
-@pytest.mark.parametrize("provider", ["fastlab", "fastlab-chunk2048", "torch_compile",
-                                      "eager", "liger"])
+#: fastlab variants of the fused linear CE bench: name -> keyword arguments. The default
+#: (fp32 weight-gradient accumulation, 4096-row chunks here) against 8192-row chunks (one
+#: fewer pass over the fp32 accumulator, 1.05 GB more logits), and the low-memory mode at
+#: its budget's 768 rows against 512 and 1024 rows (fewer, larger weight-gradient matmuls
+#: against memory: analytic peaks 1.382, 1.316 and 1.448 GB).
+FLCE_VARIANTS = {
+    "fastlab": {},
+    "fastlab-chunk8192": dict(chunk_size=8192),
+    "fastlab-low-memory": dict(low_memory=True),
+    "fastlab-low-memory-chunk512": dict(low_memory=True, chunk_size=512),
+    "fastlab-low-memory-chunk1024": dict(low_memory=True, chunk_size=1024),
+}
+
+
+def _weight_grad_error(h, w, t, **options):
+    """The weight gradient of ``options`` against the default's (fp32 accumulation): max
+    error in units of its largest entry, and norm-wise."""
+    (want,) = torch.autograd.grad(fused_linear_cross_entropy(h, w, t), w)
+    (got,) = torch.autograd.grad(fused_linear_cross_entropy(h, w, t, **options), w)
+    diff = got.float() - want.float()
+    return dict(weight_grad_max_err_vs_fp32=float(diff.abs().max() / want.float().abs().max()),
+                weight_grad_norm_err_vs_fp32=float(diff.norm() / want.float().norm()))
+
+
+@pytest.mark.parametrize("provider", list(FLCE_VARIANTS) + ["torch_compile", "eager", "liger"])
 def test_fused_linear_cross_entropy(bench, provider):
+    from fastlab.ops.fused_linear_cross_entropy import peak_extra_bytes
+
     N, H, V = FLCE_CASE
     h = (torch.randn(N, H, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_(True)
     w = (torch.randn(V, H, device="cuda") * H ** -0.5).to(torch.bfloat16).requires_grad_(True)
     t = _targets(N, V, seed=1)
+    shape = dict(N=N, H=H, V=V, dtype="bfloat16")
     if provider == "liger":
         module = optional_import("liger_kernel.transformers.fused_linear_cross_entropy")
         loss_fn = module.LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
         fn = lambda a, b, c: loss_fn(b, a, c)  # noqa: E731  (Liger takes the weight first)
-    elif provider == "fastlab-chunk2048":
-        # the default chunk (4096 rows here) against a smaller one: each chunk reads and
-        # writes the fp32 weight-gradient accumulator once, a larger chunk holds more logits
-        fn = lambda a, b, c: fused_linear_cross_entropy(a, b, c, chunk_size=2048)  # noqa: E731
+    elif provider in FLCE_VARIANTS:
+        options = FLCE_VARIANTS[provider]
+        fn = lambda a, b, c: fused_linear_cross_entropy(a, b, c, **options)  # noqa: E731
+        shape["options"] = dict(options)
+        shape["analytic_peak_extra_gb"] = peak_extra_bytes(N, H, V, dtype=torch.bfloat16,
+                                                           **options) / 1e9
+        if options.get("low_memory"):
+            shape.update(_weight_grad_error(h, w, t, **options))
     else:
         fn = _flce_providers()[provider]
     n = CHECK_ROWS
@@ -201,4 +232,4 @@ def test_fused_linear_cross_entropy(bench, provider):
         return torch.autograd.grad(fn(h, w, t), (h, w))
 
     bench.measure("fused_linear_cross_entropy", f"{N}x{H}x{V}", "full", provider, step,
-                  floor_flops=6 * N * H * V, shape=dict(N=N, H=H, V=V, dtype="bfloat16"))
+                  floor_flops=6 * N * H * V, shape=shape)

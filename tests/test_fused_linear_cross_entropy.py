@@ -23,7 +23,8 @@ def _inputs(N, H, V, dtype, with_bias, seed, ignore_every=0, device=DEVICE):
     return hidden, weight, bias, target.to(device)
 
 
-def _check_once(N, H, V, dtype, bk, *, with_bias, chunk_size, reduction="mean", **options):
+def _check_once(N, H, V, dtype, bk, *, with_bias, chunk_size, reduction="mean",
+                low_memory=False, **options):
     hidden, weight, bias, target = _inputs(N, H, V, dtype, with_bias, seed=N + V,
                                            ignore_every=4)
     params = [p for p in (hidden, weight, bias) if p is not None]
@@ -33,7 +34,8 @@ def _check_once(N, H, V, dtype, bk, *, with_bias, chunk_size, reduction="mean", 
     want_grads = torch.autograd.grad((want * w).sum(), params)
     with backend(bk):
         loss = fused_linear_cross_entropy(hidden, weight, target, bias, reduction=reduction,
-                                          chunk_size=chunk_size, **options)
+                                          chunk_size=chunk_size, low_memory=low_memory,
+                                          **options)
         grads = torch.autograd.grad((loss * w).sum(), params)
     assert loss.dtype == torch.float32
     # the logits are rounded to the inputs' dtype before the loss, as in any bf16 model
@@ -43,6 +45,7 @@ def _check_once(N, H, V, dtype, bk, *, with_bias, chunk_size, reduction="mean", 
         assert_close(got, expected, dtype, scale=2.0)
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["fp32-acc", "low-memory"])
 @pytest.mark.parametrize("bk", ["kernel", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [
@@ -51,8 +54,8 @@ def _check_once(N, H, V, dtype, bk, *, with_bias, chunk_size, reduction="mean", 
     dict(with_bias=True, chunk_size=16, reduction="none", z_loss=1e-3),
     dict(with_bias=False, chunk_size=5, reduction="sum", label_smoothing=0.2),
 ], ids=["plain", "options-chunked", "none-chunked", "sum-chunked"])
-def test_matches_unfused_reference(case, dtype, bk):
-    _check_once(37, 24, 203, dtype, bk, **case)
+def test_matches_unfused_reference(case, dtype, bk, low_memory):
+    _check_once(37, 24, 203, dtype, bk, low_memory=low_memory, **case)
 
 
 def test_weight_gradient_accumulates_in_fp32():
@@ -77,6 +80,98 @@ def test_weight_gradient_accumulates_in_fp32():
     err = (got.double() - exact).abs()
     assert bool((err <= 2**-8 * exact.abs() + 1e-6 * size).all()), float((err / (
         2**-8 * exact.abs() + 1e-6 * size)).max())
+
+
+def _weight_grad_errors(N, H, V, chunk_size, reduction, seed):
+    """Max errors of the bf16 weight gradient on the kernel path, in units of the
+    gradient's largest entry: each mode (fp32 accumulation, low-memory) against the float64
+    reference, and low-memory against fp32 accumulation."""
+    hidden, weight, _, target = _inputs(N, H, V, torch.bfloat16, False, seed=seed,
+                                        ignore_every=7)
+    h64, w64 = (t.detach().double().requires_grad_(True) for t in (hidden, weight))
+    (exact,) = torch.autograd.grad(fused_linear_cross_entropy_ref(h64, w64, target,
+                                                                  reduction=reduction), w64)
+    got = {}
+    for low_memory in (False, True):
+        with backend("kernel"):
+            loss = fused_linear_cross_entropy(hidden, weight, target, reduction=reduction,
+                                              chunk_size=chunk_size, low_memory=low_memory)
+            (grad,) = torch.autograd.grad(loss, weight)
+        assert grad.dtype == torch.bfloat16
+        got[low_memory] = grad.double()
+    size, norm = exact.abs().max(), exact.norm()
+    pairs = ((got[False], exact), (got[True], exact), (got[True], got[False]))
+    return ([float((a - b).abs().max() / size) for a, b in pairs],
+            [float((a - b).norm() / norm) for a, b in pairs])
+
+
+@pytest.mark.parametrize("N, H, V, chunk_size, reduction", [
+    (32, 16, 33, 1, "sum"),
+    (160, 24, 203, 16, "mean"),
+], ids=["32-chunks-of-1", "10-chunks-of-16"])
+def test_low_memory_weight_gradient_error(N, H, V, chunk_size, reduction):
+    """Low-memory mode rounds the bf16 weight gradient once per chunk. Errors measured here,
+    as (fp32 accumulation vs float64, low-memory vs float64, low-memory vs fp32
+    accumulation), max in units of the largest entry / norm-wise:
+    32 chunks of 1: max 5.9e-3, 5.9e-3, 8.2e-3 / norm 4.0e-3, 5.0e-3, 4.3e-3;
+    10 chunks of 16: max 5.8e-3, 7.1e-3, 4.2e-3 / norm 4.9e-3, 6.0e-3, 4.0e-3.
+    One bf16 rounding is up to 3.9e-3; both modes also round the logits and their gradient
+    to bf16 before the weight-gradient product."""
+    max_errors, norm_errors = _weight_grad_errors(N, H, V, chunk_size, reduction, seed=N)
+    assert all(e <= b for e, b in zip(max_errors, (1e-2, 1.5e-2, 1.5e-2))), max_errors
+    assert all(e <= 1e-2 for e in norm_errors), norm_errors
+
+
+def test_low_memory_with_one_chunk_is_the_default_bit_for_bit():
+    """One chunk rounds the weight gradient once in either mode; fp32 weights accumulate
+    in fp32 in either mode (several chunks, autocast to bf16)."""
+    hidden, weight, bias, target = _inputs(45, 16, 97, torch.bfloat16, True, seed=12,
+                                           ignore_every=4)
+
+    def run(low_memory, chunk_size=None, **kw):
+        loss = fused_linear_cross_entropy(hidden, weight, target, bias, chunk_size=chunk_size,
+                                          low_memory=low_memory, label_smoothing=0.1)
+        return [loss] + list(torch.autograd.grad(loss, (hidden, weight, bias)))
+
+    with backend("kernel"):
+        for a, b in zip(run(False), run(True)):
+            assert torch.equal(a, b)
+        params = [p.detach().float().requires_grad_(True) for p in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs = []
+            for low_memory in (False, True):
+                loss = fused_linear_cross_entropy(params[0], params[1], target, params[2],
+                                                  chunk_size=8, low_memory=low_memory)
+                runs.append([loss] + list(torch.autograd.grad(loss, params)))
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bk", ["kernel", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_memory_under_autocast_with_bf16_parameters(reduction, bk):
+    """A bf16 model under bf16 autocast, several chunks, bias: the weight gradient
+    accumulates in bf16 in the returned tensor; loss and gradients against float64."""
+    _check_autocast_once(37, 24, 203, torch.bfloat16, bk, "cpu", with_bias=True,
+                         reduction=reduction, chunk_size=8, low_memory=True,
+                         dtypes=(torch.bfloat16,) * 3)
+
+
+def test_low_memory_chunks_follow_the_budget():
+    """The chunk rows follow from the logits budget; at the target shape (N=16384 H=4096
+    V=128256 bf16) the analytic peak is 1.382 GB against the default's 3.286 GB."""
+    from fastlab.ops.fused_linear_cross_entropy import (_LOW_MEMORY_LOGITS_BYTES, chunk_rows,
+                                                        peak_extra_bytes)
+
+    assert chunk_rows(16384, 128256, 2, low_memory=True) == 768
+    assert 768 * 128256 * 2 <= _LOW_MEMORY_LOGITS_BYTES
+    assert chunk_rows(16384, 128256, 2) == 4096
+    assert chunk_rows(10, 203, 2, low_memory=True) == 10
+    assert chunk_rows(4096, 2 ** 24, 4, low_memory=True) == 16  # the fewest rows
+    low = peak_extra_bytes(16384, 4096, 128256, dtype=torch.bfloat16, low_memory=True)
+    default = peak_extra_bytes(16384, 4096, 128256, dtype=torch.bfloat16)
+    assert low == 1_382_023_168 and low < 1.4e9
+    assert default == 3_286_368_256
 
 
 def test_options_reach_the_loss_and_z_loss_is_reported():
@@ -116,8 +211,10 @@ def test_options_reach_the_loss_and_z_loss_is_reported():
      "bias must be a tensor or None"),
     (lambda h, w, t: fused_linear_cross_entropy(h, w, t, reduction="avg"), ValueError,
      "reduction must be"),
+    (lambda h, w, t: fused_linear_cross_entropy(h, w, t, low_memory="yes"), TypeError,
+     "low_memory must be a bool"),
 ], ids=["hidden-size", "dtype", "bias", "target-shape", "float-target", "chunk", "range",
-        "weight-list", "bias-list", "reduction"])
+        "weight-list", "bias-list", "reduction", "low-memory"])
 @pytest.mark.parametrize("bk", ["auto", "kernel", "reference"])
 def test_bad_arguments(call, error, match, bk):
     """The same error whichever path would run: the checks come before the choice."""
@@ -127,7 +224,8 @@ def test_bad_arguments(call, error, match, bk):
 
 
 def _check_autocast_once(N, H, V, amp_dtype, bk, device, *, with_bias, reduction, chunk_size,
-                         dtypes=(torch.float32,) * 3, loss_scale=1.0, **options):
+                         dtypes=(torch.float32,) * 3, loss_scale=1.0, low_memory=False,
+                         **options):
     """The op under torch.autocast against F.linear + F.cross_entropy under the same
     autocast: loss in float32, each gradient in its own input's dtype. Ours are accumulated
     in fp32 and rounded once, torch's pass through the autocast dtype first: the
@@ -151,7 +249,7 @@ def _check_autocast_once(N, H, V, amp_dtype, bk, device, *, with_bias, reduction
         with backend(bk):
             loss = fused_linear_cross_entropy(hidden, weight, target, bias,
                                               reduction=reduction, chunk_size=chunk_size,
-                                              **options)
+                                              low_memory=low_memory, **options)
             grads = torch.autograd.grad((loss * w).sum(), params)
     assert logits.dtype == amp_dtype and want.dtype == loss.dtype == torch.float32
     assert_close(loss, want, amp_dtype, scale=0.5)
@@ -271,3 +369,50 @@ def test_real_size_matches_unfused():
     assert_close(loss, want, torch.bfloat16)
     for got, expected in zip(grads, want_grads):
         assert_close(got, expected, torch.bfloat16, scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("low_memory", [False, True], ids=["fp32-acc", "low-memory"])
+def test_cuda_peak_memory_follows_the_formula(low_memory):
+    """What one forward + backward allocates beyond its inputs (the returned gradients
+    included) is the module docstring's formula, within 16 MiB."""
+    from fastlab.ops.fused_linear_cross_entropy import peak_extra_bytes
+
+    N, H, V = 4096, 1024, 65536
+    hidden, weight, _, target = _inputs(N, H, V, torch.bfloat16, False, seed=13,
+                                        device="cuda")
+
+    def step():
+        loss = fused_linear_cross_entropy(hidden, weight, target, low_memory=low_memory)
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    step()  # cuBLAS workspaces and kernels are made here, outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    want = peak_extra_bytes(N, H, V, dtype=torch.bfloat16, low_memory=low_memory)
+    assert abs(peak - want) <= 16 << 20, (peak, want)
+    del grads
+
+
+@pytest.mark.gpu
+def test_cuda_low_memory_differs_from_fp32_only_in_the_weight_gradient():
+    """16 chunks: loss and hidden gradient equal the default's bit for bit; the bf16
+    weight gradient, rounded once per chunk, stays within a few bf16 roundings of it."""
+    hidden, weight, bias, target = _inputs(8192, 1024, 32768, torch.bfloat16, True, seed=14,
+                                           ignore_every=9, device="cuda")
+    params = (hidden, weight, bias)
+    runs = []
+    for low_memory in (False, True):
+        loss = fused_linear_cross_entropy(hidden, weight, target, bias, chunk_size=512,
+                                          low_memory=low_memory)
+        runs.append([loss] + list(torch.autograd.grad(loss, params)))
+    (loss, gh, gw, gb), (loss_lm, gh_lm, gw_lm, gb_lm) = runs
+    assert torch.equal(loss, loss_lm) and torch.equal(gh, gh_lm) and torch.equal(gb, gb_lm)
+    diff = gw_lm.double() - gw.double()
+    assert float(diff.abs().max() / gw.double().abs().max()) < 2e-2
+    assert float(diff.norm() / gw.double().norm()) < 1e-2

@@ -32,6 +32,34 @@ autocast; outside it they must match. The op's body runs with autocast off, so t
 chosen here are the ones its matmuls see. The casts copy hidden and weight once per call
 (as autocast's F.linear does), which adds N x H and V x H values of the autocast dtype to
 the memory above.
+
+Low-memory mode (``low_memory=True``). The fp32 weight gradient is the largest buffer of
+the default path: at N=16384, H=4096, V=128256 bf16 it is 2.10 GB of a 3.29 GB peak. In
+low-memory mode the weight gradient is accumulated directly in the returned tensor, in the
+weight's dtype: each chunk's product summed in fp32 inside its matmul and added to the
+running sum with one rounding to that dtype per chunk, as cuBLAS does with beta = 1 (fp32
+weights under autocast accumulate in fp32, as in the default; a half-precision weight
+under autocast to the other half type accumulates in the compute dtype and is converted
+at the end). The chunks are small, their logits within
+``_LOW_MEMORY_LOGITS_BYTES``. Peak memory beyond the inputs, with s_* the itemsizes of the
+weight, hidden and compute dtypes and c the chunk's rows::
+
+    V*H*s_w        weight gradient (the accumulator is the returned tensor)
+  + N*H*s_h        hidden gradient
+  + c*V*s_c        one chunk's logits, overwritten by their gradient
+  + 8*N            loss and z-loss rows (+ V*(4 + s_b) with a bias: its fp32 sum)
+
+At N=16384, H=4096, V=128256 bf16, c = 768 (the budget's 192 MiB of logits): 1,050,673,152
++ 134,217,728 + 197,001,216 + 131,072 bytes = 1.382 GB (1.287 GiB), against the default's
+2,101,346,304 + 134,217,728 + 1,050,673,152 (4096-row chunks) + 131,072 = 3.286 GB.
+Under autocast, add the casts (N*H + V*H values of the compute dtype) to either.
+
+Error: the hidden gradient and the loss are the default's (each chunk's hidden gradient is
+one matmul over the whole vocabulary); the weight gradient carries one rounding per chunk
+instead of one in all, so its error grows with the number of chunks, about sqrt(chunks)
+ulps of the weight's dtype on entries that do not cancel (tests/test_fused_linear_cross_
+entropy.py measures it against the fp32 path and float64). The reference path computes in
+float64 whatever the mode: the mode changes only how the kernel path accumulates.
 """
 from typing import Optional, Tuple
 
@@ -49,6 +77,13 @@ from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _refere
 _CHUNK_LOGITS_BYTES = 1 << 30
 #: Fewest rows per chunk, so a small vocabulary still gets matmuls worth launching.
 _MIN_CHUNK = 256
+#: Budget for one chunk's logits in low-memory mode: 192 MiB is 768 rows of a 128K bf16
+#: vocabulary, which keeps the mode's peak (module docstring) at 1.38 GB at N=16384 H=4096.
+_LOW_MEMORY_LOGITS_BYTES = 192 << 20
+#: Low-memory chunks are a multiple of this many rows when they can be (a matmul tile).
+_LOW_MEMORY_ROW_MULTIPLE = 128
+#: Fewest rows per low-memory chunk, whatever the vocabulary.
+_LOW_MEMORY_MIN_CHUNK = 16
 #: Dtypes autocast casts to its own (float64 stays float64 under autocast, as in torch).
 _AUTOCAST_CAST = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,11 +103,33 @@ def compute_dtype(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tor
     return hidden.dtype
 
 
-def chunk_rows(n_tokens: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk: a power of two within the logits budget, at most the token count."""
-    rows = max(_MIN_CHUNK, _CHUNK_LOGITS_BYTES // max(1, vocab * itemsize))
-    rows = 1 << (rows.bit_length() - 1)
+def chunk_rows(n_tokens: int, vocab: int, itemsize: int, low_memory: bool = False) -> int:
+    """Rows per chunk, at most the token count. Default: a power of two within the logits
+    budget. Low-memory: as many rows as ``_LOW_MEMORY_LOGITS_BYTES`` holds, a multiple of
+    ``_LOW_MEMORY_ROW_MULTIPLE`` when that is at least one multiple."""
+    row_bytes = max(1, vocab * itemsize)
+    if low_memory:
+        rows = max(_LOW_MEMORY_MIN_CHUNK, _LOW_MEMORY_LOGITS_BYTES // row_bytes)
+        if rows >= _LOW_MEMORY_ROW_MULTIPLE:
+            rows -= rows % _LOW_MEMORY_ROW_MULTIPLE
+    else:
+        rows = max(_MIN_CHUNK, _CHUNK_LOGITS_BYTES // row_bytes)
+        rows = 1 << (rows.bit_length() - 1)
     return max(1, min(rows, n_tokens))
+
+
+def peak_extra_bytes(n_tokens: int, hidden_size: int, vocab: int, *, dtype: torch.dtype,
+                     low_memory: bool = False, chunk_size: Optional[int] = None) -> int:
+    """Memory the kernel path allocates beyond its inputs for one forward + backward with
+    gradients (the returned ones included), inputs of ``dtype``, no bias, no autocast: the
+    formula of the module docstring. The default's fp32 accumulator of a half-precision
+    weight is cast after the last chunk's logits are freed: the larger of the two counts."""
+    s = torch.empty((), dtype=dtype).element_size()
+    chunk = min(chunk_size or chunk_rows(n_tokens, vocab, s, low_memory), n_tokens)
+    fixed = n_tokens * hidden_size * s + 8 * n_tokens
+    if low_memory or dtype == torch.float32:
+        return fixed + vocab * hidden_size * s + chunk * vocab * s
+    return fixed + vocab * hidden_size * 4 + max(chunk * vocab * s, vocab * hidden_size * s)
 
 
 def fused_linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tensor,
@@ -96,6 +153,16 @@ def _product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
     return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
+def _half_product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
+    """a @ b in a's (half-precision) dtype, added into ``acc`` (same dtype) unless it is
+    None: summed in fp32 and rounded once to that dtype per call, as cuBLAS does (with
+    beta = 1 for the addition); the CPU does the same in fp32."""
+    if a.is_cuda:
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    total = _product(a, b, None if acc is None else acc.float())
+    return total.to(a.dtype) if acc is None else acc.copy_(total)
+
+
 def _product_into(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out = a @ b accumulated in fp32 and rounded once to out's dtype, which is a's or,
     under autocast, another one (fp32 for fp32 hidden)."""
@@ -109,11 +176,12 @@ def _product_into(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
              scale: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-             with_grad: bool, chunk: int, grad_dtypes):
+             with_grad: bool, chunk: int, grad_dtypes, low_memory: bool):
     """Kernel path over token chunks: (loss rows, z rows, grads or Nones). ``hidden``,
     ``weight`` and ``bias`` are in the compute dtype, the gradients in ``grad_dtypes``
     (hidden's, weight's, bias's). ``scale`` is the gradient factor, one value or one per
-    row."""
+    row. ``low_memory``: the weight gradient accumulates in the compute dtype (in fp32 for
+    an fp32 weight) instead of in fp32 (module docstring)."""
     from fastlab.kernels.cross_entropy import cross_entropy_forward
 
     N, H = hidden.shape
@@ -122,6 +190,8 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
     loss = torch.empty(N, device=hidden.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
     grad_hidden = grad_bias = acc = None
+    # the accumulator in the matmuls' own dtype (low-memory mode, half-precision operands)
+    half_acc = low_memory and weight_dtype != torch.float32 and hidden.dtype != torch.float32
     if with_grad:
         grad_hidden = torch.empty(N, H, device=hidden.device, dtype=hidden_dtype)
         if bias is not None:
@@ -136,7 +206,7 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
             ignore_index, label_smoothing, z_loss)
         if with_grad:
             _product_into(grad_hidden[start:end], logits, weight)
-            acc = _product(logits.T, h, acc)
+            acc = (_half_product if half_acc else _product)(logits.T, h, acc)
             if grad_bias is not None:
                 grad_bias += logits.sum(dim=0, dtype=torch.float32)
         del logits
@@ -144,7 +214,7 @@ def _chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
         return loss, zloss, None, None, None
     if acc is None:  # no tokens
         acc = torch.zeros(V, H, device=weight.device, dtype=torch.float32)
-    grad_weight = acc if weight_dtype == torch.float32 else acc.to(weight_dtype)
+    grad_weight = acc.to(weight_dtype)  # no copy when the accumulator has the weight's dtype
     del acc
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias_dtype)
@@ -170,7 +240,7 @@ def _reference(hidden, weight, bias, target, scale, ignore_index, label_smoothin
 
 
 def _run(hidden, weight, bias, target, scale, ignore_index, label_smoothing, z_loss,
-         with_grad, chunk_size, dtype):
+         with_grad, chunk_size, dtype, low_memory):
     """Either path on the operands cast to ``dtype`` (a copy only under autocast), with
     autocast off inside so that every matmul runs in the dtypes chosen here."""
     grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -180,9 +250,10 @@ def _run(hidden, weight, bias, target, scale, ignore_index, label_smoothing, z_l
     t = target.reshape(-1)
     with torch.autocast(hidden.device.type, enabled=False):
         if _kernel_ok(h2, weight, target):
-            chunk = chunk_size or chunk_rows(h2.shape[0], weight.shape[0], h2.element_size())
+            chunk = chunk_size or chunk_rows(h2.shape[0], weight.shape[0], h2.element_size(),
+                                             low_memory)
             return _chunked(h2, weight, bias, t, scale, ignore_index, label_smoothing,
-                            z_loss, with_grad, chunk, grad_dtypes)
+                            z_loss, with_grad, chunk, grad_dtypes, low_memory)
         return _reference(h2, weight, bias, t, scale, ignore_index, label_smoothing, z_loss,
                           with_grad, grad_dtypes)
 
@@ -197,8 +268,8 @@ def _empty_grad(like: Optional[Tensor], grad: Optional[Tensor]) -> Tensor:
 @torch.library.custom_op("fastlab::fused_linear_cross_entropy_forward", mutates_args=())
 def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 ignore_index: int, label_smoothing: float, z_loss: float, reduction: str,
-                check_targets: bool, with_grad: bool, chunk_size: int, dtype: torch.dtype
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                check_targets: bool, with_grad: bool, chunk_size: int, dtype: torch.dtype,
+                low_memory: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss, z-loss, and (with_grad) the pre-scaled gradients of hidden, weight, bias;
     ``dtype`` is the matmuls' (:func:`compute_dtype`)."""
     if check_targets:
@@ -206,7 +277,8 @@ def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     t = target.reshape(-1)
     scale, n_valid = _grad_scale(t, ignore_index, reduction)
     rows, zrows, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
-                                   label_smoothing, z_loss, with_grad, chunk_size, dtype)
+                                   label_smoothing, z_loss, with_grad, chunk_size, dtype,
+                                   low_memory)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lead = hidden.shape[:-1]
     loss = _reduce(rows, t, ignore_index, reduction, lead, n_valid).to(out_dtype)
@@ -220,7 +292,7 @@ def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 @torch.library.custom_op("fastlab::fused_linear_cross_entropy_backward", mutates_args=())
 def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                  grad_loss: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                 reduction: str, chunk_size: int, dtype: torch.dtype
+                 reduction: str, chunk_size: int, dtype: torch.dtype, low_memory: bool
                  ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of the deferred path: each row's gradient times ``grad_loss`` (one per
     row for ``reduction="none"``, else one value, with the mean's 1/n_valid)."""
@@ -230,13 +302,13 @@ def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
         scale = _grad_scale(target.reshape(-1), ignore_index, reduction)[0] * grad_loss.to(
             torch.float32)
     _, _, gh, gw, gb = _run(hidden, weight, bias, target, scale, ignore_index,
-                            label_smoothing, z_loss, True, chunk_size, dtype)
+                            label_smoothing, z_loss, True, chunk_size, dtype, low_memory)
     return gh.view_as(hidden), gw, _empty_grad(weight, gb)
 
 
 @_forward_op.register_fake
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-      check_targets, with_grad, chunk_size, dtype):
+      check_targets, with_grad, chunk_size, dtype, low_memory):
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     shape = hidden.shape[:-1] if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=out_dtype)
@@ -250,7 +322,7 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduc
 
 @_backward_op.register_fake
 def _(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing, z_loss,
-      reduction, chunk_size, dtype):
+      reduction, chunk_size, dtype, low_memory):
     gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
@@ -258,14 +330,15 @@ def _(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing, z_
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                reduction, check_targets, chunk_size, dtype):
+                reduction, check_targets, chunk_size, dtype, low_memory):
         deferred = reduction == "none" or dtype == torch.float16
         loss, zl, gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_forward(
             hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-            check_targets, not deferred, chunk_size, dtype)
+            check_targets, not deferred, chunk_size, dtype, low_memory)
         ctx.deferred = deferred
         ctx.has_bias = bias is not None
-        ctx.options = (ignore_index, label_smoothing, z_loss, reduction, chunk_size, dtype)
+        ctx.options = (ignore_index, label_smoothing, z_loss, reduction, chunk_size, dtype,
+                       low_memory)
         if deferred:
             ctx.save_for_backward(hidden, weight, bias, target)
         else:
@@ -277,7 +350,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_zl):
         if grad_loss is None:
-            return (None,) * 11
+            return (None,) * 12
         if ctx.deferred:
             hidden, weight, bias, target = ctx.saved_tensors
             gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_backward(
@@ -286,11 +359,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             gh, gw, gb = ctx.saved_tensors
             for g in (gh, gw, gb):
                 scale_grad_(g, grad_loss)
-        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 8
+        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 9
 
 
 def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, z_loss,
-              chunk_size) -> None:
+              chunk_size, low_memory) -> None:
     """Every argument check of :func:`fused_linear_cross_entropy`, made before the kernel or
     the reference path is chosen, so both refuse the same inputs with the same errors."""
     validate(hidden, target, ignore_index, label_smoothing, reduction, z_loss,
@@ -317,6 +390,8 @@ def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduc
     if chunk_size is not None and (isinstance(chunk_size, bool) or
                                    not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"low_memory must be a bool, got {type(low_memory).__name__}")
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
@@ -324,15 +399,18 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                                label_smoothing: float = 0.0, reduction: str = "mean",
                                z_loss: float = 0.0, return_z_loss: bool = False,
                                check_targets: Optional[bool] = None,
-                               chunk_size: Optional[int] = None):
+                               chunk_size: Optional[int] = None, low_memory: bool = False):
     """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the full logits.
 
     ``hidden`` (..., H), ``weight`` (V, H), ``bias`` (V,) or None, ``target`` (...) class
     indices. Options as :func:`fastlab.ops.cross_entropy`; ``chunk_size`` (tokens per
-    chunk) defaults to a choice from the shapes.
+    chunk) defaults to a choice from the shapes. ``low_memory=True`` accumulates the weight
+    gradient in the weight's dtype over small chunks instead of in fp32 (at N=16384 H=4096
+    V=128256 bf16: 1.38 GB beyond the inputs instead of 3.29 GB), at the cost of one
+    rounding of the weight gradient per chunk (module docstring).
     """
     _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, z_loss,
-              chunk_size)
+              chunk_size, low_memory)
     check = target.device.type == "cpu" if check_targets is None else bool(check_targets)
     args = (int(ignore_index), float(label_smoothing), float(z_loss), reduction, check)
     dtype = compute_dtype(hidden, weight, bias)
@@ -340,8 +418,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if wants_grad:
         loss, zl = _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, *args,
-                                                  chunk_size or 0, dtype)
+                                                  chunk_size or 0, dtype, low_memory)
     else:
         loss, zl = torch.ops.fastlab.fused_linear_cross_entropy_forward(
-            hidden, weight, bias, target, *args, False, chunk_size or 0, dtype)[:2]
+            hidden, weight, bias, target, *args, False, chunk_size or 0, dtype,
+            low_memory)[:2]
     return (loss, zl) if return_z_loss else loss
