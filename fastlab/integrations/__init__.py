@@ -1,0 +1,21 @@
+"""Integrations of fastlab with other libraries.
+
+``fastlab.integrations.patch(model)`` puts fastlab's fused linear cross-entropy and attention
+into a Hugging Face transformers model (see :mod:`fastlab.integrations.hf`). This is the only
+place fastlab imports transformers.
+"""
+try:
+    from fastlab.integrations.hf import (ATTN_IMPLEMENTATION, Change, FastlabMask,
+                                         causal_lm_loss, fastlab_attention_forward,
+                                         fastlab_attention_mask, is_patched, patch, patch_bert,
+                                         patch_gpt2, patch_llama, unpatch)
+except ModuleNotFoundError as error:
+    if error.name != "transformers" and not (error.name or "").startswith("transformers."):
+        raise
+    raise ModuleNotFoundError(
+        "fastlab.integrations needs transformers: pip install transformers", name=error.name
+    ) from error
+
+__all__ = ["patch", "unpatch", "is_patched", "patch_llama", "patch_gpt2", "patch_bert",
+           "Change", "FastlabMask", "causal_lm_loss", "fastlab_attention_forward",
+           "fastlab_attention_mask", "ATTN_IMPLEMENTATION"]
