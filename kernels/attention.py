@@ -7,6 +7,11 @@ with ``shift = kv_len - q_len`` query ``i`` sees key ``j`` iff ``j < kv_len`` an
 causal, ``j <= i + shift``; ``kv_len`` is per sequence when ``kv_lens`` is given. A query
 that sees no key gets output 0, LSE -inf, and gradient 0.
 
+Packed layout (VARLEN): tensors (total, H, D) hold B sequences cut by int32 offsets
+cu_seqlens (B + 1,); the grid covers max_seqlen blocks x B * H and each program reads its
+sequence's first token and length from the offsets on the device (no host sync), then
+works as in the dense case on that sequence; blocks past its length do nothing.
+
 Algorithm (flash attention 2):
   forward   one program per (query block, batch * q head): stream key/value blocks, keep
             an online softmax in base 2 (``scale * log2(e)`` folded into one multiply),
@@ -130,7 +135,8 @@ def _configs(candidates):
 
 #: Autotune key: sequence lengths by power-of-two bucket (a growing KV cache must not retune
 #: at every step), the padded head dim, causality; tensor dtypes are added by Triton.
-_KEY = ["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL"]
+_KEY = ["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI",
+        "DROPOUT"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,14 +170,28 @@ def _store_tile(ptrs, x, row_ok, offs_d, D: tl.constexpr, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def _kv_len(KV_LENS, b, Skv, HAS_KV_LENS: tl.constexpr):
-    """Key length of sequence ``b``, clamped to [0, Skv] so no read leaves the tensor."""
-    if HAS_KV_LENS:
-        n = tl.load(KV_LENS + b).to(tl.int32)
-        n = tl.minimum(tl.maximum(n, 0), Skv)
+def _sequence(KV_LENS, CU_Q, CU_K, b, Sq, Skv, HAS_KV_LENS: tl.constexpr,
+              VARLEN: tl.constexpr):
+    """(first query token, q_len, first key token, kv_len) of sequence ``b``.
+
+    Packed (VARLEN): read from the offsets on the device. Dense: the sequence starts at
+    token 0 of its batch row; kv_len is clamped to [0, Skv] so no read leaves the tensor.
+    """
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        kv_len = tl.load(CU_K + b + 1) - k_start
     else:
-        n = Skv
-    return n
+        q_start = tl.full([], 0, tl.int32)
+        q_len = Sq
+        k_start = q_start
+        if HAS_KV_LENS:
+            kv_len = tl.load(KV_LENS + b).to(tl.int32)
+            kv_len = tl.minimum(tl.maximum(kv_len, 0), Skv)
+        else:
+            kv_len = Skv
+    return q_start, q_len, k_start, kv_len
 
 
 @triton.jit
@@ -202,50 +222,152 @@ def _block_order(n_blocks, SEQ_CHUNK, LONGEST_LAST: tl.constexpr):
 
 
 @triton.jit
-def _query_block(KV_LENS, H, GROUP, Sq, Skv, SEQ_CHUNK, CAUSAL: tl.constexpr,
-                 HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    """Indices of a query-block program (grid: query blocks x batch*heads, ordered by
-    _block_order: causal blocks near the end see the most keys and run first)."""
-    pid_m, pid_bh = _block_order(tl.cdiv(Sq, BLOCK_M), SEQ_CHUNK, CAUSAL)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    kv_len = _kv_len(KV_LENS, b, Skv, HAS_KV_LENS)
-    shift = kv_len - Sq
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    return pid_bh, b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, offs_m < Sq
-
-
-@triton.jit
-def _kv_bounds(start_m, Sq, kv_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Key range of query block ``start_m``: [0, full) needs no mask, [full, hi) does.
-
-    ``full`` is a multiple of BLOCK_N: the keys every row of the block sees.
-    """
-    if CAUSAL:
-        shift = kv_len - Sq
-        hi = tl.minimum(kv_len, tl.minimum(start_m + BLOCK_M, Sq) + shift)
-        full = tl.minimum(kv_len, start_m + 1 + shift)
+def _kv_bounds(start_m, q_len, kv_len, shift, win_left, win_right, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of query block ``start_m``: [lo, hi), of which [full_lo, full_hi) needs
+    no mask (every row of the block sees those keys); lo, full_lo and full_hi are
+    multiples of BLOCK_N. Without a window, lo = full_lo = 0. Keys outside the window of
+    every row of the block are never visited."""
+    last = tl.minimum(start_m + BLOCK_M, q_len) - 1
+    if WINDOW:
+        hi = tl.minimum(kv_len, last + shift + win_right + 1)
+        full_hi = tl.minimum(kv_len, start_m + shift + win_right + 1)
+        lo = tl.maximum(start_m + shift - win_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last + shift - win_left, 0), BLOCK_N) * BLOCK_N
+    elif CAUSAL:
+        hi = tl.minimum(kv_len, last + 1 + shift)
+        full_hi = tl.minimum(kv_len, start_m + 1 + shift)
+        lo = 0
+        full_lo = 0
     else:
         hi = kv_len
-        full = kv_len
-    hi = tl.maximum(hi, 0)
-    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
-    return full, hi
+        full_hi = kv_len
+        lo = 0
+        full_lo = 0
+    # a query block past its sequence (packed layout: the grid covers max_seqlen_q)
+    hi = tl.where(start_m < q_len, tl.maximum(hi, 0), 0)
+    full_hi = tl.minimum(tl.maximum(full_hi, 0), hi) // BLOCK_N * BLOCK_N
+    if WINDOW:
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+        lo = tl.minimum(lo, full_lo)
+        full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _visible(offs_m, offs_n, kv_len, shift, CAUSAL: tl.constexpr):
-    """[len(offs_m), len(offs_n)] mask of the (query, key) pairs the mask lets through."""
-    ok = offs_n[None, :] < kv_len
+def _q_bounds(start_n, q_len, kv_len, shift, win_left, win_right, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range of key block ``start_n``: [lo, end), of which [mid, mid2) needs no mask;
+    lo, mid and mid2 are multiples of BLOCK_M. Without a window, mid2 = end."""
+    end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    if WINDOW:
+        key_last = tl.minimum(start_n + BLOCK_N, kv_len) - 1
+        lo = tl.maximum(start_n - shift - win_right, 0) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift - win_right, 0),
+                      BLOCK_M) * BLOCK_M
+        mid2 = tl.maximum(tl.minimum(q_len, start_n - shift + win_left + 1), 0)
+        mid2 = mid2 // BLOCK_M * BLOCK_M
+        end = tl.maximum(tl.minimum(q_len, key_last - shift + win_left + 1), 0)
+    elif CAUSAL:
+        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        mid2 = end
+    else:
+        lo = 0
+        mid = 0
+        mid2 = end
+    # a key block cut by kv_len is masked throughout
+    cut = start_n + BLOCK_N > kv_len
+    mid = tl.where(cut, end, mid)
+    if WINDOW:
+        mid2 = tl.where(cut, end, mid2)
+    # a block of keys past the sequence: gradient 0, nothing to loop over
+    end = tl.where(start_n >= kv_len, 0, end)
+    lo = tl.minimum(lo, end)
+    mid = tl.minimum(tl.maximum(mid, lo), end)
+    mid2 = tl.minimum(tl.maximum(mid2, mid), end)
+    return lo, mid, mid2, end
+
+
+@triton.jit
+def _visible(queries, keys, kv_len, shift, win_left, win_right, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, TRANS: tl.constexpr):
+    """Mask of the (query, key) pairs the mask lets through: [queries, keys], or [keys,
+    queries] with TRANS."""
+    if TRANS:
+        rel = queries[None, :] + shift - keys[:, None]
+        ok = keys[:, None] < kv_len
+    else:
+        rel = queries[:, None] + shift - keys[None, :]
+        ok = keys[None, :] < kv_len
     if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift)
+        ok = ok & (rel >= 0)
+    if WINDOW:
+        ok = ok & (rel <= win_left) & (rel >= -win_right)
     return ok
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp (libdevice does not run under the interpreter); exact at +-inf."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, queries, keys, shift, qk_scale, softcap_in, softcap_out, slope,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TRANS: tl.constexpr):
+    """Scores in base 2 from the raw dot products, and tanh of the capped scores (the
+    softcap backward needs 1 - tanh^2; without softcap the second value is unused).
+
+    softcap: softcap * tanh(scale * qk / softcap) (softcap_in = scale / softcap,
+    softcap_out = softcap * log2 e); ALiBi adds -slope * |i + shift - j| (slope in base 2).
+    """
+    if SOFTCAP:
+        t = _tanh(qk * softcap_in)
+        s = t * softcap_out
+    else:
+        t = qk
+        s = qk * qk_scale
+    if ALIBI:
+        if TRANS:
+            rel = queries[None, :] + shift - keys[:, None]
+        else:
+            rel = queries[:, None] + shift - keys[None, :]
+        s -= slope * tl.abs(rel).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _mix32(x):
+    """Bijective uint32 hash (xorshift-multiply rounds); fastlab.ops.attention computes the
+    same numbers in int64 for the reference."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _row_key(dropout_key, b, h, H):
+    """Dropout key of one (sequence, q head): mix(key ^ mix(b * H + h))."""
+    return _mix32(dropout_key.to(tl.uint32) ^ _mix32((b * H + h).to(tl.uint32)))
+
+
+@triton.jit
+def _kept(row_key, queries, keys, threshold, TRANS: tl.constexpr):
+    """Which probabilities dropout keeps: mix(mix(row_key ^ i) ^ (j * GOLDEN)) >> 1 >=
+    threshold, i and j positions within the sequence (counter-based: the backward draws
+    the same numbers, no mask is stored)."""
+    u = _mix32(row_key ^ queries.to(tl.uint32))
+    kj = keys.to(tl.uint32) * 0x9E3779B1
+    if TRANS:
+        x = _mix32(u[None, :] ^ kj[:, None])
+    else:
+        x = _mix32(u[:, None] ^ kj[None, :])
+    return (x >> 1).to(tl.int32) >= threshold
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,9 +376,12 @@ def _visible(offs_m, offs_n, kv_len, shift, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
-               offs_m, offs_d, kv_len, shift, qk_scale,
+               offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right, softcap_in,
+               softcap_out, slope, row_key, threshold,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-               MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+               DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Online softmax over key blocks [lo, hi); scores are kept in base 2."""
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += lo * stride_ks
@@ -266,11 +391,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
         k = _load_tile(k_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         if MASK:
-            s = tl.where(_visible(offs_m, cols, kv_len, shift, CAUSAL), qk * qk_scale,
-                         float("-inf"))
+            s, _ = _scores(qk, offs_m, cols, shift, qk_scale, softcap_in, softcap_out, slope,
+                           SOFTCAP, ALIBI, False)
+            s = tl.where(_visible(offs_m, cols, kv_len, shift, win_left, win_right, CAUSAL,
+                                  WINDOW, False), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with no visible key yet keeps max -inf; shift by 0 so exp2 gives 0
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+        elif SOFTCAP or ALIBI:
+            s, _ = _scores(qk, offs_m, cols, shift, qk_scale, softcap_in, softcap_out, slope,
+                           SOFTCAP, ALIBI, False)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
             p = tl.exp2(s - m_use[:, None])
         else:
             # scale > 0 (checked by the caller), so max(qk) * scale is the scaled max and
@@ -281,6 +414,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
+        if DROPOUT:
+            # the normaliser sums every probability; only the kept ones reach O
+            p = tl.where(_kept(row_key, offs_m, cols, threshold, False), p, 0.0)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
@@ -290,52 +426,93 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KV_LENS,  # Q, O (B, H, Sq, D); K, V (B, H // GROUP, Skv, D);
-                               # LSE (B, H, Sq) fp32 contiguous; KV_LENS (B,) int
+    Q, K, V, O, LSE, KV_LENS, CU_Q, CU_K, SLOPES,
+    # Q, O (B, H, Sq, D) or packed (total_q, H, D); K, V (B, H // GROUP, Skv, D) or
+    # (total_k, H // GROUP, D); LSE (B, H, Sq) or (H, total_q) fp32, token stride 1;
+    # KV_LENS (B,) int; CU_Q, CU_K (B + 1,) int32; SLOPES (B, H) or (H,) fp32 slopes
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
+    stride_lb, stride_lh, stride_ab, stride_ah,
+    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,  # packed: Sq, Skv the maxima
     qk_scale,  # softmax scale * log2(e)
+    win_left, win_right, softcap_in, softcap_out, dropout_key, threshold, keep_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # 1. This program's query block and head (longest causal blocks first).
-    pid_bh, b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
-        KV_LENS, H, GROUP, Sq, Skv, SEQ_CHUNK, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N,
-        HEAD_DIM)
+    # 1. This program's query block, head and sequence (causal: blocks near the end see
+    #    the most keys and run first).
+    pid_m, pid_bh = _block_order(tl.cdiv(Sq, BLOCK_M), SEQ_CHUNK, CAUSAL)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    q_start, q_len, k_start, kv_len = _sequence(KV_LENS, CU_Q, CU_K, b, Sq, Skv,
+                                                HAS_KV_LENS, VARLEN)
+    shift = kv_len - q_len
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + b * stride_ab + h * stride_ah) * _LOG2E
+    row_key = 0
+    if DROPOUT:
+        row_key = _row_key(dropout_key, b, h, H)
 
     # 2. The query tile stays in registers for the whole key loop.
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_base = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + q_start.to(tl.int64) * stride_qs)
     q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                    row_ok, offs_d, D, HEAD_DIM, True)
     k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + k_start.to(tl.int64) * stride_ks
               + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd)
     v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + k_start.to(tl.int64) * stride_vs
               + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
 
-    # 3. Key blocks every row sees in full, then the blocks cut by the mask.
+    # 3. Key blocks every row sees in full, and on either side the blocks cut by the mask
+    #    (with a window, also those below it).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    full, hi = _kv_bounds(start_m, Sq, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _kv_bounds(start_m, q_len, kv_len, shift, win_left, win_right,
+                                          CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if WINDOW:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+                                   lo, full_lo, offs_m, offs_d, kv_len, shift, qk_scale,
+                                   win_left, win_right, softcap_in, softcap_out, slope,
+                                   row_key, threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP,
+                                   ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
-                               0, full, offs_m, offs_d, kv_len, shift, qk_scale,
-                               D, HEAD_DIM, CAUSAL, False, BLOCK_M, BLOCK_N)
+                               full_lo, full_hi, offs_m, offs_d, kv_len, shift, qk_scale,
+                               win_left, win_right, softcap_in, softcap_out, slope, row_key,
+                               threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                               DROPOUT, False, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
-                               full, hi, offs_m, offs_d, kv_len, shift, qk_scale,
-                               D, HEAD_DIM, CAUSAL, True, BLOCK_M, BLOCK_N)
+                               full_hi, hi, offs_m, offs_d, kv_len, shift, qk_scale,
+                               win_left, win_right, softcap_in, softcap_out, slope, row_key,
+                               threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI,
+                               DROPOUT, True, BLOCK_M, BLOCK_N)
 
     # 4. Normalise; rows that saw no key have l = 0 and acc = 0: output 0, LSE -inf.
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
+    if DROPOUT:
+        l_safe = l_safe / keep_scale
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+    o_base = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + q_start.to(tl.int64) * stride_os)
     _store_tile(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                 out.to(O.dtype.element_ty), row_ok, offs_d, D, HEAD_DIM)
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m,
+             lse, mask=row_ok)
 
 
 _fwd_tuned = triton.autotune(_configs(_FWD_CANDIDATES), key=_KEY,
@@ -356,31 +533,42 @@ def _log2_lse(LSE_ROW, offs_m, row_ok):
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, stride_dos,
-                lo, hi, offs_n, offs_d, Sq, kv_len, shift, qk_scale,
+                lo, hi, offs_n, offs_d, q_len, kv_len, shift, qk_scale, win_left, win_right,
+                softcap_in, softcap_out, slope, row_key, threshold, keep_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), transposed (keys as
-    rows) so that P^T and dS^T come out of the dots without a transpose."""
+    rows) so that P^T and dS^T come out of the dots without a transpose. dV is left
+    without dropout's 1 / (1 - p), applied once by the caller."""
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs += lo * stride_qs
     do_ptrs += lo * stride_dos
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < Sq
+        row_ok = rows < q_len
         q = _load_tile(q_ptrs, row_ok, offs_d, D, HEAD_DIM, True)
         lse2 = _log2_lse(LSE_ROW, rows, row_ok)
         qkT = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
-        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+        sT, tT = _scores(qkT, rows, offs_n, shift, qk_scale, softcap_in, softcap_out, slope,
+                         SOFTCAP, ALIBI, True)
+        pT = tl.exp2(sT - lse2[None, :])
         if MASK:
-            ok = offs_n[:, None] < kv_len
-            if CAUSAL:
-                ok = ok & (offs_n[:, None] <= rows[None, :] + shift)
-            pT = tl.where(ok, pT, 0.0)
+            pT = tl.where(_visible(rows, offs_n, kv_len, shift, win_left, win_right, CAUSAL,
+                                   WINDOW, True), pT, 0.0)
         do = _load_tile(do_ptrs, row_ok, offs_d, D, HEAD_DIM, True)
-        dv = dot(pT.to(do.dtype), do, dv)
         delta = tl.load(DELTA_ROW + rows, mask=row_ok, other=0.0)
         dpT = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
+        if DROPOUT:
+            keep = _kept(row_key, rows, offs_n, threshold, True)
+            dv = dot(tl.where(keep, pT, 0.0).to(do.dtype), do, dv)
+            dpT = tl.where(keep, dpT * keep_scale, 0.0)
+        else:
+            dv = dot(pT.to(do.dtype), do, dv)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = dot(dsT.to(q.dtype), q, dk)
         q_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_dos
@@ -389,19 +577,22 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, st
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KV_LENS,  # Q, DO (B, H, Sq, D); K, V, DK, DV
-                                               # (B, H // GROUP, Skv, D); LSE, DELTA
-                                               # (B, H, Sq) fp32; KV_LENS (B,) int
+    Q, K, V, DO, DK, DV, LSE, DELTA, KV_LENS, CU_Q, CU_K, SLOPES,
+    # Q, DO as Q; K, V, DK, DV as K; LSE, DELTA as the forward's LSE; the rest as forward
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_lb, stride_lh, stride_ab, stride_ah,
     H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
     qk_scale, sm_scale,
+    win_left, win_right, softcap_in, softcap_out, dropout_key, threshold, keep_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's key block and kv head (causal: the first key blocks, seen by the
     #    most queries, run first).
@@ -409,30 +600,24 @@ def _bwd_dkdv_kernel(
     pid_n, pid_bh = _block_order(tl.cdiv(Skv, BLOCK_N), SEQ_CHUNK, False)
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
-    kv_len = _kv_len(KV_LENS, b, Skv, HAS_KV_LENS)
-    shift = kv_len - Sq
+    q_start, q_len, k_start, kv_len = _sequence(KV_LENS, CU_Q, CU_K, b, Sq, Skv,
+                                                HAS_KV_LENS, VARLEN)
+    shift = kv_len - q_len
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < kv_len
 
-    # 2. Query blocks that see this key block: from the first row reaching key start_n;
-    #    those cut by the diagonal (or a key block cut by kv_len) need the mask.
-    end = tl.cdiv(Sq, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
-        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-        mid = 0
-    mid = tl.where(start_n + BLOCK_N > kv_len, end, mid)
-    # a block of keys past the sequence: gradient 0, nothing to loop over
-    end = tl.where(start_n >= kv_len, 0, end)
-    lo = tl.minimum(lo, end)
-    mid = tl.minimum(tl.maximum(mid, lo), end)
+    # 2. Query blocks that see this key block: from the first row reaching key start_n
+    #    (to the last row reaching it, with a window); those cut by the mask (or a key
+    #    block cut by kv_len) take the masked loop.
+    lo, mid, mid2, end = _q_bounds(start_n, q_len, kv_len, shift, win_left, win_right,
+                                   CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + k_start.to(tl.int64) * stride_ks)
+    v_base = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + k_start.to(tl.int64) * stride_vs)
     k = _load_tile(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                    key_ok, offs_d, D, HEAD_DIM, True)
     v = _load_tile(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -444,33 +629,64 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     for g in range(GROUP):
         h = hk * GROUP + g
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + b * stride_ab + h * stride_ah) * _LOG2E
+        row_key = 0
+        if DROPOUT:
+            row_key = _row_key(dropout_key, b, h, H)
         q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                  + q_start.to(tl.int64) * stride_qs
                   + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
         do_ptrs = (DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                   + q_start.to(tl.int64) * stride_dos
                    + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
-        row0 = (b * H + h).to(tl.int64) * Sq
+        row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
-                             stride_qs, stride_dos, lo, mid, offs_n, offs_d, Sq, kv_len,
-                             shift, qk_scale, D, HEAD_DIM, CAUSAL, True, BLOCK_M, BLOCK_N)
+                             stride_qs, stride_dos, lo, mid, offs_n, offs_d, q_len, kv_len,
+                             shift, qk_scale, win_left, win_right, softcap_in, softcap_out,
+                             slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
+                             WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
-                             stride_qs, stride_dos, mid, end, offs_n, offs_d, Sq, kv_len,
-                             shift, qk_scale, D, HEAD_DIM, CAUSAL, False, BLOCK_M, BLOCK_N)
+                             stride_qs, stride_dos, mid, mid2, offs_n, offs_d, q_len, kv_len,
+                             shift, qk_scale, win_left, win_right, softcap_in, softcap_out,
+                             slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
+                             WINDOW, SOFTCAP, ALIBI, DROPOUT, False, BLOCK_M, BLOCK_N)
+        if WINDOW:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
+                                 stride_qs, stride_dos, mid2, end, offs_n, offs_d, q_len,
+                                 kv_len, shift, qk_scale, win_left, win_right, softcap_in,
+                                 softcap_out, slope, row_key, threshold, keep_scale, D,
+                                 HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True,
+                                 BLOCK_M, BLOCK_N)
 
-    # 4. dS was taken w.r.t. scaled scores: dK picks up the softmax scale once, here.
-    all_keys = offs_n < Skv
+    # 4. dS was taken w.r.t. scaled scores: dK picks up the softmax scale once, here (and
+    #    dV dropout's 1 / (1 - p)). Dense: padding keys past kv_len get 0; packed: the keys
+    #    past kv_len belong to the next sequence.
+    if VARLEN:
+        store_ok = key_ok
+    else:
+        store_ok = offs_n < Skv
+    if DROPOUT:
+        dv = dv * keep_scale
     _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+                + k_start.to(tl.int64) * stride_dks
                 + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-                (dk * sm_scale).to(DK.dtype.element_ty), all_keys, offs_d, D, HEAD_DIM)
+                (dk * sm_scale).to(DK.dtype.element_ty), store_ok, offs_d, D, HEAD_DIM)
     _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+                + k_start.to(tl.int64) * stride_dvs
                 + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-                dv.to(DV.dtype.element_ty), all_keys, offs_d, D, HEAD_DIM)
+                dv.to(DV.dtype.element_ty), store_ok, offs_d, D, HEAD_DIM)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
-              offs_m, offs_d, kv_len, shift, qk_scale,
+              offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right, softcap_in,
+              softcap_out, slope, row_key, threshold, keep_scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-              MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += lo * stride_ks
@@ -480,11 +696,19 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, 
         k = _load_tile(k_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         v = _load_tile(v_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        s, t = _scores(qk, offs_m, cols, shift, qk_scale, softcap_in, softcap_out, slope,
+                       SOFTCAP, ALIBI, False)
+        p = tl.exp2(s - lse2[:, None])
         if MASK:
-            p = tl.where(_visible(offs_m, cols, kv_len, shift, CAUSAL), p, 0.0)
+            p = tl.where(_visible(offs_m, cols, kv_len, shift, win_left, win_right, CAUSAL,
+                                  WINDOW, False), p, 0.0)
         dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        if DROPOUT:
+            dp = tl.where(_kept(row_key, offs_m, cols, threshold, False), dp * keep_scale,
+                          0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = dot(ds.to(k.dtype), k, dq)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
@@ -493,62 +717,98 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, DQ, LSE, DLSE, DELTA, KV_LENS,  # Q, DO, O, DQ (B, H, Sq, D); K, V
-                                                    # (B, H // GROUP, Skv, D); LSE, DLSE,
-                                                    # DELTA (B, H, Sq) fp32; KV_LENS (B,)
+    Q, K, V, DO, O, DQ, LSE, DLSE, DELTA, KV_LENS, CU_Q, CU_K, SLOPES,
+    # Q, DO, O, DQ as Q; K, V as K; LSE, DLSE, DELTA as the forward's LSE; the rest as
+    # forward
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_lb, stride_lh, stride_ab, stride_ah,
     H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
     qk_scale, sm_scale,
+    win_left, win_right, softcap_in, softcap_out, dropout_key, threshold, keep_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first, as forward).
-    pid_bh, b, h, hk, kv_len, shift, start_m, offs_m, offs_n, offs_d, row_ok = _query_block(
-        KV_LENS, H, GROUP, Sq, Skv, SEQ_CHUNK, CAUSAL, HAS_KV_LENS, BLOCK_M, BLOCK_N,
-        HEAD_DIM)
+    pid_m, pid_bh = _block_order(tl.cdiv(Sq, BLOCK_M), SEQ_CHUNK, CAUSAL)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    q_start, q_len, k_start, kv_len = _sequence(KV_LENS, CU_Q, CU_K, b, Sq, Skv,
+                                                HAS_KV_LENS, VARLEN)
+    shift = kv_len - q_len
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + b * stride_ab + h * stride_ah) * _LOG2E
+    row_key = 0
+    if DROPOUT:
+        row_key = _row_key(dropout_key, b, h, H)
 
     # 2. Everything per query row stays in registers: Q, dO, LSE, delta. This kernel runs
     #    first and writes delta_i = sum_d dO_id * O_id for the dK/dV kernel (the softmax-
     #    backward row term; a gradient flowing into the LSE adds dLSE_i * P_ij to dS_ij,
-    #    which is the same as delta_i - dLSE_i): no separate launch computes it.
+    #    which is the same as delta_i - dLSE_i): no separate launch computes it. With
+    #    dropout, sum_j P_ij dP_ij is still rowsum(dO * O), since O = P_kept V.
+    q_off = q_start.to(tl.int64)
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                   + q_off * stride_qs
                    + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                    row_ok, offs_d, D, HEAD_DIM, True)
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                    + q_off * stride_dos
                     + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                     row_ok, offs_d, D, HEAD_DIM, True)
-    lse2 = _log2_lse(LSE + pid_bh.to(tl.int64) * Sq, offs_m, row_ok)
+    row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_off
+    lse2 = _log2_lse(LSE + row0, offs_m, row_ok)
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                   + q_off * stride_os
                    + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                    row_ok, offs_d, D, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = pid_bh.to(tl.int64) * Sq + offs_m
+    rows = row0 + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0)
     tl.store(DELTA + rows, delta, mask=row_ok)
     k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + k_start.to(tl.int64) * stride_ks
               + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd)
     v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + k_start.to(tl.int64) * stride_vs
               + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
 
     # 3. The key loop, split like the forward's.
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    full, hi = _kv_bounds(start_m, Sq, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, full,
-                   offs_m, offs_d, kv_len, shift, qk_scale, D, HEAD_DIM, CAUSAL, False,
-                   BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full, hi,
-                   offs_m, offs_d, kv_len, shift, qk_scale, D, HEAD_DIM, CAUSAL, True,
-                   BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _kv_bounds(start_m, q_len, kv_len, shift, win_left, win_right,
+                                          CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if WINDOW:
+        dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo,
+                       full_lo, offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right,
+                       softcap_in, softcap_out, slope, row_key, threshold, keep_scale, D,
+                       HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M,
+                       BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full_lo,
+                   full_hi, offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right,
+                   softcap_in, softcap_out, slope, row_key, threshold, keep_scale, D,
+                   HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full_hi, hi,
+                   offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right, softcap_in,
+                   softcap_out, slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
+                   WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
 
     # 4. Softmax scale, applied once.
     _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+                + q_off * stride_dqs
                 + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
                 (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, offs_d, D, HEAD_DIM)
 
@@ -593,92 +853,170 @@ def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
 #: about a third of it, as two chunks can be in flight at a chunk's edge.
 _L2_CHUNK_BYTES = 16 << 20
 
+#: A window side without bound: farther than any key from any query (|i + shift - j| stays
+#: below 2**30 for sequences of up to 2**29 tokens), and no sum of it overflows int32.
+_UNBOUNDED = 1 << 30
+
 
 def _seq_chunk(n_seq: int, seq_bytes: int) -> int:
     """Sequences per chunk of _block_order: as many as share _L2_CHUNK_BYTES."""
     return max(1, min(n_seq, _L2_CHUNK_BYTES // max(seq_bytes, 1)))
 
 
-def _query_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Chunk of the query-block kernels: a q head reads its kv head's K and V rows, shared
-    by the q heads of its group."""
-    group = q.shape[1] // k.shape[1]
-    return _seq_chunk(q.shape[0] * q.shape[1],
-                      2 * k.shape[2] * k.shape[3] * k.element_size() // group)
+class _Layout:
+    """Shapes and strides of one call, dense (B, H, S, D) or packed (total, H, D).
+
+    Packed tensors are addressed like dense ones with a batch stride of 0: each program
+    adds its sequence's first token times the token stride.
+    """
+
+    def __init__(self, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        if self.varlen:
+            self.batch = cu_seqlens_q.shape[0] - 1
+            self.heads, self.kv_heads = q.shape[1], k.shape[1]
+            self.q_len, self.kv_len = max_seqlen_q, max_seqlen_k
+            self.lse_shape = (q.shape[1], q.shape[0])
+            self.lse_strides = (0, q.shape[0])
+        else:
+            self.batch, self.heads, self.q_len, _ = q.shape
+            self.kv_heads, self.kv_len = k.shape[1], k.shape[2]
+            self.lse_shape = (self.batch, self.heads, self.q_len)
+            self.lse_strides = (self.heads * self.q_len, self.q_len)
+        self.group = self.heads // self.kv_heads
+        d = q.shape[-1]
+        self.shape = dict(D=d, HEAD_DIM=max(16, next_power_of_2(d)))
+        self.q_bucket, self.kv_bucket = next_power_of_2(self.q_len), next_power_of_2(self.kv_len)
+        self.element_size = q.element_size()
+
+    def strides(self, x):
+        if self.varlen:
+            return 0, x.stride(1), x.stride(0), x.stride(2)
+        return x.stride()
+
+    def query_chunk(self) -> int:
+        """Chunk of the query-block kernels: a q head reads its kv head's K and V rows,
+        shared by the q heads of its group."""
+        d = self.shape["D"]
+        return _seq_chunk(self.batch * self.heads,
+                          2 * self.kv_len * d * self.element_size // self.group)
+
+    def key_chunk(self) -> int:
+        """Chunk of the dK/dV kernel: a kv head reads the Q and dO rows of its group's q
+        heads."""
+        d = self.shape["D"]
+        return _seq_chunk(self.batch * self.kv_heads,
+                          2 * self.group * self.q_len * d * self.element_size)
 
 
-def _key_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Chunk of the dK/dV kernel: a kv head reads the Q and dO rows of its group's q heads."""
-    group = q.shape[1] // k.shape[1]
-    return _seq_chunk(k.shape[0] * k.shape[1],
-                      2 * group * q.shape[2] * q.shape[3] * q.element_size())
-
-
-def _shape_args(q: torch.Tensor, k: torch.Tensor):
-    """Constexpr and bucket arguments shared by the three attention kernels."""
-    d = q.shape[-1]
-    return dict(D=d, HEAD_DIM=max(16, next_power_of_2(d)),
-                Q_BUCKET=next_power_of_2(q.shape[2]), KV_BUCKET=next_power_of_2(k.shape[2]))
+def _features(layout: _Layout, kv_lens, causal: bool, scale: float, window, softcap: float,
+              alibi_slopes, dropout_p: float, dropout_key: int, dropout_threshold: int):
+    """Runtime arguments and constexpr flags of the optional features, shared by the three
+    kernels, and the part of the tuning key they decide."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    has_window = left >= 0 or (right >= 0 and not causal)
+    if alibi_slopes is not None:
+        alibi_strides = ((0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1
+                         else tuple(alibi_slopes.stride()))
+    else:
+        alibi_strides = (0, 0)
+    args = (*layout.lse_strides, *alibi_strides)
+    scalars = (left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED,
+               scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, dropout_key,
+               dropout_threshold, 1.0 / (1.0 - dropout_p))
+    flags = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, VARLEN=layout.varlen,
+                 WINDOW=has_window, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
+                 DROPOUT=dropout_p > 0)
+    return args, scalars, flags, tuple(flags.values())
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      kv_lens, causal: bool, scale: float):
-    """O (layout of ``q``) and LSE (B, Hq, Sq) fp32 of attention; inputs already checked."""
-    batch, heads, q_len, _ = q.shape
-    kv_len = k.shape[2]
+                      kv_lens, causal: bool, scale: float, *, cu_seqlens_q=None,
+                      cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                      window=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                      dropout_p: float = 0.0, dropout_key: int = 0,
+                      dropout_threshold: int = 0):
+    """O (layout of ``q``) and LSE fp32 of attention; inputs already checked.
+
+    Dense (B, H, S, D) inputs give an LSE (B, Hq, Sq); packed ones (``cu_seqlens_q`` and
+    ``cu_seqlens_k`` given, tensors (total, H, D)) an LSE (Hq, total_q).
+    """
+    layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse
-    shape = _shape_args(q, k)
+    lse = torch.empty(layout.lse_shape, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or layout.batch == 0 or layout.q_len == 0:
+        return out, lse.fill_(float("-inf"))
+    extra, scalars, flags, key_flags = _features(layout, kv_lens, causal, scale, window,
+                                                 softcap, alibi_slopes, dropout_p,
+                                                 dropout_key, dropout_threshold)
     lens = kv_lens if kv_lens is not None else lse
-    key = (q.dtype, lens.dtype, shape["Q_BUCKET"], shape["KV_BUCKET"], shape["HEAD_DIM"],
-           causal)
+    cu_q = cu_seqlens_q if cu_seqlens_q is not None else lse
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else lse
+    alibi = alibi_slopes if alibi_slopes is not None else lse
+    key = (q.dtype, lens.dtype, layout.q_bucket, layout.kv_bucket, layout.shape["HEAD_DIM"],
+           key_flags)
+    n_blocks = layout.q_len
     _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
-            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,), key,
-            q, k, v, out, lse, lens,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, heads // k.shape[1], q_len, kv_len, shape.pop("Q_BUCKET"),
-            shape.pop("KV_BUCKET"), _query_chunk(q, k), scale * LOG2E,
-            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **shape)
+            lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_M"]) * layout.batch
+                          * layout.heads,), key,
+            q, k, v, out, lse, lens, cu_q, cu_k, alibi,
+            *layout.strides(q), *layout.strides(k), *layout.strides(v),
+            *layout.strides(out), *extra,
+            layout.heads, layout.group, layout.q_len, layout.kv_len, layout.q_bucket,
+            layout.kv_bucket, layout.query_chunk(), scale * LOG2E, *scalars,
+            **flags, **layout.shape)
     return out, lse
 
 
 def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, kv_lens,
-                       causal: bool, scale: float):
+                       causal: bool, scale: float, *, cu_seqlens_q=None, cu_seqlens_k=None,
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0, window=(-1, -1),
+                       softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+                       dropout_key: int = 0, dropout_threshold: int = 0):
     """dQ, dK, dV (layouts of q, k, v) given dO and, optionally, the gradient of the LSE."""
-    batch, heads, q_len, _ = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if q.numel() == 0 or k.numel() == 0:
+    layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    # packed: keys of sequences that no query block reaches (none when the offsets are
+    # valid) keep a defined gradient of 0
+    alloc = torch.zeros_like if layout.varlen else torch.empty_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    if q.numel() == 0 or k.numel() == 0 or layout.batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    shape = _shape_args(q, k)
-    q_bucket, kv_bucket = shape.pop("Q_BUCKET"), shape.pop("KV_BUCKET")
+    extra, scalars, flags, key_flags = _features(layout, kv_lens, causal, scale, window,
+                                                 softcap, alibi_slopes, dropout_p,
+                                                 dropout_key, dropout_threshold)
     lens = kv_lens if kv_lens is not None else lse
-    group = heads // kv_heads
-    key = (q.dtype, grad_out.dtype, lens.dtype, q_bucket, kv_bucket, shape["HEAD_DIM"],
-           causal)
+    cu_q = cu_seqlens_q if cu_seqlens_q is not None else lse
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else lse
+    alibi = alibi_slopes if alibi_slopes is not None else lse
+    key = (q.dtype, grad_out.dtype, lens.dtype, layout.q_bucket, layout.kv_bucket,
+           layout.shape["HEAD_DIM"], key_flags)
+    common = (layout.heads, layout.group, layout.q_len, layout.kv_len, layout.q_bucket,
+              layout.kv_bucket)
 
     # 1. dQ per query block; it also writes delta = rowsum(dO * O) - dLSE for step 2
     delta = torch.empty_like(lse)
     dlse = grad_lse.contiguous() if grad_lse is not None else lse
-    _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
-            lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * heads,), key,
-            q, k, v, grad_out, out, dq, lse, dlse, delta, lens,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
-            *dq.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket,
-            _query_chunk(q, k), scale * LOG2E,
-            scale, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
-            HAS_DLSE=grad_lse is not None, **shape)
+    if layout.q_len > 0:
+        _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
+                lambda meta: (triton.cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
+                              * layout.heads,), key,
+                q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k, alibi,
+                *layout.strides(q), *layout.strides(k), *layout.strides(v),
+                *layout.strides(grad_out), *layout.strides(out), *layout.strides(dq), *extra,
+                *common, layout.query_chunk(), scale * LOG2E, scale, *scalars,
+                HAS_DLSE=grad_lse is not None, **flags, **layout.shape)
 
     # 2. dK, dV per key block, summed over the query heads of each group
-    _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
-            lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]) * batch * kv_heads,), key,
-            q, k, v, grad_out, dk, dv, lse, delta, lens,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-            *dv.stride(), heads, group, q_len, kv_len, q_bucket, kv_bucket,
-            _key_chunk(q, k), scale * LOG2E, scale, CAUSAL=causal,
-            HAS_KV_LENS=kv_lens is not None, **shape)
+    if layout.kv_len > 0:
+        _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
+                lambda meta: (triton.cdiv(layout.kv_len, meta["BLOCK_N"]) * layout.batch
+                              * layout.kv_heads,), key,
+                q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi,
+                *layout.strides(q), *layout.strides(k), *layout.strides(v),
+                *layout.strides(grad_out), *layout.strides(dk), *layout.strides(dv), *extra,
+                *common, layout.key_chunk(), scale * LOG2E, scale, *scalars,
+                **flags, **layout.shape)
     return dq, dk, dv
-

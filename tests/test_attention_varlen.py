@@ -174,3 +174,69 @@ def test_module_packed_input_matches_each_sequence_alone(impl):
     (dx_want,) = torch.autograd.grad(want.square().sum(), (x,))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, dx_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 16), (3, 1, 5)])
+def test_kernel_matches_each_sequence_alone(hq, hkv, d, causal):
+    _check_once(*RAGGED, hq, hkv, d, causal, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_low_precision(dtype):
+    _check_once(*RAGGED, 4, 2, 24, True, dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_opcheck(impl):
+    q, k, v, _, _ = _inputs([5, 0, 9], [3, 6, 9], 2, 1, 16, torch.float32)
+    cu_q, cu_k = _offsets([5, 0, 9]), _offsets([3, 6, 9])
+    args = (None, cu_q, cu_k, None, 9, 9, True, 0.25, -1, -1, 0.0, 0.0, 0)
+    with backend(impl):
+        torch.library.opcheck(torch.ops.fastlab.attention_fwd.default, (q, k, v, *args))
+        out, lse = torch.ops.fastlab.attention_fwd(q, k, v, *args)
+        torch.library.opcheck(torch.ops.fastlab.attention_bwd.default,
+                              (torch.randn_like(out), torch.randn_like(lse), q.detach(),
+                               k.detach(), v.detach(), out.detach(), lse.detach(), *args))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, _, _ = _inputs(*RAGGED, 2, 1, 16, torch.float32)
+    cu_q, cu_k = _offsets(RAGGED[0]), _offsets(RAGGED[1])
+
+    def step(q, k, v):
+        out, lse = attention_varlen(q, k, v, cu_q, cu_k, 19, 19, causal=True,
+                                    return_lse=True)
+        return out.square().sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with backend("kernel"):
+        eager = torch.autograd.grad(step(q, k, v), (q, k, v))
+        traced = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: real sizes, offsets on the device (no host sync reads them)
+# ---------------------------------------------------------------------------------------
+
+def _gpu_lengths(n: int, longest: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, longest + 1, (n,), generator=g).tolist()
+    lengths[0] = longest
+    return lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,longest,causal", [
+    (8, 8, 128, 1024, True),
+    (8, 2, 64, 777, True),
+    (4, 4, 256, 300, False),
+    (4, 1, 16, 129, True),
+])
+def test_gpu_real_sizes(hq, hkv, d, longest, causal, dtype):
+    q_lens = _gpu_lengths(8, longest, 1)
+    k_lens = _gpu_lengths(8, longest, 2) if not causal else q_lens
+    _check_once(q_lens, k_lens, hq, hkv, d, causal, dtype)

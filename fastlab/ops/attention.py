@@ -281,10 +281,19 @@ def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # Dispatch: one custom op for both layouts (cu_seqlens_q given: packed)
 # ----------------------------------------------------------------------------------------
 
-def _kernel_wanted(q: torch.Tensor, cu_seqlens_q, *tensors: torch.Tensor) -> bool:
-    # the packed layout's kernel path lands in kernels/attention.py; until then the
-    # reference serves every device
-    return q.dtype in _KERNEL_DTYPES and cu_seqlens_q is None and use_triton(q, *tensors)
+def _kernel_wanted(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    return q.dtype in _KERNEL_DTYPES and use_triton(q, *tensors)
+
+
+def _kernel_options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
+                    opts: _Options) -> dict:
+    """Keyword arguments of the kernel launchers for the optional features."""
+    return dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                window=(opts.window_left, opts.window_right), softcap=opts.softcap,
+                alibi_slopes=alibi_slopes, dropout_p=opts.dropout_p,
+                dropout_key=opts.dropout_key,
+                dropout_threshold=dropout_threshold(opts.dropout_p))
 
 
 def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -295,10 +304,12 @@ def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         window_right: int, softcap: float, dropout_p: float,
                         dropout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
     opts = _Options(window_left, window_right, softcap, dropout_p, dropout_key)
-    if _kernel_wanted(q, cu_seqlens_q, k, v):
+    if _kernel_wanted(q, k, v):
         from fastlab.kernels.attention import attention_forward
 
-        return attention_forward(q, k, v, kv_lens, causal, scale)
+        return attention_forward(q, k, v, kv_lens, causal, scale,
+                                 **_kernel_options(cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                                                   max_seqlen_q, max_seqlen_k, opts))
     if cu_seqlens_q is None:
         ref, lse = _forward_core(q, k, v, kv_lens, alibi_slopes, causal, scale, opts)
     else:
@@ -318,11 +329,13 @@ def _attention_bwd_impl(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor]
                         window_right: int, softcap: float, dropout_p: float,
                         dropout_key: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     opts = _Options(window_left, window_right, softcap, dropout_p, dropout_key)
-    if _kernel_wanted(q, cu_seqlens_q, k, v, grad_out):
+    if _kernel_wanted(q, k, v, grad_out):
         from fastlab.kernels.attention import attention_backward
 
         return attention_backward(grad_out, grad_lse, q, k, v, out, lse, kv_lens, causal,
-                                  scale)
+                                  scale, **_kernel_options(cu_seqlens_q, cu_seqlens_k,
+                                                           alibi_slopes, max_seqlen_q,
+                                                           max_seqlen_k, opts))
     if cu_seqlens_q is None:
         grads = _backward_core(grad_out, grad_lse, q, k, v, out, lse, kv_lens, alibi_slopes,
                                causal, scale, opts)
