@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastlab-installed
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: setup train test test-fast bench-gpu clean
+.PHONY: setup train test test-fast bench-gpu bench clean
 setup: $(STAMP)
 
 # A base python that already has torch (e.g. a CUDA image) lends it to the venv, so the
@@ -39,6 +39,12 @@ test-fast: $(STAMP)
 RESULTS ?= benches/results/latest
 bench-gpu: $(STAMP)
 	bash benches/gpu_check.sh $(RESULTS)
+
+# On a GPU machine whose python3 has CUDA torch (as bench-gpu): every bench and
+# benches/results/<gpu>-<date>/REPORT.md (BENCH_PARTS picks parts: kernels e2e extra;
+# BENCH_OUT names another folder).
+bench:
+	bash benches/bench_all.sh $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastlab/_C*.so

@@ -1,4 +1,14 @@
-"""GPT-style decoder: pre-norm blocks of causal attention and a GELU MLP, tied embeddings."""
+"""GPT-style decoder: pre-norm blocks of causal attention and a GELU MLP (GPT-2's layout).
+
+Options a GPT-2 run needs: biases on or off (every linear layer and LayerNorm), tied or
+separate input and output embeddings, dropout, and the loss: ``fused`` computes the head
+and the cross-entropy together with :func:`fastlab.ops.fused_linear_cross_entropy`, so
+the (tokens x vocabulary) logits never exist in training; ``logits`` computes them and
+:func:`fastlab.ops.cross_entropy` (both exact, fp32 inside). Initialisation is GPT-2's:
+normal(0, 0.02), with the projections that write into the residual stream scaled by
+1 / sqrt(2 * n_layer).
+"""
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -8,6 +18,9 @@ from torch import nn
 from fastlab.nn.attention import Attention
 from fastlab.nn.kvcache import KVCache
 from fastlab.ops.cross_entropy import cross_entropy
+from fastlab.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+LOSSES = ("fused", "logits")
 
 
 @dataclass
@@ -20,30 +33,42 @@ class GPTConfig:
     #: width of the MLPs (0: 4 x d_model)
     d_hid: int = 0
     dropout: float = 0.0
+    #: biases in every linear layer and LayerNorm (GPT-2 has them)
+    bias: bool = True
+    #: the output head shares the token embedding's weight
+    tie_embeddings: bool = True
+    #: fused: head + cross-entropy without the logits; logits: materialise them
+    loss: str = "fused"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
     @classmethod
     def from_model_config(cls, model_cfg, *, vocab_size: int, block_size: int) -> "GPTConfig":
         """The GPT of the trainer's ``model.*`` options."""
         return cls(vocab_size=vocab_size, block_size=block_size, n_layer=model_cfg.n_layer,
                    n_head=model_cfg.n_head, d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
-                   dropout=model_cfg.dropout)
+                   dropout=model_cfg.dropout, bias=model_cfg.bias,
+                   tie_embeddings=model_cfg.tie_embeddings, loss=model_cfg.loss)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_head, causal=True)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_head, causal=True, bias=cfg.bias)
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         d_hid = cfg.d_hid or 4 * cfg.d_model
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, d_hid), nn.GELU(),
-            nn.Linear(d_hid, cfg.d_model), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, d_hid, bias=cfg.bias), nn.GELU(),
+            nn.Linear(d_hid, cfg.d_model, bias=cfg.bias), nn.Dropout(cfg.dropout),
         )
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
                 new_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache=cache, new_lens=new_lens)
+        x = x + self.resid_drop(self.attn(self.ln1(x), cache=cache, new_lens=new_lens))
         return x + self.mlp(self.ln2(x))
 
 
@@ -55,10 +80,15 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         self.apply(self._init)
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, std=resid_std)
+            nn.init.normal_(block.mlp[2].weight, std=resid_std)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -69,8 +99,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 caches: Optional[List[KVCache]] = None, new_lens: Optional[torch.Tensor] = None,
-                logits_at: Optional[torch.Tensor] = None):
-        """Logits (B, S, V); with ``targets`` also the mean cross-entropy (ignore -100).
+                logits_at: Optional[torch.Tensor] = None, reduction: str = "mean"):
+        """``(logits, loss)``: logits (B, S, V); with ``targets`` also the cross-entropy
+        (ignore -100; ``reduction`` mean or sum). With the ``fused`` loss and ``targets``
+        the logits are never computed and ``None`` is returned in their place.
 
         With ``caches`` (one :class:`KVCache` per block, see :meth:`new_kv_caches`) the
         tokens continue each sequence where its cache ends: their keys/values are appended
@@ -100,10 +132,14 @@ class GPT(nn.Module):
             x = block(x, None if caches is None else caches[i], new_lens)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
-        logits = self.head(self.ln_f(x))
+        x = self.ln_f(x)
         if targets is None:
-            return logits, None
-        return logits, cross_entropy(logits, targets)
+            return self.head(x), None
+        if self.cfg.loss == "fused":
+            return None, fused_linear_cross_entropy(x, self.head.weight, targets,
+                                                    reduction=reduction)
+        logits = self.head(x)
+        return logits, cross_entropy(logits, targets, reduction=reduction)
 
     def new_kv_caches(self, batch: int, max_len: Optional[int] = None,
                       dtype: Optional[torch.dtype] = None) -> List[KVCache]:

@@ -25,6 +25,15 @@ from fastlab.tasks.base import check_option as _check
 
 
 ARCHS = ("gpt", "thinker")
+#: model.preset -> the model.* values it sets (explicit model.* options still win)
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "d_model": 768},            # 124M
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "d_model": 1024},    # 350M
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "d_model": 1280},     # 774M
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "d_model": 1600},        # 1.56B
+    "gpt2-cpu": {"n_layer": 4, "n_head": 4, "d_model": 128},          # GPT-2's layout, CPU-sized
+}
+GPT_LOSSES = ("fused", "logits")
 
 
 def _finite(value: float, key: str) -> None:
@@ -33,6 +42,9 @@ def _finite(value: float, key: str) -> None:
 
 @dataclass
 class ModelConfig:
+    #: a named size that sets n_layer, n_head and d_model (gpt2, gpt2-medium, gpt2-large,
+    #: gpt2-xl, gpt2-cpu; empty: none); model.* options given beside it override it
+    preset: str = ""
     #: gpt (a causal decoder over prompt and answer) or thinker (a latent memory that
     #: reads the input by cross-attention over n_step steps and decodes the output from it)
     arch: str = "gpt"
@@ -46,6 +58,12 @@ class ModelConfig:
     d_hid: int = 0
     #: dropout probability in [0, 1)
     dropout: float = 0.0
+    #: gpt: biases in every linear layer and LayerNorm: true (GPT-2) or false
+    bias: bool = True
+    #: gpt: the output head shares the token embedding's weight: true or false
+    tie_embeddings: bool = True
+    #: gpt: fused (head and cross-entropy in one op, the logits never exist) or logits
+    loss: str = "fused"
     #: thinker only: latent memory vectors, >= 1
     n_latent: int = 8
     #: thinker only: memory update steps, >= 1
@@ -55,6 +73,10 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        _check(not self.preset or self.preset in PRESETS,
+               f"model.preset must be one of {sorted(PRESETS)} or empty, got {self.preset!r}")
+        _check(self.loss in GPT_LOSSES,
+               f"model.loss must be one of {GPT_LOSSES}, got {self.loss!r}")
         _check(self.n_layer >= 1, f"model.n_layer must be >= 1, got {self.n_layer}")
         _check(self.n_head >= 1, f"model.n_head must be >= 1, got {self.n_head}")
         _check(self.d_model >= 1 and self.d_model % self.n_head == 0,
@@ -356,6 +378,10 @@ def task_class(values: Dict[str, Any]) -> Type:
 def build_config(file: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Defaults, then ``file``, then ``key=value`` overrides; every value type-checked."""
     values = _gather(file, overrides)
+    preset = values.get("model.preset")
+    if isinstance(preset, str) and preset in PRESETS:
+        for key, value in PRESETS[preset].items():
+            values.setdefault(f"model.{key}", value)
     task_cls = task_class(values)
     sections = _sections(task_cls)
     chosen: Dict[str, Dict[str, Any]] = {s: {} for s in sections}

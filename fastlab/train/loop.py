@@ -361,6 +361,8 @@ def _log_step(stepper, guard, log, timer, sampler, step, window_steps, window_t0
     if flops_per_token and peak:
         metrics["mfu"] = metrics["tok_s"] * flops_per_token / (peak * dist.world)
     metrics.update({f"ms_{k}": v for k, v in timer.collect().items()})
+    if stepper.device.type == "cuda":  # the allocator's count: no device sync
+        metrics["mem_peak_gb"] = torch.cuda.max_memory_allocated(stepper.device) / 1e9
     metrics.update(sampler.drain())
     if counts["spikes"]:
         metrics["spikes"] = counts["spikes"]
