@@ -43,14 +43,15 @@ def _run(q, k, v, grad_out, grad_lse, **kwargs):
 
 
 def _check_once(batch, hq, hkv, q_len, kv_len, d, causal, dtype, *, kv_lens=None,
-                layout="contiguous", scale=None):
+                layout="contiguous", scale=None, **options):
     q = _make((batch, hq, q_len, d), dtype, 1, layout)
     k = _make((batch, hkv, kv_len, d), dtype, 2, layout)
     v = _make((batch, hkv, kv_len, d), dtype, 3, layout)
     grad_out = randn((batch, hq, q_len, d), dtype, DEVICE, seed=4)
     grad_lse = randn((batch, hq, q_len), torch.float32, DEVICE, seed=5)
     kwargs = dict(causal=causal, scale=scale,
-                  kv_lens=None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE))
+                  kv_lens=None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE),
+                  **options)
     with backend("kernel"):
         got = _run(q, k, v, grad_out, grad_lse, **kwargs)
     exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -134,6 +135,124 @@ def test_program_order_in_chunks_of_sequences(monkeypatch, causal):
     kernels = importlib.import_module("fastlab.kernels.attention")
     monkeypatch.setattr(kernels, "_seq_chunk", lambda n_seq, seq_bytes: min(n_seq, 3))
     _check_once(2, 4, 2, 37, 53, 16, causal, torch.float32)
+
+
+def _slopes(*shape):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(7)).to(DEVICE) * 0.5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(5, 3), (0, 0), (-1, 4), (20, -1)])
+def test_sliding_window(window, causal):
+    _check_once(1, 2, 1, 37, 53, 16, causal, torch.float32, window=window)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(37, 53), (45, 13)])
+def test_softcap(q_len, kv_len):
+    _check_once(1, 2, 2, q_len, kv_len, 24, True, torch.float32, softcap=1.5)
+
+
+@pytest.mark.parametrize("shape,causal", [((3,), False), ((2, 3), True)])
+def test_alibi(shape, causal):
+    _check_once(2, 3, 1, 37, 53, 8, causal, torch.float32, alibi_slopes=_slopes(*shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_softcap_alibi_together(dtype):
+    _check_once(3, 4, 2, 37, 53, 16, True, dtype, kv_lens=[53, 0, 20], window=(9, -1),
+                softcap=2.0, alibi_slopes=_slopes(4))
+
+
+def _one_hot_values(batch, hkv, kv_len, d):
+    """V whose key j is the unit vector e_j: O = P V holds the (dropped) probabilities."""
+    v = torch.zeros(batch, hkv, kv_len, d, device=DEVICE)
+    v[..., torch.arange(kv_len), torch.arange(kv_len)] = 1.0
+    return v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_drops_the_reference_elements(causal):
+    """The kernel drops exactly the elements the reference's hash drops, at the expected
+    rate, reproducibly from (seed, offset), and new numbers for a new offset."""
+    from fastlab.ops.attention import _dropout_keep_ref, dropout_key
+
+    b, hq, hkv, q_len, kv_len, p = 2, 2, 1, 29, 31, 0.3
+    q = randn((b, hq, q_len, 32), torch.float32, DEVICE, seed=1)
+    k = randn((b, hkv, kv_len, 32), torch.float32, DEVICE, seed=2)
+    v = _one_hot_values(b, hkv, kv_len, 32)
+    kwargs = dict(causal=causal, dropout_p=p, dropout_seed=1234, dropout_offset=5)
+    with backend("kernel"):
+        got = attention(q, k, v, **kwargs)[..., :kv_len]
+        again = attention(q, k, v, **kwargs)[..., :kv_len]
+        other = attention(q, k, v, **{**kwargs, "dropout_offset": 6})[..., :kv_len]
+    plain = attention_ref(q, k, v, causal=causal)[..., :kv_len]
+    keep = _dropout_keep_ref(dropout_key(1234, 5), p, torch.arange(b, device=DEVICE), hq,
+                             q_len, kv_len)
+    visible = plain > 0
+    assert torch.equal(got > 0, visible & keep), "kernel and reference drop different elements"
+    assert torch.equal(got, again)
+    assert not torch.equal(other > 0, got > 0)
+    kept = float((got > 0).sum() / visible.sum())
+    assert abs(kept - (1 - p)) < 0.05, kept  # ~1400 draws: 4.5 standard deviations
+    torch.testing.assert_close(got, torch.where(keep, plain / (1 - p), 0.0), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(attention_ref(q, k, v, **kwargs)[..., :kv_len], got,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_rate_of_the_hash():
+    """Over 2**20 draws the kept fraction is 1 - p within 4 standard deviations, for
+    every p, and rows and columns are not correlated (halves agree)."""
+    from fastlab.ops.attention import _dropout_keep_ref, dropout_key
+
+    for p in (0.1, 0.5, 0.9):
+        keep = _dropout_keep_ref(dropout_key(7, 0), p, torch.arange(2), 8, 256, 256)
+        n = keep.numel()
+        assert abs(float(keep.float().mean()) - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+        assert abs(float(keep[..., ::2].float().mean() - keep[..., 1::2].float().mean())) < 0.01
+        assert abs(float(keep[..., ::2, :].float().mean()
+                         - keep[..., 1::2, :].float().mean())) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_gradients(dtype):
+    _check_once(1, 4, 2, 37, 53, 16, True, dtype, dropout_p=0.25, dropout_seed=99,
+                dropout_offset=3, window=(-1, -1), softcap=0.0)
+
+
+def test_reference_options_match_sdpa():
+    """The oracle's window and ALiBi: SDPA with the same float mask written out."""
+    q = randn((2, 3, 7, 8), torch.float64, seed=1)
+    k = randn((2, 3, 11, 8), torch.float64, seed=2)
+    v = randn((2, 3, 11, 8), torch.float64, seed=3)
+    slopes = _slopes(2, 3).cpu()
+    i, j = torch.arange(7)[:, None], torch.arange(11)[None, :]
+    d = i + 4 - j
+    bias = -slopes.double()[:, :, None, None] * d.abs()
+    bias = bias.masked_fill(~((d <= 2) & (d >= -1)), float("-inf"))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    got = attention_ref(q, k, v, window=(2, 1), alibi_slopes=slopes)
+    torch.testing.assert_close(got, want)
+    scores = 3.0 * torch.tanh(q @ k.transpose(-1, -2) / 8 ** 0.5 / 3.0)
+    want = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(attention_ref(q, k, v, softcap=3.0), want)
+
+
+def test_reference_options_gradcheck():
+    """The explicit backward of the reference with every option on (dropout's mask fixed
+    by its seed) against numerical gradients."""
+    q = randn((2, 4, 9, 5), torch.float64, seed=1, requires_grad=True)
+    k = randn((2, 2, 6, 5), torch.float64, seed=2, requires_grad=True)
+    v = randn((2, 2, 6, 5), torch.float64, seed=3, requires_grad=True)
+
+    def fn(q, k, v):
+        out, lse = attention(q, k, v, causal=True, kv_lens=torch.tensor([4, 6]),
+                             return_lse=True, window=(3, -1), softcap=1.5,
+                             alibi_slopes=_slopes(2, 4).cpu(), dropout_p=0.3,
+                             dropout_seed=5)
+        return out, lse.nan_to_num(0.0, 0.0, 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
 def test_zero_length_keys():
@@ -261,6 +380,16 @@ def _bad(q_shape=(2, 4, 5, 8), k_shape=(2, 2, 6, 8), v_shape=None, dtypes=None, 
     (dict(kv_lens=torch.tensor([3.0, 2.0])), TypeError, "kv_lens must be int32 or int64"),
     (dict(kv_lens=[3, 2]), TypeError, "kv_lens must be a torch.Tensor"),
     (dict(scale=0.0), ValueError, "scale must be a positive"),
+    (dict(window=(2,)), ValueError, r"window must be a pair \(left, right\)"),
+    (dict(window=(-2, 0)), ValueError, "window must be a pair"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=0.1, dropout_seed=-3), ValueError, "dropout_seed must be an int"),
+    (dict(dropout_offset=1.5), ValueError, "dropout_offset must be an int"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), TypeError,
+     "alibi_slopes must be float32"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(heads,\)"),
+    (dict(alibi_slopes=[0.5] * 4), TypeError, "alibi_slopes must be a torch.Tensor"),
 ])
 def test_bad_inputs(args, error, match):
     with pytest.raises(error, match=match):

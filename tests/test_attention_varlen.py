@@ -46,11 +46,15 @@ def _grads(out, lse, grad_out, grad_lse, leaves):
     return torch.autograd.grad(loss, leaves)
 
 
-def _oracle(q, k, v, q_lens, k_lens, causal, scale=None, **options):
+def _oracle(q, k, v, q_lens, k_lens, causal, scale=None, alibi_slopes=None, **options):
     """float64 output and LSE of each sequence alone, packed back: differentiable."""
     outs, lses = [], []
     qs, ks = q.split(q_lens), k.split(k_lens)
     for b, (qb, kb, vb) in enumerate(zip(qs, ks, v.split(k_lens))):
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            options["alibi_slopes"] = alibi_slopes[b]
+        elif alibi_slopes is not None:
+            options["alibi_slopes"] = alibi_slopes
         o, l = attention_ref(*(x.transpose(0, 1)[None] for x in (qb, kb, vb)), causal=causal,
                              scale=scale, return_lse=True, **options)
         outs.append(o[0].transpose(0, 1))
@@ -58,15 +62,24 @@ def _oracle(q, k, v, q_lens, k_lens, causal, scale=None, **options):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _check_once(q_lens, k_lens, hq, hkv, d, causal, dtype, *, impl="kernel", scale=None):
+def _check_once(q_lens, k_lens, hq, hkv, d, causal, dtype, *, impl="kernel", scale=None,
+                **options):
+    """Forward, LSE and gradients against the float64 oracle. With dropout the oracle is
+    the packed reference in float64 (its random numbers are those of sequence b)."""
     q, k, v, grad_out, grad_lse = _inputs(q_lens, k_lens, hq, hkv, d, dtype)
     cu_q, cu_k = _offsets(q_lens), _offsets(k_lens)
     with backend(impl):
         out, lse = attention_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens),
-                                    causal=causal, scale=scale, return_lse=True)
+                                    causal=causal, scale=scale, return_lse=True, **options)
         got = (out, lse) + _grads(out, lse, grad_out, grad_lse, (q, k, v))
     exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    want_out, want_lse = _oracle(*exact, q_lens, k_lens, causal, scale)
+    if options.get("dropout_p", 0.0) > 0:
+        with backend("reference"):
+            want_out, want_lse = attention_varlen(*exact, cu_q, cu_k, max(q_lens), max(k_lens),
+                                                  causal=causal, scale=scale,
+                                                  return_lse=True, **options)
+    else:
+        want_out, want_lse = _oracle(*exact, q_lens, k_lens, causal, scale, **options)
     want = (want_out, want_lse) + _grads(want_out, want_lse, grad_out, grad_lse, exact)
 
     assert out.shape == q.shape and out.dtype == dtype
@@ -144,6 +157,9 @@ def _bad(q_lens=(3, 2), k_lens=(4, 1), q_shape=None, dtype=torch.float32, cu_q=N
     (dict(q_shape=(1, 5, 4, 8)), ValueError, "q must be 3-D"),
     (dict(dtype=torch.int64), TypeError, "q must be float16"),
     (dict(scale=-1.0), ValueError, "scale must be a positive"),
+    (dict(window=(1, -5)), ValueError, "window must be a pair"),
+    (dict(alibi_slopes=torch.ones(3, 4)), ValueError, r"\(batch, heads\) = \(2, 4\)"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p must be in"),
 ])
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 def test_bad_inputs(args, error, match, impl):
@@ -180,6 +196,40 @@ def test_module_packed_input_matches_each_sequence_alone(impl):
 @pytest.mark.parametrize("hq,hkv,d", [(2, 2, 16), (3, 1, 5)])
 def test_kernel_matches_each_sequence_alone(hq, hkv, d, causal):
     _check_once(*RAGGED, hq, hkv, d, causal, torch.float32)
+
+
+def _slopes(*shape):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(7)).to(DEVICE) * 0.5
+
+
+@pytest.mark.parametrize("causal,window", [(True, (4, -1)), (False, (3, 2)), (False, (0, -1))])
+def test_kernel_sliding_window(causal, window):
+    _check_once(*RAGGED, 2, 1, 16, causal, torch.float32, window=window)
+
+
+def test_kernel_softcap_and_alibi():
+    _check_once(*RAGGED, 3, 1, 8, True, torch.float32, softcap=1.5,
+                alibi_slopes=_slopes(len(RAGGED[0]), 3))
+    _check_once(*RAGGED, 2, 2, 8, False, torch.float32, alibi_slopes=_slopes(2))
+
+
+def test_kernel_dropout_with_every_option():
+    _check_once(*RAGGED, 2, 1, 16, True, torch.float32, window=(6, -1), softcap=2.0,
+                alibi_slopes=_slopes(2), dropout_p=0.2, dropout_seed=11)
+
+
+def test_dropout_numbers_follow_the_sequence_not_the_packing():
+    """Sequence b of a packed batch drops what batch row b of the dense op drops."""
+    q = randn((3, 2, 13, 16), torch.float32, DEVICE, seed=1)
+    k = randn((3, 1, 13, 16), torch.float32, DEVICE, seed=2)
+    v = randn((3, 1, 13, 16), torch.float32, DEVICE, seed=3)
+    options = dict(causal=True, dropout_p=0.4, dropout_seed=3, dropout_offset=8)
+    packed = [x.transpose(1, 2).reshape(-1, x.shape[1], 16) for x in (q, k, v)]
+    with backend("kernel"):
+        dense = attention(q, k, v, **options)
+        got = attention_varlen(*packed, _offsets([13] * 3), _offsets([13] * 3), 13, 13,
+                               **options)
+    torch.testing.assert_close(got, dense.transpose(1, 2).reshape(-1, 2, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

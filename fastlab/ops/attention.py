@@ -13,6 +13,24 @@ sees no key (causal with ``q_len > kv_len``, or ``kv_len == 0``) gets output 0, 
 by ``cu_seqlens`` offsets; each sequence has its own ``q_len`` and ``kv_len`` and the same
 mask, so a batch of ragged sequences (right-padded queries included) needs no padding.
 
+Options (both layouts, as flash-attn defines them), with ``d = i + shift - j`` (positive:
+key j lies before query i's aligned position):
+
+* ``window=(left, right)``: query i sees only keys with ``-right <= d <= left``; -1 is
+  unbounded on that side. With ``causal`` the right side is 0. Key blocks outside every
+  row's window are skipped by the kernels.
+* ``softcap > 0``: scores become ``softcap * tanh(scale * q.k / softcap)``.
+* ``alibi_slopes`` (Hq,) or (B, Hq) float32: ``-slope * |d|`` is added to the scores
+  (after the softcap).
+* ``dropout_p`` in [0, 1): after the softmax each probability is zeroed with probability
+  ``dropout_p`` and the rest scaled by ``1 / (1 - dropout_p)``; the LSE is that of the
+  undropped scores. Which elements drop is a pure function of (``dropout_seed``,
+  ``dropout_offset``, b, h, i, j) (a counter-based integer hash, see
+  :func:`_dropout_keep_ref`): the backward draws the same numbers again instead of
+  storing a mask, and the reference draws them too, element for element. Without a seed,
+  one is drawn from torch's default CPU generator (pass one under torch.compile, which
+  would otherwise stop at the draw).
+
 CUDA tensors run the Triton kernels of ``fastlab.kernels.attention`` (fp32 inputs there use
 TF32 tensor-core dots, so expect about 1e-3 relative error, as with
 ``torch.backends.cuda.matmul.allow_tf32``); CPU tensors run :func:`attention_ref` and
@@ -137,6 +155,16 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * 2.0 ** 31)), 2 ** 31 - 1)
 
 
+def _options(window, softcap: float, dropout_p: float, dropout_seed: Optional[int],
+             dropout_offset: int) -> _Options:
+    if dropout_p > 0 and dropout_seed is None:
+        # drawn on the host from torch's default CPU generator: no device sync, and
+        # torch.manual_seed makes it reproducible
+        dropout_seed = int(torch.randint(0, 2 ** 62, ()))
+    key = dropout_key(dropout_seed, dropout_offset) if dropout_p > 0 else 0
+    return _Options(int(window[0]), int(window[1]), float(softcap), float(dropout_p), key)
+
+
 #: Multiplier spreading key positions before the last hash round (2**32 / golden ratio).
 _GOLDEN = 0x9E3779B1
 
@@ -211,14 +239,18 @@ def _backward_core(grad_out, grad_lse, q, k, v, out, lse, kv_lens, alibi_slopes,
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   scale: Optional[float] = None, kv_lens: Optional[torch.Tensor] = None,
-                  return_lse: bool = False):
+                  return_lse: bool = False, window: Tuple[int, int] = (-1, -1),
+                  softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                  dropout_p: float = 0.0, dropout_seed: int = 0, dropout_offset: int = 0):
     """Plain-PyTorch attention in float32 (float64 for float64 inputs): the test oracle.
 
-    Same arguments and mask as :func:`attention`; materialises the (Sq, Skv) scores.
-    The LSE (natural log, float32 or float64) is returned with ``return_lse``.
+    Same arguments and mask as :func:`attention`; materialises the (Sq, Skv) scores, and
+    with dropout draws the same random numbers as the kernels. The LSE (natural log,
+    float32 or float64) is returned with ``return_lse``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = _forward_core(q, k, v, kv_lens, None, causal, scale, _Options())
+    opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)
+    out, lse = _forward_core(q, k, v, kv_lens, alibi_slopes, causal, scale, opts)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -265,14 +297,18 @@ def _varlen_backward_ref(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu
 def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-                         scale: Optional[float] = None, return_lse: bool = False):
+                         scale: Optional[float] = None, return_lse: bool = False,
+                         window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                         alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                         dropout_seed: int = 0, dropout_offset: int = 0):
     """Plain-PyTorch :func:`attention_varlen`, one sequence at a time: the test oracle.
 
     The LSE is (H, total_q), float32 (float64 for float64 inputs).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = _varlen_forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, None, causal, scale,
-                                   _Options())
+    opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)
+    out, lse = _varlen_forward_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal,
+                                   scale, opts)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -529,6 +565,40 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                              f"longest sequence of {name} ({max(lengths)})")
 
 
+def _check_options(op: str, q, batch: int, window, softcap, alibi_slopes, dropout_p,
+                   dropout_seed, dropout_offset) -> None:
+    """Checks of the score and probability options, shared by both layouts."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(_is_int(w) and w >= -1 for w in window)):
+        raise ValueError(f"{op}: window must be a pair (left, right) of ints >= -1 (-1: "
+                         f"unbounded), got {window!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"{op}: softcap must be a finite float >= 0 (0: off), got "
+                         f"{softcap!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0 <= dropout_p < 1):
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    for name, x in (("dropout_seed", dropout_seed), ("dropout_offset", dropout_offset)):
+        if x is not None and not (_is_int(x) and 0 <= x < 2 ** 64):
+            raise ValueError(f"{op}: {name} must be an int in [0, 2**64), got {x!r}")
+    if dropout_offset is None:
+        raise ValueError(f"{op}: dropout_offset must be an int in [0, 2**64), got None")
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"{op}: alibi_slopes must be a torch.Tensor, got "
+                        f"{type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"{op}: alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
+    if alibi_slopes.shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"{op}: alibi_slopes must have shape (heads,) = ({heads},) or "
+                         f"(batch, heads) = ({batch}, {heads}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"{op}: alibi_slopes must be on q's device {q.device}, got "
+                         f"{alibi_slopes.device}")
+
+
 def _default_scale(q, dims: int):
     if isinstance(q, torch.Tensor) and q.dim() == dims and q.shape[-1] > 0:
         return 1.0 / math.sqrt(q.shape[-1])
@@ -541,7 +611,10 @@ def _default_scale(q, dims: int):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, kv_lens: Optional[torch.Tensor] = None,
-              return_lse: bool = False):
+              return_lse: bool = False, window: Tuple[int, int] = (-1, -1),
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+              dropout_offset: int = 0):
     """Attention of ``q`` (B, Hq, Sq, D) over ``k``, ``v`` (B, Hkv, Skv, D).
 
     Args:
@@ -554,21 +627,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return_lse: also return the log-sum-exp of the scaled, masked scores
             (B, Hq, Sq), float32 (float64 for float64 inputs), ``-inf`` for rows that see
             no key; it is differentiable.
+        window, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset: see
+            the module docstring.
 
     Returns:
         The output (B, Hq, Sq, D) in q's dtype and memory layout, and the LSE when asked.
     """
     scale = _default_scale(q, 4) if scale is None else scale
     _check_inputs(q, k, v, kv_lens, scale)
-    out, lse = _run_attention(q, k, v, kv_lens, None, None, None, 0, 0, bool(causal),
-                              float(scale), *_Options())
+    _check_options("attention", q, q.shape[0], window, softcap, alibi_slopes, dropout_p,
+                   dropout_seed, dropout_offset)
+    opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)
+    out, lse = _run_attention(q, k, v, kv_lens, None, None, alibi_slopes, 0, 0, bool(causal),
+                              float(scale), *opts)
     return (out, lse) if return_lse else out
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-                     scale: Optional[float] = None, return_lse: bool = False):
+                     scale: Optional[float] = None, return_lse: bool = False,
+                     window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     dropout_seed: Optional[int] = None, dropout_offset: int = 0):
     """Attention of B packed sequences: ``q`` (total_q, Hq, D) over ``k``, ``v``
     (total_k, Hkv, D).
 
@@ -585,6 +666,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         max_seqlen_q, max_seqlen_k: ints at least the longest query (key) sequence; the
             kernels size their grid by them, so no host sync reads the offsets.
         causal, scale, return_lse: as in :func:`attention`; the LSE is (Hq, total_q).
+        window, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset: see
+            the module docstring; positions i, j count from each sequence's start.
 
     The offsets' values and the ``max_seqlen`` bounds are checked (ValueError) when the
     offsets live on the CPU, as on the reference path: on the GPU that check would need a
@@ -596,7 +679,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     scale = _default_scale(q, 3) if scale is None else scale
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    out, lse = _run_attention(q, k, v, None, cu_seqlens_q, cu_seqlens_k, None,
+    _check_options("attention_varlen", q, cu_seqlens_q.shape[0] - 1, window, softcap,
+                   alibi_slopes, dropout_p, dropout_seed, dropout_offset)
+    opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)
+    out, lse = _run_attention(q, k, v, None, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                              float(scale), *_Options())
+                              float(scale), *opts)
     return (out, lse) if return_lse else out
+
