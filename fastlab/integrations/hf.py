@@ -364,8 +364,9 @@ def _make_forward(family: _Family, class_forward: Callable, skip_logits: Optiona
         labels = arguments.pop("labels")
         if not fused:  # BERT keeping its logits: its own forward, fastlab's loss
             out = class_forward(self, **arguments, **extra, return_dict=True)
-            out.loss = cross_entropy(out.logits.reshape(-1, self.config.vocab_size),
-                                     labels.reshape(-1).to(out.logits.device))
+            loss = cross_entropy(out.logits.reshape(-1, self.config.vocab_size),
+                                 labels.reshape(-1).to(out.logits.device))
+            out = dataclasses.replace(out, loss=loss)  # a ModelOutput keeps its keys in order
             return out if return_dict else out.to_tuple()
         arguments.pop("logits_to_keep", None)
         backbone = getattr(self, family.backbone)
@@ -401,10 +402,11 @@ def _patch_loss(model, family: _Family, skip_logits: Optional[bool],
     forward = _make_forward(family, cls.forward, skip_logits)
     model.forward = types.MethodType(forward, model)
     restore.append(lambda: model.__dict__.pop("forward", None))
-    when = {None: "in training mode", True: "always", False: "never"}[skip_logits]
-    changes.append(Change("forward", f"{cls.__name__}.forward",
-                          f"fastlab fused linear cross-entropy when labels are given; logits "
-                          f"skipped (None) {when}"))
+    fused = "fused linear cross-entropy, logits None, for calls with labels"
+    kept = "cross-entropy on the logits"
+    after = {None: f"{fused} in training mode; {kept} otherwise",
+             True: f"{fused}", False: f"{kept} (logits kept)"}[skip_logits]
+    changes.append(Change("forward", f"{cls.__name__}.forward", f"fastlab {after}"))
     if not family.masked:
         had = "_loss_function" in model.__dict__
         previous = model.__dict__.get("_loss_function")
