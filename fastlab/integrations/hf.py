@@ -70,6 +70,8 @@ ATTN_IMPLEMENTATION = "fastlab"
 _STATE = "_fastlab_patch"
 #: Config fields that hold an attention dropout probability, per family.
 _DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+#: Dtypes autocast casts to its own (float64 stays float64, as in torch).
+_AUTOCAST_CAST = (torch.float32, torch.bfloat16, torch.float16)
 #: Keyword arguments of an attention call that the op cannot express.
 _REFUSED_KWARGS = {
     "softcap": "logit softcapping",
@@ -212,6 +214,13 @@ def fastlab_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     else:
         raise _refuse(f"a prepared {attention_mask.dim()}-D attention mask",
                       "pass the 2-D padding mask (ones, then zeros) instead")
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # as torch's SDPA under autocast; the model's q and k can come out of RoPE in float32
+        # (fp32 cos/sin times autocast's bf16 projections) beside a bf16 v
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) if t.dtype in _AUTOCAST_CAST else t
+                             for t in (query, key, value))
     out = attention(query, key, value, causal=bool(causal), scale=scaling, kv_lens=kv_lens)
     return out.transpose(1, 2), None
 
