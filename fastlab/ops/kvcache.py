@@ -1,7 +1,7 @@
 """Attention over a KV cache, with the append of the new keys/values fused in.
 
 ``attention_with_kvcache(q, cache, k_new, v_new, *, causal=True)`` appends ``k_new``/``v_new``
-(B, Hkv, Tn, D) to every sequence of ``cache`` (a :class:`fastlab.nn.KVCache`) and attends
+(B, Hkv, Tn, D) to every sequence of ``cache`` (a :class:`KVCache`) and attends
 ``q`` (B, Hq, Tq, D) over each sequence's live keys, Hq a multiple of Hkv (GQA/MQA).
 
 Positions. Sequence b holds ``L_b`` live tokens after the append. Query i sits at position
@@ -22,24 +22,35 @@ Two paths:
   cache and attending over all of it, then one backward -- must neither trip autograd's
   in-place check nor copy the cache at every step. The cache keeps each appended chunk (an
   autograd tensor) and writes its values into the preallocated buffer, which autograd never
-  sees. Attention reads the buffer through an alias whose version counter later appends do
-  not touch; its backward computes the gradient of the whole live buffer and hands each
-  chunk the slice at the positions it was written to (a gather per chunk). Nothing but the
+  sees. Attention reads the live slots of the buffer, and keeps them for its backward as a
+  plain attribute, not through ``save_for_backward``: later appends write the buffer
+  (bumping its version counter) but never the slots an attention read, and autograd's
+  version check would refuse them. ``torch.compile`` keeps such attributes unchecked too
+  (a ``.data`` alias, which eager mode gives a counter of its own, is a plain view once
+  traced, and failed the next append). Its backward computes the gradient of the whole
+  live buffer and hands each chunk the slice at the positions it was written to (a gather
+  per chunk). Nothing but the
   appended values is stored, once. If the slots an attention read are overwritten before its
   backward (a truncate or reset followed by an append), backward raises instead of
   returning wrong gradients.
+
+The cache's state -- :class:`KVCache`, its buffers, lengths, host-side bounds and the chunks
+kept for autograd -- lives in this module with every operation that changes it (append,
+truncate, reset, and the append fused into attention); ``fastlab.nn.KVCache`` is the same
+class under its public name.
 
 The reference, :func:`attention_with_kvcache_ref`, is SDPA over each sequence's explicitly
 concatenated keys and values.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from fastlab.ops._dispatch import call_op, use_triton
-from fastlab.ops.attention import attention
+from fastlab.ops.attention import _attention_bwd, _attention_bwd_impl, attention
+from fastlab.ops.attention import _Options as _AttentionOptions
 
 
 # ----------------------------------------------------------------------------- reference
@@ -232,18 +243,23 @@ class Chunk(NamedTuple):
     end: torch.Tensor    # (B,) int64, clipped by truncations
 
 
-def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float) -> torch.Tensor:
-    """Attention with per-sequence live lengths and query offsets (ragged caches), fp32."""
+def _live_kv(x, kv_len, group: int, compute) -> torch.Tensor:
+    """x (B, Hkv, L, D) in ``compute`` with the slots past each row's length zeroed (they
+    hold stale values, NaN even, and 0 * NaN would leak into the products), one copy per
+    query head of its group."""
+    live = torch.arange(x.shape[2], device=x.device)[None, :] < kv_len[:, None]
+    return torch.where(live[:, None, :, None], x.to(compute), 0.0).repeat_interleave(group, 1)
+
+
+def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float):
+    """Attention with per-sequence live lengths and query offsets (ragged caches), in fp32
+    (float64 for float64): the output in q's dtype and the probabilities (B, Hq, Tq, L)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     j = torch.arange(k.shape[2], device=q.device)
-    live = j[None, :] < kv_len[:, None]
-    # Slots past a row's length hold stale values (NaN, even): zero them, as 0 * NaN in the
-    # products below would otherwise leak into the output and the gradients.
-    k = torch.where(live[:, None, :, None], k.to(compute), 0.0).repeat_interleave(group, dim=1)
-    v = torch.where(live[:, None, :, None], v.to(compute), 0.0).repeat_interleave(group, dim=1)
+    k, v = _live_kv(k, kv_len, group, compute), _live_kv(v, kv_len, group, compute)
     scores = torch.matmul(q.to(compute), k.transpose(-1, -2)) * scale
-    visible = live[:, None, :].expand(-1, q.shape[2], -1)
+    visible = (j[None, :] < kv_len[:, None])[:, None, :].expand(-1, q.shape[2], -1)
     if causal:
         i = torch.arange(q.shape[2], device=q.device)
         visible = visible & (j[None, None, :] <= q_base[:, None, None] + i[None, :, None])
@@ -251,7 +267,25 @@ def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float) -> to
     any_key = visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_key, 0.0)
     probs = torch.softmax(scores, dim=-1) * any_key
-    return torch.matmul(probs, v).to(q.dtype)
+    return torch.matmul(probs, v).to(q.dtype), probs
+
+
+def _masked_attention_backward(grad_out, q, k, v, probs, kv_len, scale: float):
+    """Gradients of :func:`_masked_attention` for q, k, v from its probabilities."""
+    compute = probs.dtype
+    group = q.shape[1] // k.shape[1]
+    kc, vc = _live_kv(k, kv_len, group, compute), _live_kv(v, kv_len, group, compute)
+    do = grad_out.to(compute)
+    dv = torch.matmul(probs.transpose(-1, -2), do)
+    dp = torch.matmul(do, vc.transpose(-1, -2))
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kc) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(compute)) * scale
+    if group > 1:
+        b, h, length, d = dk.shape
+        dk = dk.view(b, h // group, group, length, d).sum(2)
+        dv = dv.view(b, h // group, group, length, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _chunk_grad(grad: torch.Tensor, chunk: Chunk, x: torch.Tensor) -> torch.Tensor:
@@ -267,25 +301,29 @@ def _chunk_grad(grad: torch.Tensor, chunk: Chunk, x: torch.Tensor) -> torch.Tens
 
 
 class _CacheAttention(torch.autograd.Function):
-    """Attention over the live cache whose backward hands each appended chunk its gradient."""
+    """Attention over the live cache whose backward hands each appended chunk its gradient.
+
+    The backward is written out (the attention op's own backward for uniform caches, the
+    masked attention's otherwise) rather than taken through ``torch.autograd.grad``, which
+    ``torch.compile(fullgraph=True)`` cannot trace inside a backward.
+    """
 
     @staticmethod
     def forward(ctx, q, cache, q_base, kv_len, causal, scale, *chunk_tensors):
         length = cache.length_bound
-        # ``.data`` aliases the buffer under a fresh version counter: later appends write
-        # slots this attention did not read and must not fail its backward.
-        k = cache.k_buffer.data[:, :, :length]
-        v = cache.v_buffer.data[:, :, :length]
-        with torch.enable_grad():
-            q_in = q.detach().requires_grad_()
-            k_in, v_in = k.requires_grad_(), v.requires_grad_()
-            if q_base is None:
-                out = attention(q_in, k_in, v_in, causal=causal, scale=scale)
-            else:
-                out = _masked_attention(q_in, k_in, v_in, q_base, kv_len, causal, scale)
-        ctx.inner = (out, q_in, k_in, v_in)
+        k = cache.k_buffer[:, :, :length]
+        v = cache.v_buffer[:, :, :length]
+        if q_base is None:
+            out, extra = attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+        else:
+            out, extra = _masked_attention(q, k, v, q_base, kv_len, causal, scale)
+        # the buffer's slots as attributes, not saved tensors: the appends that follow bump
+        # the buffer's version counter without touching them (module docstring)
+        ctx.live = (k, v)
+        ctx.save_for_backward(q, out, extra, kv_len)
+        ctx.masked, ctx.causal, ctx.scale = q_base is not None, causal, scale
         ctx.cache, ctx.shrinks, ctx.chunks = cache, cache.shrink_count, list(cache.chunks)
-        return out.detach()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -294,8 +332,15 @@ class _CacheAttention(torch.autograd.Function):
                 "the KV cache was truncated or reset and then appended to after an attention "
                 "read it, so the keys/values that attention needs for backward are gone; call "
                 "backward before reusing the cache's slots")
-        out, q_in, k_in, v_in = ctx.inner
-        dq, dk, dv = torch.autograd.grad(out, (q_in, k_in, v_in), grad_out)
+        q, out, extra, kv_len = ctx.saved_tensors
+        k, v = ctx.live
+        if ctx.masked:
+            dq, dk, dv = _masked_attention_backward(grad_out, q, k, v, extra, kv_len,
+                                                    ctx.scale)
+        else:
+            dq, dk, dv = call_op(_attention_bwd, _attention_bwd_impl, grad_out.contiguous(),
+                                 None, q, k, v, out, extra, None, None, None, None, 0, 0,
+                                 ctx.causal, ctx.scale, *_AttentionOptions())
         grads = []
         for chunk in ctx.chunks:
             grads += [_chunk_grad(dk, chunk, chunk.k), _chunk_grad(dv, chunk, chunk.v)]
@@ -306,7 +351,7 @@ def kvcache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.
                    k_new: torch.Tensor, v_new: torch.Tensor,
                    new_lens: Optional[torch.Tensor] = None) -> None:
     """Write k_new/v_new after each row's live slots and advance ``lengths``, unchecked
-    (:meth:`fastlab.nn.KVCache.append` checks every argument first)."""
+    (:meth:`KVCache.append` checks every argument first)."""
     call_op(torch.ops.fastlab.kvcache_append, _append_impl, k_cache, v_cache, lengths, k_new,
             v_new, new_lens)
 
@@ -327,6 +372,164 @@ def _attend_training(q, cache, k_new, v_new, new_lens, causal, scale):
             q_base = kv_len - q.shape[2]
     tensors = [t for chunk in cache.chunks for t in (chunk.k, chunk.v)]
     return _CacheAttention.apply(q, cache, q_base, kv_len, causal, scale, *tensors)
+
+
+# ----------------------------------------------------------------------------- state
+class KVCache:
+    """Keys and values of ``batch`` sequences, preallocated to ``max_len`` slots each.
+
+    Storage is (batch, kv_heads, max_len, head_dim) for keys and for values; ``lengths``
+    (a (batch,) int32 tensor on ``device``) says how many leading slots of each sequence
+    are live. Sequences may have different lengths (prefill of prompts of different
+    lengths, per-sequence rollback).
+
+    * :meth:`append` writes new keys/values after each sequence's live slots;
+      :func:`attention_with_kvcache` does the same fused with attention.
+    * :meth:`truncate` rolls sequences back to a length; :meth:`reset` empties the cache.
+    * :attr:`k` / :attr:`v` are views of the slots up to the longest sequence (slots at and
+      beyond ``lengths[b]`` are not live for sequence b).
+
+    Lengths live on the device, so checking capacity must not read them back at every
+    decoding step: the cache keeps a host-side upper bound of the longest sequence, exact
+    while all sequences share one length, and only when that bound says an append might not
+    fit does it read the exact lengths (one host sync).
+
+    Training: keys/values appended while autograd records (they require grad) are kept as
+    chunks; attention over the cache sends each chunk the gradient of the slots it was
+    written to, so a model can append and attend over several forward steps and backprop
+    through all of them (module docstring). :meth:`reset` drops the chunks.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32,
+                 device: Optional[Union[str, torch.device]] = None):
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("max_len", max_len),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k_buffer = torch.empty(shape, dtype=dtype, device=device)
+        self.v_buffer = torch.empty(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k_buffer.device)
+        self.batch, self.kv_heads, self.max_len, self.head_dim = batch, kv_heads, max_len, head_dim
+        self.dtype, self.device = dtype, self.k_buffer.device
+        self._bound = 0          # host upper bound of max(lengths)
+        self._uniform = True     # all lengths equal _bound exactly
+        self.chunks: List[Chunk] = []
+        # Truncations/resets so far, and the count at the last append that followed one:
+        # an attention that read the cache before a truncation sees its slots overwritten
+        # once an append follows it.
+        self.shrink_count = 0
+        self.overwrite_count = 0
+
+    # ------------------------------------------------------------------ views and bounds
+    @property
+    def k(self) -> torch.Tensor:
+        """Keys (batch, kv_heads, longest length, head_dim): a view, not a copy."""
+        return self.k_buffer[:, :, :self._bound]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Values (batch, kv_heads, longest length, head_dim): a view, not a copy."""
+        return self.v_buffer[:, :, :self._bound]
+
+    @property
+    def length_bound(self) -> int:
+        """A host-side upper bound of the longest live length (exact when :attr:`uniform`)."""
+        return self._bound
+
+    @property
+    def uniform(self) -> bool:
+        """True when every sequence is known, on the host, to have ``length_bound`` tokens."""
+        return self._uniform
+
+    def reserve(self, n_new: int, new_lens: Optional[torch.Tensor] = None) -> None:
+        """Raise ValueError unless ``n_new`` tokens (or ``new_lens[b]``) fit every sequence."""
+        if self._bound + n_new <= self.max_len:
+            return
+        if not self._uniform:
+            # The bound is loose after ragged appends or rollbacks: read the exact lengths
+            # (one host sync, only when the bound alone cannot rule out an overflow).
+            self._bound = int(self.lengths.max())
+            needed = self.lengths if new_lens is None else self.lengths + new_lens
+            if int((needed + (n_new if new_lens is None else 0)).max()) <= self.max_len:
+                return
+        raise ValueError(
+            f"appending {n_new} tokens to a cache whose longest sequence holds {self._bound} "
+            f"would exceed max_len {self.max_len}")
+
+    def appended(self, n_new: int, new_lens: Optional[torch.Tensor] = None) -> None:
+        """Update the host bookkeeping after ``n_new`` tokens were written."""
+        if n_new == 0:
+            return
+        self._bound = min(self._bound + n_new, self.max_len)
+        self._uniform = self._uniform and new_lens is None
+        self.overwrite_count = self.shrink_count
+
+    # ------------------------------------------------------------------ mutation
+    def append(self, k: torch.Tensor, v: torch.Tensor,
+               new_lens: Optional[torch.Tensor] = None) -> None:
+        """Append k/v (batch, kv_heads, n, head_dim) to every sequence.
+
+        With ``new_lens`` (batch,) only the first ``new_lens[b]`` tokens go to sequence b.
+        Raises (leaving the cache unchanged) if anything does not fit.
+        """
+        new_lens = check_new_tokens(self, k, v, new_lens)
+        n_new = k.shape[2]
+        self.reserve(n_new, new_lens)
+        record = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        start = self.lengths.long() if record else None  # a copy, taken before the append
+        kvcache_append(self.k_buffer, self.v_buffer, self.lengths, k.detach(), v.detach(),
+                       new_lens)
+        if record:
+            end = start + (new_lens.long() if new_lens is not None else n_new)
+            self.chunks.append(Chunk(k, v, start, end))
+        self.appended(n_new, new_lens)
+
+    def truncate(self, length: Union[int, torch.Tensor]) -> None:
+        """Roll every sequence back to at most ``length`` tokens (an int, or (batch,) tensor).
+
+        Sequences already shorter are left as they are; slots past the new lengths are
+        dropped (and overwritten by the next append).
+        """
+        if isinstance(length, torch.Tensor):
+            if length.dtype.is_floating_point or length.dtype == torch.bool:
+                raise TypeError(f"length must be an integer tensor, got {length.dtype}")
+            if length.shape != (self.batch,):
+                raise ValueError(f"length must have shape ({self.batch},), got "
+                                 f"{tuple(length.shape)}")
+            if length.device != self.device:
+                raise ValueError(f"length is on {length.device} but the cache is on "
+                                 f"{self.device}")
+            if bool((length < 0).any()):  # host sync: a rollback is not a per-token step
+                raise ValueError(f"length must be >= 0, got {length.tolist()}")
+            torch.minimum(self.lengths, length.to(torch.int32), out=self.lengths)
+            self._uniform = False
+        elif isinstance(length, int) and not isinstance(length, bool):
+            if length < 0:
+                raise ValueError(f"length must be >= 0, got {length}")
+            self.lengths.clamp_(max=length)
+            self._bound = min(self._bound, length)
+        else:
+            raise TypeError(f"length must be an int or a tensor, got {type(length).__name__}")
+        self.shrink_count += 1
+        if self.chunks:
+            live = self.lengths.long()
+            self.chunks = [c._replace(end=torch.minimum(c.end, live)) for c in self.chunks]
+
+    def reset(self) -> None:
+        """Empty every sequence and forget the chunks kept for autograd."""
+        self.lengths.zero_()
+        self._bound, self._uniform = 0, True
+        self.chunks = []
+        self.shrink_count += 1
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, max_len={self.max_len}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, "
+                f"length_bound={self._bound})")
 
 
 # ----------------------------------------------------------------------------- public API
