@@ -6,6 +6,12 @@ bf16) and the small-head shapes of the research logs in fp32 and bf16. Modes: ``
 4 * B * H * S^2 * D forward, 2.5 times that backward, halved for the causal mask.
 Before a provider is timed, its output (and, in ``full``, its gradients) is checked against
 the float32 reference on a slice of the batch and heads (rows are independent).
+
+Packed cases (``test_attention_varlen``): ragged sequences in one (total, H, D) batch,
+fastlab's varlen op against flash-attn's ``flash_attn_varlen_func`` and against SDPA on the
+same sequences padded to the longest (the flops of the padding are not counted). Option
+cases (``test_attention_options``): sliding window, softcap, ALiBi and dropout on the
+first training shape, fastlab alone, each against the plain causal call of the same shape.
 """
 from dataclasses import dataclass
 
@@ -14,7 +20,7 @@ import torch
 
 from benches._harness import cuda_graph
 from benches.conftest import optional_import
-from fastlab.ops.attention import attention, attention_ref
+from fastlab.ops.attention import attention, attention_ref, attention_varlen
 from fastlab.testing import assert_close, randn
 
 OP = "attention"
@@ -188,3 +194,101 @@ def test_attention(bench, case, provider, mode):
                   shape=dict(batch=case.batch, heads=case.heads, seq=case.seq,
                              head_dim=case.head_dim, dtype=str(case.dtype),
                              causal=case.causal))
+
+
+# ----------------------------------------------------------------------------------------
+# Packed ragged sequences and the attention options
+# ----------------------------------------------------------------------------------------
+
+#: (name, sequence lengths, heads, head dim): lengths drawn once, uniform in [1, longest].
+VARLEN_CASES = [("ragged16-max4096-H16-D128", 16, 4096, 16, 128),
+                ("ragged64-max1024-H16-D64", 64, 1024, 16, 64)]
+VARLEN_PROVIDERS = ["fastlab", "flash-attn", "sdpa-padded"]
+
+
+def _ragged(n: int, longest: int):
+    g = torch.Generator().manual_seed(n)
+    lengths = torch.randint(1, longest + 1, (n,), generator=g)
+    lengths[0] = longest
+    return lengths.tolist()
+
+
+@pytest.mark.parametrize("mode", ["fwd", "full"])
+@pytest.mark.parametrize("provider", VARLEN_PROVIDERS)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: c[0])
+def test_attention_varlen(bench, case, provider, mode):
+    name, n, longest, heads, d = case
+    lengths = _ragged(n, longest)
+    total = sum(lengths)
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v = (randn((total, heads, d), torch.bfloat16, "cuda", seed=s,
+                     requires_grad=mode == "full") for s in (1, 2, 3))
+    grad_out = randn((total, heads, d), torch.bfloat16, "cuda", seed=4)
+    if provider == "fastlab":
+        def fn():
+            return attention_varlen(q, k, v, cu, cu, longest, longest, causal=True)
+    elif provider == "flash-attn":
+        flash = optional_import("flash_attn")
+
+        def fn():
+            return flash.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
+    else:
+        # padded to the longest sequence, masked by SDPA's efficient kernel: what a
+        # model without a varlen op runs
+        lens = torch.tensor(lengths, device="cuda")
+        mask = torch.arange(longest, device="cuda")[None, :] < lens[:, None]
+        index = mask.flatten().nonzero().squeeze(1)
+
+        def fn():
+            padded = []
+            for x in (q, k, v):
+                full = x.new_zeros(n * longest, heads, d).index_copy(0, index, x)
+                padded.append(full.view(n, longest, heads, d).transpose(1, 2))
+            bias = mask[:, None, None, :] & torch.ones(longest, longest, dtype=torch.bool,
+                                                       device="cuda").tril()[None, None]
+            out = torch.nn.functional.scaled_dot_product_attention(*padded, attn_mask=bias)
+            return out.transpose(1, 2).reshape(n * longest, heads, d)[index]
+    want = attention_ref(*(x[:lengths[0]].detach().transpose(0, 1)[None].float()
+                           for x in (q, k, v)), causal=True)[0].transpose(0, 1)
+    out = fn()
+    assert_close(out[:lengths[0]], want, torch.bfloat16, scale=2.0, msg="first sequence")
+    run = fn if mode == "fwd" else (lambda: torch.autograd.grad(fn(), (q, k, v), grad_out))
+    pairs = sum(n_i * (n_i + 1) / 2 for n_i in lengths)  # causal (query, key) pairs
+    flops = 4.0 * heads * d * pairs * (1.0 if mode == "fwd" else 3.5)
+    tile = total * heads * d * 2
+    bench.measure(OP, name, mode, provider, run, floor_flops=flops,
+                  floor_bytes=(4 if mode == "fwd" else 12) * tile,
+                  shape=dict(lengths=lengths, heads=heads, head_dim=d, dtype="bfloat16"))
+
+
+#: Options on B4 H16 S4096 D128 causal bf16: a window of 1024 keys visits about a quarter
+#: of the causal blocks, the others visit all of them.
+OPTION_CASES = {"plain": {}, "window1024": dict(window=(1023, 0)),
+                "softcap30": dict(softcap=30.0), "alibi": "alibi",
+                "dropout0.1": dict(dropout_p=0.1, dropout_seed=0)}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "full"])
+@pytest.mark.parametrize("option", list(OPTION_CASES))
+def test_attention_options(bench, option, mode):
+    case = CASES[0]
+    shape = (case.batch, case.heads, case.seq, case.head_dim)
+    q, k, v = (randn(shape, case.dtype, "cuda", seed=s, requires_grad=mode == "full")
+               for s in (1, 2, 3))
+    grad_out = randn(shape, case.dtype, "cuda", seed=4)
+    options = OPTION_CASES[option]
+    if options == "alibi":
+        options = dict(alibi_slopes=torch.rand(case.heads, device="cuda"))
+
+    def fn():
+        return attention(q, k, v, causal=True, **options)
+
+    run = fn if mode == "fwd" else (lambda: torch.autograd.grad(fn(), (q, k, v), grad_out))
+    flops = case.flops(mode)
+    if option == "window1024":
+        flops *= (1024 * case.seq - 1024 * 1023 / 2) / (case.seq * (case.seq + 1) / 2)
+    bench.measure(OP, f"{case.name}-{option}", mode, "fastlab", run,
+                  floor_bytes=case.floor_bytes(mode), floor_flops=flops,
+                  shape=dict(batch=case.batch, heads=case.heads, seq=case.seq,
+                             head_dim=case.head_dim, dtype=str(case.dtype), causal=True,
+                             option=option))

@@ -23,6 +23,13 @@ Algorithm (flash attention 2):
                 of its group and over the query blocks, recomputing P from the LSE; the
                 group sum stays in registers, so no atomics and the result is
                 deterministic.
+Options, each a constexpr flag compiled out when off: a sliding window (keys with
+-right <= i + shift - j <= left; blocks outside every row's window are skipped, like those
+above the causal diagonal), softcap (scores softcap * tanh(scale * qk / softcap), tanh from
+exp; the backward multiplies dS by 1 - tanh^2), ALiBi (-slope * |i + shift - j| added),
+and dropout of P after the softmax, drawn from a counter-based uint32 hash of (key, b, h,
+i, j) (see _kept) that the backward recomputes: no mask is stored.
+
 Key blocks above the causal diagonal are skipped; only blocks that cut the diagonal or
 the key length run the masked variant of the inner loop (``MASK`` constexpr). Each kernel's
 grid is 1-D, its programs ordered by ``_block_order``: chunks of sequences that share L2,

@@ -423,6 +423,18 @@ def test_gpu_real_sizes(b, hq, hkv, q_len, kv_len, d, causal, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(window=(255, -1)), dict(window=(100, 37)),
+                                     dict(softcap=30.0), dict(alibi_slopes="per-head"),
+                                     dict(dropout_p=0.1, dropout_seed=1)],
+                         ids=["window-causal", "window", "softcap", "alibi", "dropout"])
+def test_gpu_options(options):
+    if options.get("alibi_slopes") == "per-head":
+        options = dict(alibi_slopes=_slopes(2, 8))
+    causal = options.get("window") != (100, 37)
+    _check_once(2, 8, 2, 1024, 1100, 128, causal, torch.bfloat16, layout="bshd", **options)
+
+
+@pytest.mark.gpu
 def test_gpu_float32_and_key_lengths():
     _check_once(4, 4, 2, 300, 513, 96, True, torch.float32, kv_lens=[513, 0, 77, 300])
 

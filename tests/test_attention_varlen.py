@@ -290,3 +290,10 @@ def test_gpu_real_sizes(hq, hkv, d, longest, causal, dtype):
     q_lens = _gpu_lengths(8, longest, 1)
     k_lens = _gpu_lengths(8, longest, 2) if not causal else q_lens
     _check_once(q_lens, k_lens, hq, hkv, d, causal, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_options():
+    lengths = _gpu_lengths(8, 700, 3)
+    _check_once(lengths, lengths, 8, 2, 64, True, torch.bfloat16, window=(128, -1),
+                softcap=30.0, alibi_slopes=_slopes(8, 8), dropout_p=0.1, dropout_seed=2)
