@@ -202,3 +202,23 @@ def test_bad_teachers_name_the_option(tmp_path, mlm_run):
         _task(teacher=str(junk))
     with pytest.raises(ConfigError, match="task.cca_k"):
         _task(teacher=mlm_run, cca_k=33)  # the teacher has 32 dimensions
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["mse", "softcca"])
+def test_the_cca_window_fills_the_same_in_cuda_graphs_as_eagerly(tmp_path, mlm_run, loss):
+    windows = {}
+    for graphs in ("off", "on"):
+        cfg = build_config(overrides=BASE + STUDENT + [
+            "train.device=cuda", "train.precision=fp32", "train.compile=off",
+            f"train.cuda_graphs={graphs}", f"task.teacher={mlm_run}", f"task.loss={loss}",
+            "model.dropout=0", "train.batch_size=16", "train.steps=12", "log.every=4",
+            "eval.every=12", "eval.samples=32", f"log.out_dir={tmp_path}"])
+        run_dir = str(tmp_path / f"{loss}-{graphs}")
+        summary = train(cfg, run_dir=run_dir)
+        assert summary["cuda_graphs"] == (graphs == "on")
+        windows[graphs] = checkpoint.load(checkpoint.latest(run_dir))["task"]["cca_window"]
+    eager, graphed = windows["off"], windows["on"]
+    assert torch.equal(eager["step"], graphed["step"]) and (eager["step"][:12] >= 0).all()
+    assert torch.equal(eager["weight"], graphed["weight"])
+    torch.testing.assert_close(eager["x"], graphed["x"], rtol=1e-3, atol=1e-4)

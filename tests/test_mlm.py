@@ -186,3 +186,17 @@ def test_mlm_learns_through_the_trainer(tmp_path):
     losses = [r["loss"] for r in _records(str(tmp_path / "run"), "train")]
     assert losses[0] > 4.0 and losses[-1] < 0.7 * losses[0], losses
     assert summary["final"]["masked_accuracy"] > 0.17
+
+
+@pytest.mark.gpu
+def test_mlm_trains_on_the_gpu_compiled_and_in_cuda_graphs(tmp_path):
+    cfg = build_config(overrides=[
+        "task.name=mlm", "task.corpus_paragraphs=400", "task.seq_len=128", "log.nvml=false",
+        "log.progress=false", "train.device=cuda", "train.compile=on", "train.cuda_graphs=on",
+        "model.n_layer=2", "model.d_model=128", "model.dropout=0.1", "train.batch_size=64",
+        "train.steps=200", "optim.lr=1e-3", "optim.warmup_steps=20", "log.every=20",
+        "eval.every=200", "eval.samples=512", f"log.out_dir={tmp_path}"])
+    summary = train(cfg, run_dir=str(tmp_path / "run"))
+    losses = [r["loss"] for r in _records(str(tmp_path / "run"), "train")]
+    assert summary["cuda_graphs"] and losses[-1] < 0.7 * losses[0], losses
+    assert summary["final"]["masked_accuracy"] > 0.2

@@ -59,8 +59,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from fastlab.metrics import SoftCCALoss, WindowedCCA, cca, cosine, distill_metrics, mse, \
-    normalized_mse
+from fastlab.metrics import (SoftCCALoss, WindowedCCA, cca, cosine, distill_metrics, mse,
+                             normalized_mse)
 from fastlab.models.encoder import IGNORE, Encoder, EncoderConfig, EncoderForMaskedLM
 from fastlab.optim import AdamW
 from fastlab.optim.schedules import lr_multiplier
@@ -217,6 +217,7 @@ class Distill(MaskedLM):
     def __init__(self, cfg: DistillConfig, teacher: Optional[nn.Module] = None):
         super().__init__(cfg)
         self.teacher: Optional[nn.Module] = None
+        self._teacher_device: Optional[torch.device] = None
         #: the set-up teacher's config (None for a teacher given by path or module)
         self.teacher_cfg: Optional[EncoderConfig] = None
         if teacher is not None:
@@ -270,8 +271,9 @@ class Distill(MaskedLM):
         device = torch.device(device)
         if self.teacher is None:
             self.teacher = _freeze(self._train_teacher(device))
-        if next(self.teacher.parameters()).device != device:
+        if self._teacher_device != device:
             self.teacher.to(device)
+            self._teacher_device = device
         return self.teacher
 
     def _train_teacher(self, device: torch.device) -> nn.Module:
@@ -365,7 +367,8 @@ class Distill(MaskedLM):
         if self.cfg.loss == "softcca":
             views = [x[:, :self.cfg.softcca_rows] for x in picked]
             out = getattr(model, "module", model).softcca(*views)  # under DDP too
-            n = torch.tensor(views[0].shape[0] * views[0].shape[1], device=student.device)
+            # a fill, not a copy from the host: capturable in a CUDA graph
+            n = student.new_full((), views[0].shape[0] * views[0].shape[1])
             total, count = out.loss * n, n
             parts["softcca/distance"] = (out.distance * n, n)
             parts["softcca/decorrelation"] = (out.decorrelation * n, n)
@@ -418,9 +421,9 @@ class Distill(MaskedLM):
     def window_cca(self, device: torch.device) -> Dict[str, float]:
         """The CCA metrics of the training window (host syncs): for each of
         WINDOW_FACTORS, the steps of the last ``factor x D_t`` that are in the window."""
-        if device not in self._rings or not bool((self._rings[device]["step"] >= 0).any()):
+        ring = self._rings.get(torch.device(device)) or next(iter(self._rings.values()), None)
+        if ring is None or not bool((ring["step"] >= 0).any()):
             return {}
-        ring = self._rings[device]
         steps = ring["step"]
         last = int(steps.max())
         rows = self.cfg.cca_rows
@@ -455,7 +458,7 @@ class Distill(MaskedLM):
         metrics = {k: float(v) for k, v in
                    distill_metrics(student, teacher, torch.cat(seen)).items()}
         metrics["cca/held_out"] = float(cca(student, teacher).mean())
-        return {**metrics, **self.window_cca(torch.device(device))}
+        return {**metrics, **self.window_cca(device)}
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module, n_samples: int, device: torch.device
@@ -490,7 +493,7 @@ class Distill(MaskedLM):
                                   f"task.teacher_* options give {self.teacher_cfg}")
             teacher = Encoder(self.teacher_cfg)
             teacher.load_state_dict(saved["model"])
-            self.teacher = _freeze(teacher)
+            self.teacher, self._teacher_device = _freeze(teacher), None
         window = state.get("cca_window")
         if window is not None:
             expected = (self.window, self.cfg.cca_rows + 1, self.teacher_dim)

@@ -22,8 +22,9 @@ evaluation and ``validation_loss`` draw only from it.
 
 Masking (BERT's recipe, every step anew on the device). In each row ``mask_prob * n`` of
 the row's ``n`` text tokens are selected, rounded down or up at random so that the
-expected count is exactly ``mask_prob * n`` ([CLS], [SEP] and padding are never selected); of the selected, ``mask_replace`` become [MASK],
-``mask_random`` a random byte, the rest stay as they were. The loss and the accuracy are
+expected count is exactly ``mask_prob * n`` ([CLS], [SEP] and padding are never
+selected); of the selected, ``mask_replace`` become [MASK], ``mask_random`` a random
+byte, the rest stay as they were. The loss and the accuracy are
 over the selected tokens only. A row carries its selected positions (B, P), P =
 ``ceil(mask_prob * (seq_len - 2))``, and their labels, -100 in the slots of a row with
 fewer: the model's prediction head runs at those P positions alone, through the fused
@@ -163,10 +164,10 @@ class Corpus:
         index = np.arange(start.size)
         length = np.where(fits >= index, end[np.maximum(fits, index)] - start, width)
         self.tokens = torch.from_numpy(np.concatenate(chunks))
-        self.starts = {"train": torch.from_numpy(start[:cut]), "held_out": torch.from_numpy(start[cut:])}
+        self.starts = {"train": torch.from_numpy(start[:cut]),
+                       "held_out": torch.from_numpy(start[cut:])}
         self.lengths = {"train": torch.from_numpy(length[:cut]),
                         "held_out": torch.from_numpy(length[cut:])}
-        self.seq_len = seq_len
 
     def rows(self, split: str) -> int:
         return int(self.starts[split].shape[0])
