@@ -373,7 +373,7 @@ class HierAE(nn.Module):
                 rec_hit = logits.argmax(-1) == batch.chars
                 mlm = cross_entropy(level.predict_masked(enc), torch.where(masked, target, -100),
                                     reduction="none")
-                log_vocab = torch.tensor(math.log(BYTES), device=real.device)
+                log_vocab = torch.full((), math.log(BYTES), device=real.device)
             else:
                 items, hashes = inputs[l], batch.hashes[l]
                 rec, rec_hit = _contrast(level.reconstruct(decoded), items, hashes, real)
