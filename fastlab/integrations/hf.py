@@ -36,8 +36,11 @@ as ``model.set_attn_implementation("fastlab")`` would. The mask builder turns th
 
 It refuses, with a ValueError naming the cause: left padding or gaps in the padding mask,
 padding together with a KV cache, a prepared 4-D mask, sliding windows, chunked or packed
-sequence masks and custom mask functions, softcapping, attention sinks, and attention
-dropout in training (the op has no dropout: set the config's attention dropout to 0).
+sequence masks and custom mask functions, and attention sinks. Attention dropout (in
+training) and a logit softcap pass through to the op. The op draws its dropout from a
+counter-based hash seeded from torch's default generator, not from torch's dropout: the
+same distribution, other draws, so a training step with dropout is not the unpatched
+model's step element for element.
 Checking the padding pattern costs one host sync per forward, in the mask builder (under
 ``torch.compile`` the check is skipped and right padding is assumed); with padding, the op's
 own check of ``kv_lens`` adds one per attention layer.
@@ -68,13 +71,10 @@ from fastlab.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 #: Name of fastlab's entry in transformers' attention and mask registries.
 ATTN_IMPLEMENTATION = "fastlab"
 _STATE = "_fastlab_patch"
-#: Config fields that hold an attention dropout probability, per family.
-_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 #: Dtypes autocast casts to its own (float64 stays float64, as in torch).
 _AUTOCAST_CAST = (torch.float32, torch.bfloat16, torch.float16)
 #: Keyword arguments of an attention call that the op cannot express.
 _REFUSED_KWARGS = {
-    "softcap": "logit softcapping",
     "sliding_window": "a sliding window",
     "s_aux": "attention sinks",
     "position_bias": "an additive position bias",
@@ -203,9 +203,6 @@ def fastlab_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     for name, what in _REFUSED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise _refuse(what)
-    if dropout:
-        raise _refuse(f"attention dropout (p={dropout}) in training",
-                      "set the config's attention dropout to 0.0")
     if isinstance(attention_mask, FastlabMask):
         causal, kv_lens = attention_mask.causal, attention_mask.kv_lens
     elif attention_mask is None:
@@ -221,7 +218,9 @@ def fastlab_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         dtype = torch.get_autocast_dtype(device)
         query, key, value = (t.to(dtype) if t.dtype in _AUTOCAST_CAST else t
                              for t in (query, key, value))
-    out = attention(query, key, value, causal=bool(causal), scale=scaling, kv_lens=kv_lens)
+    softcap = kwargs.get("softcap")
+    out = attention(query, key, value, causal=bool(causal), scale=scaling, kv_lens=kv_lens,
+                    dropout_p=float(dropout), softcap=0.0 if softcap is None else float(softcap))
     return out.transpose(1, 2), None
 
 
@@ -256,22 +255,12 @@ def _configs(model) -> List[object]:
 
 
 def _check_attention_config(model) -> None:
-    config = model.config
-    for field in _DROPOUT_FIELDS:
-        p = getattr(config, field, None)
-        if isinstance(p, (int, float)) and p > 0:
-            raise _refuse(f"attention dropout (config.{field}={p})",
-                          f"build the model with {field}=0.0")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and getattr(model.config, "use_sliding_window", True):
         raise _refuse(f"a sliding window (config.sliding_window={window})")
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, field, None) is not None:
-            raise _refuse(f"logit softcapping (config.{field})")
 
 
 def _patch_attention(model, restore: List[Callable[[], None]]) -> List[Change]:
-    _check_attention_config(model)
     changes = _register()
     saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
     before = model.config._attn_implementation
@@ -460,8 +449,8 @@ def patch(model, *, loss: bool = True, attention: bool = True,
     Raises:
         TypeError: the model is of no supported family.
         RuntimeError: the model is already patched, or has a ``forward`` set on the instance.
-        ValueError: the config asks for what fastlab's attention cannot express (attention
-            dropout, sliding window, softcapping); nothing is changed then.
+        ValueError: the config asks for what fastlab's attention cannot express (a sliding
+            window); nothing is changed then.
     """
     family = _family_of(model)
     if family is None:
