@@ -47,7 +47,7 @@ CONFIG = str(ROOT / "configs" / "gpt2.toml")
 LOSS_TOLERANCE = 0.02
 #: kernel-name patterns, first match wins: the categories of the profile table
 CATEGORIES = [
-    ("attention", r"attn|attention|flash|fmha|sdpa"),
+    ("attention", r"attn|attention|flash|fmha|sdpa|^_fwd_kernel|^_bwd_dkdv|^_bwd_dq"),
     ("cross_entropy", r"cross_entropy|_ce_|nll_loss|log_softmax|logsumexp|flce"),
     ("optimizer", r"adam|multi_tensor|foreach|_clip|grad_norm|l2norm|sqnorm"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|sm90|wgmma|cublas|matmul|_mm_|splitk"),
@@ -228,11 +228,12 @@ def run_fastlab(args) -> Dict:
     from fastlab.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = build_config(CONFIG, overrides(args, tmp, "fastlab"))
+        extra = [kv for kv in args.fastlab_args.split(",") if kv]
+        cfg = build_config(CONFIG, overrides(args, tmp, "fastlab", extra))
         train(cfg)
         records = train_records(os.path.join(tmp, "fastlab", "metrics.jsonl"))
         result = {}
-        if args.profile:
+        if args.profile and not extra:
             prof_cfg = build_config(CONFIG, overrides(args, tmp, "profile", (
                 "train.steps=14", "train.cuda_graphs=off", "log.profile=true",
                 "eval.every=100", "checkpoint.every=100")))
@@ -266,8 +267,7 @@ def kernel_table(trace_path: str, steps: int) -> Dict:
         if ev.get("cat") != "kernel":
             continue
         name, dur = ev["name"], ev.get("dur", 0) / 1e3 / steps
-        low = name.lower()
-        cat = next((c for c, pat in CATEGORIES if re.search(pat, low)), "other")
+        cat = next((c for c, pat in CATEGORIES if re.search(pat, name.lower())), "other")
         by_cat[cat] += dur
         by_name[name[:90]] += dur
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
@@ -309,6 +309,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--trace-dir", help="where the profiles' traces go (default: --out)")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL:KEY=VALUE[,...]",
+                   help="one more trainer run, fastlab-LABEL, with these options (e.g. "
+                        "autotune:train.compile=max-autotune); repeatable, not profiled")
+    p.add_argument("--fastlab-args", default="", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=("nanogpt", "fastlab"), help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -341,10 +345,22 @@ def main() -> None:
     mm = matmul_tflops()
     sheet = peak_flops(torch.device("cuda"), "bf16") or float("nan")
     results = {}
-    for name in ("nanogpt", "fastlab"):
+    runs = [("nanogpt", "nanogpt", ""), ("fastlab", "fastlab", "")]
+    for spec in args.also:
+        label, _, options = spec.partition(":")
+        if not label or "=" not in options:
+            p.error(f"--also expects LABEL:KEY=VALUE[,...], got {spec!r}")
+        runs.append((f"fastlab-{label}", "fastlab", options))
+    own, argv = [], iter(sys.argv[1:])
+    for a in argv:  # this run's own arguments, less the --also runs
+        if a == "--also":
+            next(argv, None)
+        elif not a.startswith("--also="):
+            own.append(a)
+    for name, variant, options in runs:
         path = os.path.join(args.out, f"e2e_{name}.raw.json")
-        cmd = [sys.executable, __file__, "--variant", name, "--json", path,
-               *[a for a in sys.argv[1:]]]
+        cmd = [sys.executable, __file__, *own, "--variant", variant, "--json", path,
+               "--fastlab-args", options]
         t0 = time.time()
         rc = subprocess.run(cmd, cwd=str(ROOT)).returncode
         print(f"{name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)

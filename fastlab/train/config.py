@@ -146,7 +146,8 @@ class TrainConfig:
     device: str = "auto"
     #: auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16 (CUDA only)
     precision: str = "auto"
-    #: torch.compile the forward: auto (on CUDA), on or off
+    #: torch.compile the forward: auto (on CUDA), on, off, or max-autotune (Inductor
+    #: benchmarks matmul kernels and fuses their epilogues: minutes more compilation)
     compile: str = "auto"
     #: the whole step (batch, forward, backward, clipping, spike check, update) replayed
     #: from one CUDA graph: auto (on for single-process CUDA runs), on/true, off/false
@@ -169,8 +170,8 @@ class TrainConfig:
                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
                f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        _check(self.compile in ("auto", "on", "off"),
-               f"train.compile must be auto, on or off, got {self.compile!r}")
+        _check(self.compile in ("auto", "on", "off", "max-autotune"),
+               f"train.compile must be auto, on, off or max-autotune, got {self.compile!r}")
         _check(self.dist in ("ddp", "fsdp"), f"train.dist must be ddp or fsdp, got {self.dist!r}")
         graphs = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
         self.cuda_graphs = graphs.get(str(self.cuda_graphs).lower(), str(self.cuda_graphs).lower())

@@ -196,8 +196,10 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
         elapsed = saved.get("elapsed", 0.0)
     timer = PhaseTimer(device)
     stepper = Stepper(task, model, optimizer, cfg, device, precision, dist, guard,
-                      compile_on=cfg.train.compile == "on" or (cfg.train.compile == "auto"
-                                                               and device.type == "cuda"),
+                      compile_on=cfg.train.compile in ("on", "max-autotune") or (
+                          cfg.train.compile == "auto" and device.type == "cuda"),
+                      compile_mode=("max-autotune-no-cudagraphs"
+                                    if cfg.train.compile == "max-autotune" else None),
                       graphs=graphs, timer=timer, batch_hook=batch_hook)
     stepper.set_step(step)
     if saved:

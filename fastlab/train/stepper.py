@@ -124,6 +124,7 @@ class Stepper:
 
     def __init__(self, task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg,
                  device: torch.device, precision: str, dist, guard, *, compile_on: bool,
+                 compile_mode: Optional[str] = None,
                  graphs: bool, timer=None, batch_hook: Optional[Callable] = None):
         if graphs and batch_hook is not None:
             raise ValueError("a batch hook runs on the host: it needs train.cuda_graphs=off")
@@ -142,7 +143,8 @@ class Stepper:
         self.bind_groups()
         self.window = WindowSums(device)
         loss_fn = functools.partial(task.loss, model)
-        self.loss_fn = torch.compile(loss_fn) if compile_on else loss_fn
+        # the trainer captures its own CUDA graph: the compiler's mode must not add one
+        self.loss_fn = torch.compile(loss_fn, mode=compile_mode) if compile_on else loss_fn
         self.batch_fn = torch.compile(task.batch) if compile_on else task.batch
         per_rank = cfg.train.batch_size // (dist.world * cfg.train.grad_accum)
         #: 1 / the nominal count of a micro-batch: gradients the size of a mean's
