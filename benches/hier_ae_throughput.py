@@ -16,7 +16,8 @@ batches of steps 0, 1, ...):
 
 Each step is the whole training step: batch, packing, forward and loss, backward, fastlab's
 AdamW; under bf16 autocast (``--precision``). After ``--warmup`` steps, ``--steps`` steps
-are timed one by one (CUDA events on a GPU, the host clock on a CPU): the median and 20/80
+are timed one by one, each between two synchronisations (CUDA events on a GPU, the host
+clock on a CPU), so no step overlaps the next in either variant: the median and 20/80
 percentiles of step time, tokens/s (real bytes of the kept sentences per second, the same
 text for every variant), the rows each level computes, and peak GPU memory
 (``torch.cuda.max_memory_allocated`` over the variant's steps).

@@ -1,6 +1,7 @@
 """The hier_ae task: units that are the text's words and sentences, batches from (seed, step)
 alone, the ragged and padded layouts (and both attentions) computing one loss, options
 checked, every per-level loss logged and falling through the trainer."""
+import functools
 import json
 import os
 
@@ -273,3 +274,13 @@ def test_cuda_batches_and_losses_match_the_cpu():
     torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, rtol=1e-3, atol=1e-3)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(task.loss(model, batch).total)
+
+
+@pytest.mark.gpu
+def test_the_loss_compiles_into_one_graph_on_cuda():
+    task = _task()
+    model = _model(task).cuda()
+    batch = task.batch(torch.tensor(0), 32, torch.device("cuda"), seed=0)
+    eager = task.loss(model, batch).total
+    compiled = torch.compile(functools.partial(task.loss, model), fullgraph=True)(batch)
+    torch.testing.assert_close(compiled.total, eager, rtol=1e-4, atol=1e-3)

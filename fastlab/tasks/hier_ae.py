@@ -43,6 +43,9 @@ sentence) suit the grammar corpus, whose sentences average 44 bytes (sd 21) and 
 above the mean batch, so a sentence is almost never dropped, and about a third of the rows
 are padding (against 83% of the byte rows with every sentence padded to 16 x 16).
 
+Attention inside units is ``task.attention``: ``banded`` (default) or ``varlen``
+(:func:`fastlab.ops.attention_varlen`); see :mod:`fastlab.models.hier_ae`.
+
 Losses, per level ``l`` and logged under their names: ``reconstruction/l`` (each item
 from its unit's vector), ``mlm/l`` (the masked items, ``task.mlm_probability`` of them,
 from the encoder) and ``eos/l`` (is this item its unit's last). Reconstruction and MLM are
@@ -222,23 +225,12 @@ def _documents(cfg: HierarchicalAutoencoderConfig) -> List[str]:
 
 
 # --- hashes of content (equal items, equal hashes) --------------------------------------------
-_POSITION_WEIGHTS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
-
-
-@torch.compiler.disable  # made once per length and device, outside any compiled graph
-def _position_weights(length: int, device: torch.device) -> torch.Tensor:
-    key = (length, torch.device(device))
-    if key not in _POSITION_WEIGHTS:
-        # odd 31-bit weights: each product of a 32-bit value stays below 2**63
-        _POSITION_WEIGHTS[key] = torch.tensor([(_mix32(i + 1) >> 1) | 1
-                                               for i in range(length)], device=device)
-    return _POSITION_WEIGHTS[key]
-
-
 def unit_hash(items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """A 32-bit hash (int64) of each unit of ``items`` (..., L) (values < 2**32) over its
     ``valid`` (..., L) entries, in order."""
-    weights = _position_weights(items.shape[-1], items.device)
+    # odd 31-bit weights by position, made on the device: each product stays below 2**63
+    position = torch.arange(1, items.shape[-1] + 1, device=items.device)
+    weights = (_mix32(position) >> 1) | 1
     terms = torch.where(valid, (items * weights) & _M32, 0)
     return _mix32(terms.sum(-1) & _M32)
 
