@@ -120,6 +120,31 @@ def test_cross_entropy(bench, case, provider):
                       floor_bytes=N * V * x.element_size(), shape=shape)
 
 
+@pytest.mark.parametrize("case", list(CE_CASES))
+@pytest.mark.parametrize("candidate", ["lanes", "lanes-l2", "lanes-l2x2"])
+def test_cross_entropy_candidates(bench, candidate, case):
+    """The op's forward + backward under each launch candidate of kernels/cross_entropy.py,
+    recorded in mode ``full`` beside the default, Liger and torch.compile of
+    :func:`test_cross_entropy` (``ratio_vs`` compares them when one run holds all). Each
+    repetition takes fresh gradients (torch.autograd.grad: nothing accumulates)."""
+    from fastlab.kernels.cross_entropy import launch_candidate
+
+    N, V = CE_CASES[case]
+    x = (torch.randn(N, V, device="cuda") * 3).to(torch.bfloat16).requires_grad_(True)
+    t = _targets(N, V)
+    shape = dict(N=N, V=V, dtype="bfloat16", candidate=candidate)
+    fn = _ce_providers()["fastlab"]
+
+    def step():
+        with launch_candidate(candidate):
+            return _full_step(fn, x, t)()
+
+    with launch_candidate(candidate):
+        shape.update(_check_ce(fn, x, t))
+    bench.measure("cross_entropy", case, "full", f"fastlab-{candidate}", step,
+                  floor_bytes=2 * N * V * x.element_size(), shape=shape)
+
+
 def _sweep_configs():
     """Launch configurations the sweep times: (name, config for cross_entropy_forward)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -137,6 +162,14 @@ def _sweep_configs():
     return out
 
 
+def _candidate_configs(V):
+    """The launch candidates of kernels/cross_entropy.py as sweep configurations."""
+    from fastlab.kernels.cross_entropy import CANDIDATES, launch_config
+
+    return [(f"candidate-{name}", launch_config(V, 2, 1 << 30, name, torch.device("cuda")))
+            for name in CANDIDATES]
+
+
 @pytest.mark.parametrize("case", list(CE_CASES))
 def test_cross_entropy_launch_sweep(bench, case):
     """The kernel alone (loss and gradient in one launch) under each launch configuration:
@@ -150,7 +183,7 @@ def test_cross_entropy_launch_sweep(bench, case):
     scale = torch.ones((), device="cuda")
     with torch.no_grad():
         want = F.cross_entropy(x[:CHECK_ROWS].double(), t[:CHECK_ROWS], reduction="none")
-    for name, cfg in _sweep_configs():
+    for name, cfg in _sweep_configs() + _candidate_configs(V):
         if cfg["single"]:
             if V * 2 > 65536:
                 continue  # a row must fit one block

@@ -6,7 +6,10 @@ default; a smaller grid makes each program stride over rows):
 1. Load y and its logit z_y before anything else, so the running max m starts at z_y and,
    whenever the target holds the max, the sum below never needs rescaling.
 2. Sweep 1 over V in blocks: m = max_j z_j and s = sum_{j != y} exp(z_j - m), the block
-   sums added with Kahan compensation (the sum is rescaled when m grows).
+   sums added with Kahan compensation (the sum is rescaled when m grows). The ``lanes``
+   candidate keeps m, s and the compensation per lane of the block instead, one exp per
+   value (exp(-|z - m|) serves both a growing and a non-growing max) and no reduction
+   across the block until the row's end: the sweep's iterations need no barrier.
 3. With d = m - z_y >= 0 the loss is log1p(s) when d == 0 (the target dominates: the value
    float32 and float64 lose, computed from its small argument) and d + log(s + exp(-d))
    otherwise (no cancellation: both terms are positive). The target's probability is never
@@ -23,11 +26,18 @@ meets the floor. Ignored rows (target == ignore_index) get loss 0 and a zero gra
 target outside [0, V) that is not ignore_index gives a NaN loss and a NaN gradient row
 (never an out-of-bounds read).
 
+Candidates (:data:`CANDIDATES`, chosen with :func:`launch_candidate`; the bench times each
+beside the default): the per-lane sweep 1 alone, and with persistent grids of one or two
+programs an SM over 16 or 8 KiB blocks, few enough rows in flight (132 x 256 KiB = 33 MiB
+at V = 128256 bf16) that sweep 2 re-reads its row from L2 rather than HBM, which would meet
+the floor; their loops unrolled twice to keep two blocks' loads in flight.
+
 Accuracy does not rest on the hardware's approximate transcendental functions: ``_exp``
 recovers the rounding error of x * log2(e) with an FMA (exp2 alone would be off by up to
 |x| * 2**-24 relative), and ``_log1p`` evaluates small arguments with a series instead of
 log(1 + t), whose hardware log is accurate only in absolute terms near 1.
 """
+import contextlib
 import functools
 
 import torch
@@ -61,21 +71,58 @@ _SCALE_BLOCK = 8192
 #: Programs per SM of the gradient-scaling kernel; each strides over (row, block) tiles.
 _SCALE_PROGRAMS_PER_SM = 8
 
+#: Launch candidates for streaming rows (longer than ``_SINGLE_BLOCK_BYTES``), unmeasured:
+#: name -> (per-lane sweep 1, block bytes, warps, programs per SM or None for one a row,
+#: loop unroll factor). See the module docstring.
+CANDIDATES = {
+    "lanes": (True, _STREAM_BLOCK_BYTES, _STREAM_WARPS, None, 1),
+    "lanes-l2": (True, 16384, 32, 1, 2),
+    "lanes-l2x2": (True, 8192, 16, 2, 2),
+}
+_candidate = None  # the name :func:`launch_candidate` set, process-wide
 
-def launch_config(V: int, itemsize: int, n_rows: int):
-    """dict(block_v, single, warps, programs) for ``n_rows`` rows of V values of
-    ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows).
 
-    One program per row (a smaller grid keeps fewer rows in flight: slower in every sweep,
-    benches/bench_cross_entropy.py mode ``sweep``).
+def launch_config(V: int, itemsize: int, n_rows: int, candidate=None, device=None):
+    """dict(block_v, single, warps, programs, lanes, unroll) for ``n_rows`` rows of V values
+    of ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows),
+    ``lanes`` selects the per-lane sweep 1, ``unroll`` the loops' unroll factor.
+
+    One program per row (a smaller grid keeps fewer rows in flight: slower in every sweep
+    of the block-reducing sweep 1, benches/bench_cross_entropy.py mode ``sweep``).
+    ``candidate`` (a name of :data:`CANDIDATES`) changes streaming rows' launch; its grid
+    follows ``device``'s SM count.
     """
     row_bytes = V * itemsize
     if row_bytes <= _SINGLE_BLOCK_BYTES:
         block = next_power_of_2(V)
         warps = min(32, max(4, block // (32 * _SINGLE_VALUES_PER_THREAD)))
-        return dict(block_v=block, single=True, warps=warps, programs=n_rows)
-    return dict(block_v=_STREAM_BLOCK_BYTES // itemsize, single=False, warps=_STREAM_WARPS,
-                programs=n_rows)
+        return dict(block_v=block, single=True, warps=warps, programs=n_rows, lanes=False,
+                    unroll=1)
+    if candidate is None:
+        return dict(block_v=_STREAM_BLOCK_BYTES // itemsize, single=False,
+                    warps=_STREAM_WARPS, programs=n_rows, lanes=False, unroll=1)
+    if candidate not in CANDIDATES:
+        raise ValueError(f"candidate must be one of {sorted(CANDIDATES)}, got {candidate!r}")
+    lanes, block_bytes, warps, per_sm, unroll = CANDIDATES[candidate]
+    programs = n_rows if per_sm is None else per_sm * _sm_count(device)
+    return dict(block_v=block_bytes // itemsize, single=False, warps=warps,
+                programs=programs, lanes=lanes, unroll=unroll)
+
+
+@contextlib.contextmanager
+def launch_candidate(name):
+    """Inside the block, every launch of :func:`cross_entropy_forward` without its own
+    ``config`` uses candidate ``name`` (None: the default). Process-wide (benches, tests);
+    the exit restores the previous choice."""
+    global _candidate
+    if name is not None and name not in CANDIDATES:
+        raise ValueError(f"candidate must be one of {sorted(CANDIDATES)} or None, got "
+                         f"{name!r}")
+    previous, _candidate = _candidate, name
+    try:
+        yield
+    finally:
+        _candidate = previous
 
 
 @triton.jit
@@ -117,6 +164,22 @@ def _block_stats(x, offs, y, valid, z_y, m, s, comp, zsum, HAS_SMOOTHING: tl.con
 
 
 @triton.jit
+def _lane_stats(x_other, m, s, comp):
+    """Fold one block into per-lane running maxima m and compensated sums s (+ comp) of
+    exp(z - m): exp(-|z - m|) is the new value's term when the max holds and the old sum's
+    factor when the value raises it, one exp either way."""
+    d = x_other - m
+    e = _exp(-tl.abs(d))
+    grow = d > 0.0
+    s = tl.where(grow, s * e, s)
+    comp = tl.where(grow, comp * e, comp)
+    add = tl.where(grow, 1.0, e) - comp
+    total = s + add
+    comp = (total - s) - add
+    return tl.maximum(m, x_other), total, comp
+
+
+@triton.jit
 def _cross_entropy_kernel(
     # data
     logits_ptr,  # (N, V) fp32/bf16/fp16, read
@@ -138,6 +201,8 @@ def _cross_entropy_kernel(
     WRITE_GRAD: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    LANES: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     # programs stride over the rows (one row each with the default grid of N programs;
     # fewer programs keep fewer rows in flight, a configuration the launch sweep times)
@@ -146,7 +211,7 @@ def _cross_entropy_kernel(
             tl.full([], 0, tl.int64) + row, logits_ptr, grad_ptr, target_ptr, scale_ptr, loss_ptr,
             zloss_ptr, stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
             ignore_index, label_smoothing, z_loss, V, BLOCK_V, SINGLE_BLOCK, WRITE_GRAD,
-            HAS_SMOOTHING, HAS_Z_LOSS)
+            HAS_SMOOTHING, HAS_Z_LOSS, LANES, UNROLL)
 
 
 @triton.jit
@@ -156,6 +221,7 @@ def _cross_entropy_row(
     ignore_index, label_smoothing, z_loss,
     V: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    LANES: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Loss, z-loss term and (with WRITE_GRAD) gradient of one row (steps 1-4 above)."""
     cols = tl.arange(0, BLOCK_V)
@@ -188,8 +254,27 @@ def _cross_entropy_row(
             x = x.to(tl.float32)
             m, s, comp, zsum = _block_stats(x, cols, y, valid, z_y, m, s, comp, zsum,
                                             HAS_SMOOTHING)
+        elif LANES:
+            m_lane = tl.full([BLOCK_V], 0.0, tl.float32) + z_y
+            s_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
+            comp_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
+            zsum_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in tl.range(0, V, BLOCK_V, loop_unroll_factor=UNROLL):
+                offs = start + cols
+                valid = offs < V
+                x = tl.load(logits_row + offs * stride_lv, mask=valid, other=-float("inf"),
+                            eviction_policy="evict_last").to(tl.float32)
+                m_lane, s_lane, comp_lane = _lane_stats(
+                    tl.where(offs == y, -float("inf"), x), m_lane, s_lane, comp_lane)
+                if HAS_SMOOTHING:
+                    zsum_lane += tl.where(valid, x - z_y, 0.0)
+            # the lanes combined once, in units of the row's max
+            m = tl.max(m_lane, axis=0)
+            s = tl.sum((s_lane - comp_lane) * _exp(m_lane - m), axis=0)
+            if HAS_SMOOTHING:
+                zsum = tl.sum(zsum_lane, axis=0)
         else:
-            for start in range(0, V, BLOCK_V):
+            for start in tl.range(0, V, BLOCK_V, loop_unroll_factor=UNROLL):
                 offs = start + cols
                 valid = offs < V
                 x = tl.load(logits_row + offs * stride_lv, mask=valid, other=-float("inf"),
@@ -234,7 +319,7 @@ def _cross_entropy_row(
                          mask=cols < V)
             else:
                 n_blocks: tl.constexpr = (V + BLOCK_V - 1) // BLOCK_V
-                for i in range(0, n_blocks):
+                for i in tl.range(0, n_blocks, loop_unroll_factor=UNROLL):
                     offs = (n_blocks - 1 - i) * BLOCK_V + cols
                     valid = offs < V
                     x = tl.load(logits_row + offs * stride_lv, mask=valid,
@@ -320,13 +405,15 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scal
     """Per-row loss and z-loss term (fp32, shape (N,)) of ``logits`` (N, V); writes the
     gradient times ``scale`` (one fp32 value or (N,)) into ``grad`` (N, V) unless it is
     None. ``grad`` may be ``logits`` itself. ``config`` (tests, benches: any keys of
-    :func:`launch_config`'s dict) overrides the launch configuration."""
+    :func:`launch_config`'s dict) overrides the launch configuration, which is otherwise
+    that of the candidate :func:`launch_candidate` chose (the default outside one)."""
     N, V = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     zloss = torch.empty_like(loss)
     if N == 0:
         return loss, zloss
-    cfg = launch_config(V, logits.element_size(), N)
+    cfg = launch_config(V, logits.element_size(), N, None if config else _candidate,
+                        logits.device)
     cfg.update(config or {})
     if cfg["single"] and cfg["block_v"] < V:
         raise ValueError(f"a single-block launch needs block_v >= V = {V}, got "
@@ -340,7 +427,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scal
         ignore_index, label_smoothing, z_loss,
         V=V, BLOCK_V=cfg["block_v"], SINGLE_BLOCK=cfg["single"], WRITE_GRAD=write_grad,
         HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss > 0.0,
-        num_warps=cfg["warps"],
+        LANES=cfg["lanes"], UNROLL=cfg["unroll"], num_warps=cfg["warps"],
     )
     return loss, zloss
 

@@ -211,6 +211,58 @@ def test_streaming_blocks_match_reference(options, dtype, inplace, block_v, prog
     assert_close(grad, gwant, dtype)
 
 
+@pytest.mark.parametrize("candidate", ["lanes", "lanes-l2", "lanes-l2x2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)],
+                         ids=["plain", "smoothing-zloss"])
+def test_launch_candidates_match_float64(options, dtype, candidate):
+    """Each launch candidate through the op, on rows long enough to stream (40 and 20 KiB),
+    against float64: odd V, ignored rows, targets at either end and at a block edge, a
+    target dominating by 40 (its loss to 1e-5 relative, where the per-lane sums and their
+    compensation decide it), a row whose max lies in the last block. On CPU the grids of
+    the persistent candidates are 1 and 2 programs, striding over every row."""
+    from fastlab.kernels.cross_entropy import CANDIDATES, launch_candidate
+
+    assert candidate in CANDIDATES
+    N, V = 7, 10007
+    x = randn((N, V), dtype, DEVICE, seed=5, scale=3.0)
+    t = _targets(N, V, 5, ignore_every=4)
+    t[1], t[2], t[3] = 0, V - 1, 4096
+    x[1, 0] += 40
+    x[5, V - 3] += 12
+    x = x.requires_grad_(True)
+    ls, zl = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
+    w = torch.rand(N, device=DEVICE, dtype=torch.float64) + 0.5
+    x64 = x.detach().double().requires_grad_(True)
+    want = cross_entropy_ref(x64, t, reduction="none", label_smoothing=ls, z_loss=zl)
+    (gwant,) = torch.autograd.grad((want * w).sum(), x64)
+    with backend("kernel"), launch_candidate(candidate):
+        loss = cross_entropy(x, t, reduction="none", label_smoothing=ls, z_loss=zl)
+        (g,) = torch.autograd.grad((loss * w.float()).sum(), x)
+    assert_close(loss, want, torch.float32)
+    assert abs(float(loss[1].detach()) - float(want[1])) <= 1e-5 * float(want[1])
+    assert_close(g, gwant, dtype)
+
+
+def test_launch_candidate_names_are_checked_and_restored():
+    from fastlab.kernels import cross_entropy as K
+
+    with pytest.raises(ValueError, match="candidate must be one of"):
+        with K.launch_candidate("fastest"):
+            pass
+    with K.launch_candidate("lanes"):
+        assert K._candidate == "lanes"
+        with K.launch_candidate(None):
+            assert K._candidate is None
+        assert K._candidate == "lanes"
+    assert K._candidate is None
+    # rows that fit one block keep the single-block launch under any candidate
+    assert K.launch_config(1000, 2, 8, "lanes-l2")["single"]
+    cfg = K.launch_config(128256, 2, 16384, "lanes-l2", torch.device("cpu"))
+    assert cfg == dict(block_v=8192, single=False, warps=32, programs=1, lanes=True,
+                       unroll=2)
+
+
 @pytest.mark.parametrize("mean", [True, False])
 def test_count_valid_counts_the_targets(mean):
     from fastlab.kernels.cross_entropy import _COUNT_BLOCK, count_valid
@@ -423,6 +475,29 @@ def test_real_size_matches_float64(V, reduction):
     want = cross_entropy_ref(x64, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-4)
     (gwant,) = torch.autograd.grad((want * w.double()).sum(), x64)
     assert_close(loss, want, torch.float32, scale=2.0)
+    assert_close(g, gwant, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", ["lanes", "lanes-l2", "lanes-l2x2"])
+@pytest.mark.parametrize("V", [32768, 128256])
+def test_real_size_launch_candidates_match_float64(V, candidate):
+    """Each launch candidate on the GPU at the bench's vocabularies (the persistent grids
+    stride over 2048 rows) against float64."""
+    from fastlab.kernels.cross_entropy import launch_candidate
+
+    x = randn((2048, V), torch.bfloat16, "cuda", seed=19, scale=4.0, requires_grad=True)
+    t = _targets(2048, V, 19, ignore_every=7)
+    x[3, t[3]].data += 60
+    with launch_candidate(candidate):
+        loss = cross_entropy(x, t, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+        w = randn(loss.shape, torch.float32, "cuda", seed=20)
+        (g,) = torch.autograd.grad((loss * w).sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    want = cross_entropy_ref(x64, t, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    (gwant,) = torch.autograd.grad((want * w.double()).sum(), x64)
+    assert_close(loss, want, torch.float32, scale=2.0)
+    assert abs(float(loss[3].detach()) - float(want[3])) <= 1e-5 * float(want[3])
     assert_close(g, gwant, torch.bfloat16)
 
 
