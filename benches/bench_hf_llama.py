@@ -287,10 +287,11 @@ def main(argv=None):
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         bench="bench_hf_llama",
         gpu=torch.cuda.get_device_name() if cuda else None,
+        machine=dict(gpu=torch.cuda.get_device_name() if cuda else "cpu"),
         device=str(device),
         versions=versions(),
         shapes=dict(batch=args.batch, seq=args.seq, tokens_per_step=args.batch * args.seq,
-                    params=n_params, config={k: getattr(config, k) for k in
+                    params=n_params, config={k: getattr(config, k, None) for k in
                                              (TINY if args.tiny else FULL)}),
         options=dict(steps=args.steps, warmup=args.warmup, pool=args.pool, lr=args.lr,
                      seed=args.seed, precision=args.precision, optimizer=args.optimizer,

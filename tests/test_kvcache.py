@@ -221,14 +221,15 @@ def test_training_float32():
     _train_once("reference", [2, 6], dtype=torch.float32)
 
 
-@pytest.mark.parametrize("prefix_lens, fullgraph", [([0, 0], False), ([5, 1, 0], True)],
-                         ids=["empty-prefix", "ragged-fullgraph"])
+@pytest.mark.parametrize("prefix_lens, fullgraph", [([0, 0], False), ([5, 1, 0], False)],
+                         ids=["empty-prefix", "ragged"])
 def test_training_through_cache_under_compile(prefix_lens, fullgraph):
     """Compiled steps that append and attend, one backward: the attention of the first
     step keeps the slots it read while the second step's append writes the buffer.
     Traced, a ``.data`` alias of the buffer shared the buffer's version counter, and
-    backward raised autograd's "modified by an inplace operation" error; with fullgraph,
-    a backward through ``torch.autograd.grad`` did not trace at all."""
+    backward raised autograd's "modified by an inplace operation" error. The training
+    path runs eagerly inside the compiled function (a graph break: traced by Inductor on
+    CUDA it returned zero gradients), so fullgraph is not asked for."""
     _train_once("reference", prefix_lens, steps=(3, 2), compile_backend="aot_eager",
                 fullgraph=fullgraph)
 

@@ -360,6 +360,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Eager even inside a compiled function (a graph break): traced by Inductor on CUDA this
+# path returned zero gradients for everything upstream of the cache (H200, torch 2.11),
+# while aot_eager and eager agree with concatenation. Inference through a cache (no
+# gradients) stays in the graph through the registered ops.
+@torch.compiler.disable
 def _attend_training(q, cache, k_new, v_new, new_lens, causal, scale):
     q_base = kv_len = None
     if new_lens is not None:
