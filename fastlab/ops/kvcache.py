@@ -22,12 +22,11 @@ Two paths:
   cache and attending over all of it, then one backward -- must neither trip autograd's
   in-place check nor copy the cache at every step. The cache keeps each appended chunk (an
   autograd tensor) and writes its values into the preallocated buffer, which autograd never
-  sees. Attention reads the live slots of the buffer, and keeps them for its backward as a
-  plain attribute, not through ``save_for_backward``: later appends write the buffer
-  (bumping its version counter) but never the slots an attention read, and autograd's
-  version check would refuse them. ``torch.compile`` keeps such attributes unchecked too
-  (a ``.data`` alias, which eager mode gives a counter of its own, is a plain view once
-  traced, and failed the next append). Its backward computes the gradient of the whole
+  sees. Attention reads the live slots through a ``.data`` alias of the buffer, which has a
+  version counter of its own: later appends write the buffer (bumping its counter) but
+  never the slots an attention read. Traced by ``torch.compile`` the alias is a plain view
+  that shares the buffer's counter, so this path runs eagerly inside compiled code (a graph
+  break). Its backward computes the gradient of the whole
   live buffer and hands each chunk the slice at the positions it was written to (a gather
   per chunk). Nothing but the
   appended values is stored, once. If the slots an attention read are overwritten before its
@@ -49,8 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlab.ops._dispatch import call_op, use_triton
-from fastlab.ops.attention import _attention_bwd, _attention_bwd_impl, attention
-from fastlab.ops.attention import _Options as _AttentionOptions
+from fastlab.ops.attention import attention
 
 
 # ----------------------------------------------------------------------------- reference
@@ -253,7 +251,7 @@ def _live_kv(x, kv_len, group: int, compute) -> torch.Tensor:
 
 def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float):
     """Attention with per-sequence live lengths and query offsets (ragged caches), in fp32
-    (float64 for float64): the output in q's dtype and the probabilities (B, Hq, Tq, L)."""
+    (float64 for float64): the output in q's dtype."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     j = torch.arange(k.shape[2], device=q.device)
@@ -267,25 +265,7 @@ def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float):
     any_key = visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_key, 0.0)
     probs = torch.softmax(scores, dim=-1) * any_key
-    return torch.matmul(probs, v).to(q.dtype), probs
-
-
-def _masked_attention_backward(grad_out, q, k, v, probs, kv_len, scale: float):
-    """Gradients of :func:`_masked_attention` for q, k, v from its probabilities."""
-    compute = probs.dtype
-    group = q.shape[1] // k.shape[1]
-    kc, vc = _live_kv(k, kv_len, group, compute), _live_kv(v, kv_len, group, compute)
-    do = grad_out.to(compute)
-    dv = torch.matmul(probs.transpose(-1, -2), do)
-    dp = torch.matmul(do, vc.transpose(-1, -2))
-    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
-    dq = torch.matmul(ds, kc) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(compute)) * scale
-    if group > 1:
-        b, h, length, d = dk.shape
-        dk = dk.view(b, h // group, group, length, d).sum(2)
-        dv = dv.view(b, h // group, group, length, d).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return torch.matmul(probs, v).to(q.dtype)
 
 
 def _chunk_grad(grad: torch.Tensor, chunk: Chunk, x: torch.Tensor) -> torch.Tensor:
@@ -303,27 +283,27 @@ def _chunk_grad(grad: torch.Tensor, chunk: Chunk, x: torch.Tensor) -> torch.Tens
 class _CacheAttention(torch.autograd.Function):
     """Attention over the live cache whose backward hands each appended chunk its gradient.
 
-    The backward is written out (the attention op's own backward for uniform caches, the
-    masked attention's otherwise) rather than taken through ``torch.autograd.grad``, which
-    ``torch.compile(fullgraph=True)`` cannot trace inside a backward.
+    It runs eagerly (see :func:`_attend_training`): the forward records the attention on
+    ``.data`` aliases of the buffer and the backward differentiates that record.
     """
 
     @staticmethod
     def forward(ctx, q, cache, q_base, kv_len, causal, scale, *chunk_tensors):
         length = cache.length_bound
-        k = cache.k_buffer[:, :, :length]
-        v = cache.v_buffer[:, :, :length]
-        if q_base is None:
-            out, extra = attention(q, k, v, causal=causal, scale=scale, return_lse=True)
-        else:
-            out, extra = _masked_attention(q, k, v, q_base, kv_len, causal, scale)
-        # the buffer's slots as attributes, not saved tensors: the appends that follow bump
-        # the buffer's version counter without touching them (module docstring)
-        ctx.live = (k, v)
-        ctx.save_for_backward(q, out, extra, kv_len)
-        ctx.masked, ctx.causal, ctx.scale = q_base is not None, causal, scale
+        # ``.data`` aliases the buffer under a fresh version counter: later appends write
+        # slots this attention did not read and must not fail its backward.
+        k = cache.k_buffer.data[:, :, :length]
+        v = cache.v_buffer.data[:, :, :length]
+        with torch.enable_grad():
+            q_in = q.detach().requires_grad_()
+            k_in, v_in = k.requires_grad_(), v.requires_grad_()
+            if q_base is None:
+                out = attention(q_in, k_in, v_in, causal=causal, scale=scale)
+            else:
+                out = _masked_attention(q_in, k_in, v_in, q_base, kv_len, causal, scale)
+        ctx.inner = (out, q_in, k_in, v_in)
         ctx.cache, ctx.shrinks, ctx.chunks = cache, cache.shrink_count, list(cache.chunks)
-        return out
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -332,15 +312,8 @@ class _CacheAttention(torch.autograd.Function):
                 "the KV cache was truncated or reset and then appended to after an attention "
                 "read it, so the keys/values that attention needs for backward are gone; call "
                 "backward before reusing the cache's slots")
-        q, out, extra, kv_len = ctx.saved_tensors
-        k, v = ctx.live
-        if ctx.masked:
-            dq, dk, dv = _masked_attention_backward(grad_out, q, k, v, extra, kv_len,
-                                                    ctx.scale)
-        else:
-            dq, dk, dv = call_op(_attention_bwd, _attention_bwd_impl, grad_out.contiguous(),
-                                 None, q, k, v, out, extra, None, None, None, None, 0, 0,
-                                 ctx.causal, ctx.scale, *_AttentionOptions())
+        out, q_in, k_in, v_in = ctx.inner
+        dq, dk, dv = torch.autograd.grad(out, (q_in, k_in, v_in), grad_out)
         grads = []
         for chunk in ctx.chunks:
             grads += [_chunk_grad(dk, chunk, chunk.k), _chunk_grad(dv, chunk, chunk.v)]
@@ -360,10 +333,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# Eager even inside a compiled function (a graph break): traced by Inductor on CUDA this
-# path returned zero gradients for everything upstream of the cache (H200, torch 2.11),
-# while aot_eager and eager agree with concatenation. Inference through a cache (no
-# gradients) stays in the graph through the registered ops.
+# Eager even inside a compiled function (a graph break). Traced, the buffer alias the
+# attention reads shares the buffer's version counter and the next append fails backward;
+# a traced variant that kept the slots as ctx attributes returned zero gradients under
+# Inductor on CUDA (H200, torch 2.11). Inference through a cache (no gradients) stays in
+# the graph through the registered ops.
 @torch.compiler.disable
 def _attend_training(q, cache, k_new, v_new, new_lens, causal, scale):
     q_base = kv_len = None
