@@ -161,15 +161,8 @@ def run_nanogpt(args) -> Dict:
         lr = cfg.optim.lr * float(lr_at(torch.tensor(step)))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = task.batch(torch.tensor(step, device=device), cfg.train.batch_size, device,
-                           cfg.train.seed)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(batch["inputs"], batch["targets"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses[step] = loss.detach()
+        losses[step] = nano_step(compiled, opt, params, task, cfg, device, step,
+                                 cfg.train.seed)
     end = torch.cuda.Event(enable_timing=True)
     end.record()
     marks.append(end)
@@ -187,17 +180,23 @@ def run_nanogpt(args) -> Dict:
     return result
 
 
+def nano_step(compiled, opt, params, task, cfg, device, step: int, seed: int):
+    """One step of the loop, nanoGPT's way; the loss (a device tensor, no sync)."""
+    batch = task.batch(torch.tensor(step, device=device), cfg.train.batch_size, device, seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled(batch["inputs"], batch["targets"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def profile_nanogpt(compiled, opt, params, task, cfg, device, args) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
     def step(i):
-        batch = task.batch(torch.tensor(i, device=device), cfg.train.batch_size, device, 1)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(batch["inputs"], batch["targets"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        nano_step(compiled, opt, params, task, cfg, device, i, 1)
 
     for i in range(3):
         step(i)
