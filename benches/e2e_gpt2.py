@@ -337,7 +337,7 @@ def main() -> None:
     cfg = build_config(CONFIG, overrides(args, "/nonexistent", "x"))
     m = cfg.model
     gpt = GPT(GPTConfig(vocab_size=cfg.task.vocab_size, block_size=args.seq, n_layer=m.n_layer,
-                        n_head=m.n_head, d_model=m.d_model))
+                        n_head=m.n_head, d_model=m.d_model, bias=m.bias, init=m.init))
     flops_per_token = gpt.flops_per_token(args.seq)
     n_params = gpt.num_params()
     del gpt

@@ -110,6 +110,8 @@ def test_bad_options_name_the_option():
             LMConfig(**kw)
     with pytest.raises(ConfigError, match="model.preset"):
         build_config(overrides=["model.preset=gpt3"])
+    with pytest.raises(ConfigError, match="model.bias"):
+        build_config(overrides=["model.bias=true"])
     with pytest.raises(ConfigError, match="model.loss"):
         build_config(overrides=["model.loss=chunked"])
 
@@ -121,11 +123,12 @@ def test_presets_set_the_size_and_explicit_options_win():
     assert (cfg.model.n_layer, cfg.model.d_model) == (3, 768)
     assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-cpu"}
     # GPT-2 small's size: 124M parameters with tied embeddings
-    gpt = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768))
+    gpt = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768,
+                        bias="all"))
     assert 124.0e6 < gpt.num_params(non_embedding=False) < 124.5e6
 
 
-@pytest.mark.parametrize("bias, tie", [(True, True), (False, False)])
+@pytest.mark.parametrize("bias, tie", [("all", True), ("none", False), ("mlp", True)])
 def test_fused_loss_equals_the_logits_path_in_value_and_gradients(bias, tie):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=67, block_size=13, n_layer=2, n_head=2, d_model=16, bias=bias,
@@ -134,8 +137,10 @@ def test_fused_loss_equals_the_logits_path_in_value_and_gradients(bias, tie):
     plain = GPT(GPTConfig(**{**cfg.__dict__, "loss": "logits"}))
     plain.load_state_dict(fused.state_dict())
     assert (fused.head.weight is fused.tok_emb.weight) == tie
-    assert all(m.bias is None for m in fused.modules()
-               if isinstance(m, torch.nn.Linear) and m is not fused.head) == (not bias)
+    attn = fused.blocks[0].attn
+    assert (attn.q_proj.bias is not None) == (bias == "all")
+    assert (fused.blocks[0].mlp[0].bias is not None) == (bias != "none")
+    assert (fused.ln_f.bias is not None) == (bias != "none")
     idx = torch.randint(0, 67, (3, 13))
     targets = torch.randint(0, 67, (3, 13))
     targets[0, :4] = -100

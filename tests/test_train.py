@@ -363,7 +363,7 @@ def test_accumulation_weights_tokens_not_micro_batches(tmp_path):
     # so Adam turns its rounding noise into full-sized steps that differ between the runs
     base = ["train.steps=4", "log.every=1", "eval.every=100", "guard.enabled=false",
             "train.batch_size=32", "optim.schedule=constant", "optim.warmup_steps=0",
-            "model.bias=false"]
+            "model.bias=none"]
     train(_cfg(tmp_path, *base), run_dir=str(tmp_path / "one"), batch_hook=uneven)
     train(_cfg(tmp_path, *base, "train.grad_accum=4"), run_dir=str(tmp_path / "four"),
           batch_hook=uneven)

@@ -1,12 +1,13 @@
 """GPT-style decoder: pre-norm blocks of causal attention and a GELU MLP (GPT-2's layout).
 
-Options a GPT-2 run needs: biases on or off (every linear layer and LayerNorm), tied or
+Options a GPT-2 run needs: biases (``all``: every linear layer and LayerNorm, GPT-2's;
+``mlp``: the MLP's and the LayerNorms', none in attention; ``none``), tied or
 separate input and output embeddings, dropout, and the loss: ``fused`` computes the head
 and the cross-entropy together with :func:`fastlab.ops.fused_linear_cross_entropy`, so
 the (tokens x vocabulary) logits never exist in training; ``logits`` computes them and
 :func:`fastlab.ops.cross_entropy` (both exact, fp32 inside). Initialisation is GPT-2's:
-normal(0, 0.02), with the projections that write into the residual stream scaled by
-1 / sqrt(2 * n_layer).
+normal(0, 0.02) everywhere (``init="normal"``) or GPT-2's, with the projections that
+write into the residual stream scaled by 1 / sqrt(2 * n_layer) (``init="gpt2"``).
 """
 import math
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from fastlab.ops.cross_entropy import cross_entropy
 from fastlab.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 LOSSES = ("fused", "logits")
+BIASES = ("all", "mlp", "none")
+INITS = ("normal", "gpt2")
 
 
 @dataclass
@@ -33,14 +36,20 @@ class GPTConfig:
     #: width of the MLPs (0: 4 x d_model)
     d_hid: int = 0
     dropout: float = 0.0
-    #: biases in every linear layer and LayerNorm (GPT-2 has them)
-    bias: bool = True
+    #: where biases are: all (GPT-2), mlp (MLP and LayerNorms, not attention) or none
+    bias: str = "mlp"
     #: the output head shares the token embedding's weight
     tie_embeddings: bool = True
     #: fused: head + cross-entropy without the logits; logits: materialise them
     loss: str = "fused"
+    #: normal: N(0, 0.02) everywhere; gpt2: residual projections scaled by 1/sqrt(2 n_layer)
+    init: str = "normal"
 
     def __post_init__(self):
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
@@ -50,19 +59,21 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, block_size=block_size, n_layer=model_cfg.n_layer,
                    n_head=model_cfg.n_head, d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
                    dropout=model_cfg.dropout, bias=model_cfg.bias,
-                   tie_embeddings=model_cfg.tie_embeddings, loss=model_cfg.loss)
+                   tie_embeddings=model_cfg.tie_embeddings, loss=model_cfg.loss,
+                   init=model_cfg.init)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = Attention(cfg.d_model, cfg.n_head, causal=True, bias=cfg.bias)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        bias = cfg.bias != "none"
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=bias)
+        self.attn = Attention(cfg.d_model, cfg.n_head, causal=True, bias=cfg.bias == "all")
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=bias)
         d_hid = cfg.d_hid or 4 * cfg.d_model
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, d_hid, bias=cfg.bias), nn.GELU(),
-            nn.Linear(d_hid, cfg.d_model, bias=cfg.bias), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, d_hid, bias=bias), nn.GELU(),
+            nn.Linear(d_hid, cfg.d_model, bias=bias), nn.Dropout(cfg.dropout),
         )
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -80,13 +91,13 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias != "none")
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.apply(self._init)
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        for block in self.blocks:
+        for block in self.blocks if cfg.init == "gpt2" else ():
             nn.init.normal_(block.attn.out_proj.weight, std=resid_std)
             nn.init.normal_(block.mlp[2].weight, std=resid_std)
 

@@ -34,6 +34,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "gpt2-cpu": {"n_layer": 4, "n_head": 4, "d_model": 128},          # GPT-2's layout, CPU-sized
 }
 GPT_LOSSES = ("fused", "logits")
+GPT_BIASES = ("all", "mlp", "none")
 
 
 def _finite(value: float, key: str) -> None:
@@ -58,12 +59,16 @@ class ModelConfig:
     d_hid: int = 0
     #: dropout probability in [0, 1)
     dropout: float = 0.0
-    #: gpt: biases in every linear layer and LayerNorm: true (GPT-2) or false
-    bias: bool = True
+    #: gpt: where biases are: all (every linear layer and LayerNorm, GPT-2's), mlp (the
+    #: MLP's and the LayerNorms', none in attention: the small tasks learn faster so) or none
+    bias: str = "mlp"
     #: gpt: the output head shares the token embedding's weight: true or false
     tie_embeddings: bool = True
     #: gpt: fused (head and cross-entropy in one op, the logits never exist) or logits
     loss: str = "fused"
+    #: gpt: normal (N(0, 0.02) everywhere) or gpt2 (the projections into the residual
+    #: stream scaled by 1 / sqrt(2 x model.n_layer))
+    init: str = "normal"
     #: thinker only: latent memory vectors, >= 1
     n_latent: int = 8
     #: thinker only: memory update steps, >= 1
@@ -75,6 +80,10 @@ class ModelConfig:
         _check(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
         _check(not self.preset or self.preset in PRESETS,
                f"model.preset must be one of {sorted(PRESETS)} or empty, got {self.preset!r}")
+        _check(self.bias in GPT_BIASES,
+               f"model.bias must be one of {GPT_BIASES}, got {self.bias!r}")
+        _check(self.init in ("normal", "gpt2"),
+               f"model.init must be normal or gpt2, got {self.init!r}")
         _check(self.loss in GPT_LOSSES,
                f"model.loss must be one of {GPT_LOSSES}, got {self.loss!r}")
         _check(self.n_layer >= 1, f"model.n_layer must be >= 1, got {self.n_layer}")
