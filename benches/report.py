@@ -74,9 +74,8 @@ def e2e_section(data: dict, out_dir: str) -> list:
             lines += ["", f"Longest kernels, {name} (ms per step):", ""]
             lines += [f"- {ms:.2f} `{kernel}`" for kernel, ms in p["top_kernels"]]
     plt = _plt()
-    every = shape["steps"] // max(len(v.get("losses", [])) for v in variants.values() if
-                                  "losses" in v) if any("losses" in v for v in
-                                                        variants.values()) else 1
+    windows = max((len(v["losses"]) for v in variants.values() if "losses" in v), default=1)
+    every = shape["steps"] // windows  # steps per log window
     for kind, key, ylabel in (("loss", "losses", "mean loss of the log window"),
                               ("tok_s", "tok_s_windows", "tokens/s of the log window")):
         fig, ax = plt.subplots(figsize=(7, 4))

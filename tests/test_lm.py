@@ -95,7 +95,7 @@ def test_text_and_jsonl_files_are_byte_tokens_with_a_text_form(tmp_path):
     assert task.decode_text(task.encode_text("the cat")) == "the cat"
     prompts, expected = task.example_prompts(3, CPU)
     assert prompts.shape == (3, 12) and all(isinstance(e, str) and e for e in expected)
-    task = LanguageModel(LMConfig(data=str(jsonl), seq_len=24, text_field="body"))
+    task = LanguageModel(LMConfig(data=str(jsonl), seq_len=24, field="body"))
     assert "line 1 of text here." in task.tokenizer.decode(task.tokens[:60].tolist())
     with pytest.raises(ConfigError, match="text form"):
         _task().encode_text("x")
@@ -160,7 +160,7 @@ def test_lm_learns_the_grammar_corpus_through_the_trainer(tmp_path):
     """A 1-layer model on the byte-level grammar corpus: from ln(260) = 5.56 nats the
     held-out loss falls below 3.4 within 120 steps (measured: 2.98)."""
     cfg = build_config(overrides=[
-        "task.name=lm", "task.data=grammar", "task.paragraphs=300", "task.seq_len=32",
+        "task.name=lm", "task.data=grammar", "task.corpus_paragraphs=300", "task.seq_len=32",
         "model.preset=gpt2-cpu", "model.n_layer=1", "model.d_model=64", "model.n_head=2",
         "train.steps=120", "train.batch_size=16", "train.device=cpu", "optim.lr=3e-3",
         "optim.warmup_steps=10", "eval.every=120", "eval.samples=32", "log.nvml=false",

@@ -2,14 +2,14 @@
 
 Data (``task.data``):
 
-- ``synthetic`` (the default): a stream generated from ``task.data_seed`` with structure a
+- ``synthetic`` (the default): a stream generated from ``task.corpus_seed`` with structure a
   model can learn (Zipf-distributed tokens; half of the odd positions are a fixed function
   of the token before them), in ``task.vocab_size`` tokens: for benches and tests.
-- ``grammar``: the English-like corpus of :mod:`fastlab.data.grammar` (``task.paragraphs``
+- ``grammar``: the English-like corpus of :mod:`fastlab.data.grammar` (``task.corpus_paragraphs``
   paragraphs), byte-level tokens.
 - a path: a token file (``.npy`` uint16/uint32, or raw ``.bin`` tokens of ``task.dtype``),
   or text (``.txt`` one document, ``.jsonl`` one document per line under
-  ``task.text_field``) tokenised by :class:`fastlab.data.ByteTokenizer` with an end-of-text
+  ``task.field``) tokenised by :class:`fastlab.data.ByteTokenizer` with an end-of-text
   token after each document. Nothing is downloaded.
 
 Split: the last ``task.val_fraction`` of the stream is held out; no training window
@@ -42,7 +42,7 @@ IGNORE = -100
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 #: logits per forward in evaluation (64M values, 256 MB in fp32): rows per forward follow
 EVAL_LOGITS = 1 << 26
-#: the seed of :data:`synthetic` streams' structure, apart from the data seed
+#: the successor map of synthetic streams: t -> (7919 t + 13) mod V
 _SUCCESSOR_MUL, _SUCCESSOR_ADD = 7919, 13
 
 
@@ -61,13 +61,13 @@ class LMConfig(TaskConfig):
     #: raw .bin token files only: uint16 or uint32
     dtype: str = "uint16"
     #: JSONL files: the field holding each document's text
-    text_field: str = "text"
+    field: str = "text"
     #: synthetic: tokens in the stream, >= 2 x (task.seq_len + 1)
     synthetic_tokens: int = 1 << 22
     #: grammar: paragraphs of the generated corpus, >= 1
-    paragraphs: int = 2000
+    corpus_paragraphs: int = 2000
     #: the seed of generated data (synthetic, grammar); the same data for every train.seed
-    data_seed: int = 0
+    corpus_seed: int = 0
 
     def __post_init__(self):
         check_option(bool(self.data), "task.data must be synthetic, grammar or a path")
@@ -80,8 +80,10 @@ class LMConfig(TaskConfig):
         check_option(self.synthetic_tokens >= 2 * (self.seq_len + 1),
                      f"task.synthetic_tokens must be >= 2 x (task.seq_len + 1) = "
                      f"{2 * (self.seq_len + 1)}, got {self.synthetic_tokens}")
-        check_option(self.paragraphs >= 1, f"task.paragraphs must be >= 1, got {self.paragraphs}")
-        check_option(self.data_seed >= 0, f"task.data_seed must be >= 0, got {self.data_seed}")
+        check_option(self.corpus_paragraphs >= 1,
+                     f"task.corpus_paragraphs must be >= 1, got {self.corpus_paragraphs}")
+        check_option(self.corpus_seed >= 0,
+                     f"task.corpus_seed must be >= 0, got {self.corpus_seed}")
         if self.data not in ("synthetic", "grammar"):
             check_option(os.path.isfile(self.data),
                          f"task.data: no such file {self.data!r} (or use synthetic, grammar)")
@@ -139,15 +141,15 @@ class LanguageModel(Task):
     def _load(self, cfg: LMConfig) -> Tuple[np.ndarray, int]:
         if cfg.data == "synthetic":
             vocab = cfg.vocab_size or 50304
-            return synthetic_stream(cfg.synthetic_tokens, vocab, cfg.data_seed), vocab
+            return synthetic_stream(cfg.synthetic_tokens, vocab, cfg.corpus_seed), vocab
         if cfg.data == "grammar" or cfg.data.lower().endswith(TEXT_SUFFIXES):
             self.tokenizer = ByteTokenizer()
             if cfg.data == "grammar":
-                text = english_corpus(cfg.paragraphs, seed=cfg.data_seed)
+                text = english_corpus(cfg.corpus_paragraphs, seed=cfg.corpus_seed)
                 tokens = self.tokenizer.encode(text)
             else:
                 try:
-                    tokens = read_tokens(cfg.data, field=cfg.text_field)
+                    tokens = read_tokens(cfg.data, field=cfg.field)
                 except (OSError, ValueError, UnicodeDecodeError) as exc:
                     raise ConfigError(f"task.data: {exc}") from None
             vocab = cfg.vocab_size or self.tokenizer.vocab_size
