@@ -1,0 +1,127 @@
+"""SwiGLU's gating, ``silu(gate) * up``: what Hugging Face LlamaMLP computes between its
+projections, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
+
+Numerics: the result has the promotion of gate's and up's dtypes (bf16 projections under
+autocast give bf16, as ``F.silu(gate) * up`` does there: autocast leaves elementwise ops
+alone). The kernel computes in fp32 and rounds once; LlamaMLP rounds silu(gate) to the
+input dtype before the product, so the two differ by up to one rounding of that dtype.
+
+Memory: the forward saves gate and up only; the backward recomputes sigmoid(gate) and writes
+dgate and dup (LlamaMLP's autograd also keeps silu(gate), a third tensor of that size).
+
+Dispatch: CUDA tensors of float32, bfloat16 or float16 run the Triton kernels
+(:mod:`fastlab.kernels.swiglu`), everything else (CPU, float64) :func:`swiglu_ref`, whose
+backward is its own autograd re-run from the saved gate and up.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlab.ops._dispatch import eager, use_triton
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _call(op, impl, *args):
+    """``impl`` directly on plain tensors outside ``torch.compile`` (the dispatcher costs
+    ~100 us of host time per eager call), else the registered custom ``op``."""
+    return impl(*args) if eager(*args) else op(*args)
+
+
+def validate(gate, up) -> None:
+    """Every argument check of :func:`swiglu`, for the kernel and the reference path."""
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"swiglu: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"swiglu: {name} must be floating point, got {t.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate and up must have the same shape, got "
+                         f"{tuple(gate.shape)} and {tuple(up.shape)}")
+    if gate.device != up.device:
+        raise ValueError(f"swiglu: gate ({gate.device}) and up ({up.device}) must be on one "
+                         f"device")
+
+
+def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """Plain-PyTorch ``F.silu(gate) * up``: the oracle of the tests and the CPU path."""
+    validate(gate, up)
+    return F.silu(gate) * up
+
+
+def _kernel_ok(gate: Tensor, up: Tensor) -> bool:
+    return gate.dtype in _KERNEL_DTYPES and up.dtype in _KERNEL_DTYPES and use_triton(gate, up)
+
+
+def _forward_impl(gate: Tensor, up: Tensor) -> Tensor:
+    if _kernel_ok(gate, up):
+        from fastlab.kernels.swiglu import swiglu_forward
+
+        return swiglu_forward(gate.contiguous(), up.contiguous(),
+                              torch.promote_types(gate.dtype, up.dtype))
+    return swiglu_ref(gate, up).contiguous()
+
+
+def _backward_impl(grad: Tensor, gate: Tensor, up: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dgate, dup) in gate's and up's dtypes, contiguous."""
+    if _kernel_ok(gate, up):
+        from fastlab.kernels.swiglu import swiglu_backward
+
+        return swiglu_backward(grad.contiguous(), gate.contiguous(), up.contiguous())
+    with torch.enable_grad():
+        g_, u_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        dgate, dup = torch.autograd.grad(swiglu_ref(g_, u_), (g_, u_), grad)
+    return dgate.contiguous(), dup.contiguous()
+
+
+_swiglu_fwd = torch.library.custom_op("fastlab::swiglu_fwd", mutates_args=())(_forward_impl)
+_swiglu_bwd = torch.library.custom_op("fastlab::swiglu_bwd", mutates_args=())(_backward_impl)
+
+
+@_swiglu_fwd.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+@_swiglu_bwd.register_fake
+def _(grad, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    return _call(_swiglu_bwd, _backward_impl, grad, gate, up)
+
+
+_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Eager-mode autograd around the custom ops' bodies, without the dispatcher's cost
+    (:func:`_call`)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        output = _forward_impl(gate, up)
+        _setup_context(ctx, (gate, up), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for tensors of one shape: see the module docstring."""
+    validate(gate, up)
+    if not eager(gate, up):
+        return _swiglu_fwd(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return _forward_impl(gate, up)
