@@ -12,8 +12,8 @@ fp32 and rounded tensors besides. The backward computes dx in one kernel and the
 gradient as per-program fp32 partial sums reduced afterwards (:mod:`fastlab.kernels.rms_norm`).
 
 Dispatch: CUDA tensors of float32, bfloat16 or float16 run the Triton kernels, everything
-else (CPU, float64) :func:`rms_norm_ref`, whose backward is its own autograd re-run from
-the saved x.
+else (CPU, float64) :func:`rms_norm_ref` and the kernel's backward formulas written in
+PyTorch (fp32, float64 for float64 x).
 """
 import math
 from typing import Tuple
@@ -96,10 +96,15 @@ def _backward_impl(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
         g = grad.reshape(-1, x.shape[-1]).contiguous()
         dx, dw = rms_norm_backward(g, _rows(x), weight.contiguous(), rstd)
         return dx.view(x.shape), dw
-    with torch.enable_grad():
-        x_, w_ = x.detach().requires_grad_(), weight.detach().requires_grad_()
-        dx, dw = torch.autograd.grad(rms_norm_ref(x_, w_, eps), (x_, w_), grad)
-    return dx, dw
+    # the same formulas as the kernel's backward, in fp32 (float64 for float64 x)
+    compute = rstd.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(compute)
+    g = grad.reshape(x2.shape).to(compute)
+    n = x2 * rstd[:, None]
+    dn = g * weight.to(compute)
+    dx = rstd[:, None] * (dn - n * (dn * n).mean(-1, keepdim=True))
+    dw = (g * n.to(x.dtype).to(compute)).sum(0)
+    return dx.to(x.dtype).view(x.shape), dw.to(weight.dtype)
 
 
 _rms_norm_fwd = torch.library.custom_op("fastlab::rms_norm_fwd", mutates_args=())(

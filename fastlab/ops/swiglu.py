@@ -10,8 +10,8 @@ Memory: the forward saves gate and up only; the backward recomputes sigmoid(gate
 dgate and dup (LlamaMLP's autograd also keeps silu(gate), a third tensor of that size).
 
 Dispatch: CUDA tensors of float32, bfloat16 or float16 run the Triton kernels
-(:mod:`fastlab.kernels.swiglu`), everything else (CPU, float64) :func:`swiglu_ref`, whose
-backward is its own autograd re-run from the saved gate and up.
+(:mod:`fastlab.kernels.swiglu`), everything else (CPU, float64) :func:`swiglu_ref` and the
+kernel's backward formulas written in PyTorch.
 """
 from typing import Tuple
 
@@ -70,10 +70,12 @@ def _backward_impl(grad: Tensor, gate: Tensor, up: Tensor) -> Tuple[Tensor, Tens
         from fastlab.kernels.swiglu import swiglu_backward
 
         return swiglu_backward(grad.contiguous(), gate.contiguous(), up.contiguous())
-    with torch.enable_grad():
-        g_, u_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
-        dgate, dup = torch.autograd.grad(swiglu_ref(g_, u_), (g_, u_), grad)
-    return dgate.contiguous(), dup.contiguous()
+    # the kernel's formulas, in fp32 (float64 for float64 inputs)
+    compute = torch.promote_types(torch.promote_types(gate.dtype, up.dtype), torch.float32)
+    g, a, u = grad.to(compute), gate.to(compute), up.to(compute)
+    s = torch.sigmoid(a)
+    silu = a * s
+    return (g * u * (s + silu * (1 - s))).to(gate.dtype), (g * silu).to(up.dtype)
 
 
 _swiglu_fwd = torch.library.custom_op("fastlab::swiglu_fwd", mutates_args=())(_forward_impl)
