@@ -185,6 +185,10 @@ def test_patch_reports_and_unpatch_restores(family):
     targets = [c.target for c in changes]
     assert "forward" in targets and "config._attn_implementation" in targets
     assert ("loss_function" in targets) == (family != "bert")
+    layer_targets = {"LlamaRMSNorm.forward (5 modules)", "LlamaMLP.forward (2 modules)",
+                     "LlamaAttention.forward (2 modules)"}
+    assert layer_targets <= set(targets) if family == "llama" else not any(
+        t.endswith("modules)") for t in targets)
     assert all(str(c).count("->") == 1 for c in changes)
     assert model.config._attn_implementation == "fastlab" and fi.is_patched(model)
     with pytest.raises(RuntimeError, match="already patched"):
@@ -214,6 +218,76 @@ def test_loss_only_or_attention_only():
         torch.testing.assert_close(got.loss, want.loss, **LOSS_TOL)
         _assert_same_grads(got_grads, want_grads)
         fi.unpatch(model)
+
+
+class _Counting:
+    """Wraps a fastlab op as the integration module sees it, counting the calls."""
+
+    def __init__(self, monkeypatch, name):
+        import fastlab.integrations.hf as hf
+
+        self.calls, op = 0, getattr(hf, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return op(*args, **kwargs)
+
+        monkeypatch.setattr(hf, name, counted)
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_llama_layer_parts_run_fastlab_ops_on_this_instance_only(monkeypatch, padding):
+    """RMSNorm, SwiGLU and RoPE go through fastlab on the patched model, each part alone
+    and all together (same loss and gradients as unpatched, tolerances of the module
+    docstring; -100 labels on the padding), while a second, unpatched model of the same
+    classes keeps transformers' own code."""
+    counters = {part: _Counting(monkeypatch, name) for part, name in
+                (("rms_norm", "_rms_norm"), ("mlp", "swiglu"), ("rope", "apply_rotary"))}
+    per_forward = {"rms_norm": 5, "mlp": 2, "rope": 2}  # 2 layers: 2 norms each + final
+    ids, mask, labels = _batch("llama", padding)
+    other = _build("llama")
+    for enabled in (("rms_norm",), ("mlp",), ("rope",), ("rms_norm", "mlp", "rope")):
+        model = _build("llama")
+        want, want_grads = _loss_and_grads(model, ids, mask, labels)
+        changes = fi.patch(model, **{part: part in enabled for part in counters})
+        assert sum("fastlab" in c.after and c.target.endswith("modules)")
+                   for c in changes) == len(enabled)
+        for counter in counters.values():
+            counter.calls = 0
+        got, got_grads = _loss_and_grads(model, ids, mask, labels)
+        torch.testing.assert_close(got.loss, want.loss, **LOSS_TOL)
+        _assert_same_grads(got_grads, want_grads)
+        assert {p: c.calls for p, c in counters.items()} == {
+            p: per_forward[p] if p in enabled else 0 for p in counters}
+        _loss_and_grads(other, ids, mask, labels)  # transformers' code: no fastlab call
+        assert {p: c.calls for p, c in counters.items()} == {
+            p: per_forward[p] if p in enabled else 0 for p in counters}
+        fi.unpatch(model)
+
+
+def test_llama_mlp_without_silu_is_kept_and_reported():
+    model = _build("llama", hidden_act="gelu")
+    ids, mask, labels = _batch("llama", "right")
+    want, want_grads = _loss_and_grads(model, ids, mask, labels)
+    changes = fi.patch(model)
+    mlp = [c for c in changes if c.target.startswith("LlamaMLP")]
+    assert len(mlp) == 1 and "skipped: act_fn is GELUActivation" in mlp[0].after
+    assert all("forward" not in m.__dict__ for m in model.modules()
+               if type(m).__name__ == "LlamaMLP")
+    got, got_grads = _loss_and_grads(model, ids, mask, labels)
+    torch.testing.assert_close(got.loss, want.loss, **LOSS_TOL)
+    _assert_same_grads(got_grads, want_grads)
+
+
+def test_llama_modules_with_an_instance_forward_are_left_alone():
+    model = _build("llama")
+    norm = model.model.norm
+    norm.forward = lambda hidden_states: hidden_states  # someone else's patch
+    changes = fi.patch(model)
+    kept = [c for c in changes if c.target == "LlamaRMSNorm.forward (1 modules)"]
+    assert len(kept) == 1 and kept[0].after.startswith("kept (skipped")
+    fi.unpatch(model)
+    assert "forward" in norm.__dict__ and norm(torch.ones(2)).equal(torch.ones(2))
 
 
 def test_generation_with_a_kv_cache_matches():

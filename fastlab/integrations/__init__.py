@@ -1,13 +1,15 @@
 """Integrations of fastlab with other libraries.
 
 ``fastlab.integrations.patch(model)`` puts fastlab's fused linear cross-entropy and attention
-into a Hugging Face transformers model (see :mod:`fastlab.integrations.hf`). This is the only
-place fastlab imports transformers.
+(and, in Llama-style models, RMSNorm, SwiGLU and RoPE) into a Hugging Face transformers
+model (see :mod:`fastlab.integrations.hf`). This is the only place fastlab imports
+transformers.
 """
 try:
     from fastlab.integrations.hf import (ATTN_IMPLEMENTATION, Change, FastlabMask,
                                          causal_lm_loss, fastlab_attention_forward,
-                                         fastlab_attention_mask, is_patched, patch, patch_bert,
+                                         fastlab_apply_rotary_pos_emb, fastlab_attention_mask,
+                                         is_patched, patch, patch_bert,
                                          patch_gpt2, patch_llama, unpatch)
 except ModuleNotFoundError as error:
     if error.name != "transformers" and not (error.name or "").startswith("transformers."):
@@ -18,4 +20,4 @@ except ModuleNotFoundError as error:
 
 __all__ = ["patch", "unpatch", "is_patched", "patch_llama", "patch_gpt2", "patch_bert",
            "Change", "FastlabMask", "causal_lm_loss", "fastlab_attention_forward",
-           "fastlab_attention_mask", "ATTN_IMPLEMENTATION"]
+           "fastlab_attention_mask", "fastlab_apply_rotary_pos_emb", "ATTN_IMPLEMENTATION"]

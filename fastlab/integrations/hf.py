@@ -1,8 +1,9 @@
-"""fastlab's loss and attention inside Hugging Face transformers models.
+"""fastlab inside Hugging Face transformers models: loss, attention, RMSNorm, SwiGLU, RoPE.
 
 :func:`patch` changes one model instance, never a class, and returns the list of what it
-changed; :func:`unpatch` puts every one of those things back as it was. Two parts, each
-optional:
+changed; :func:`unpatch` puts every one of those things back as it was. Each part is
+optional; the last three apply to Llama-style models only (GPT-2 and BERT keep their
+LayerNorm, GELU MLP and position embeddings):
 
 Loss (``loss=True``). The model's ``forward`` is replaced on the instance. When labels are
 given and the logits are not needed, the backbone's last hidden states go straight into
@@ -45,6 +46,27 @@ Checking the padding pattern costs one host sync per forward, in the mask builde
 ``torch.compile`` the check is skipped and right padding is assumed); with padding, the op's
 own check of ``kv_lens`` adds one per attention layer.
 
+RMSNorm (``rms_norm=True``). Every RMSNorm module (a class named ``*RMSNorm`` with a 1-D
+``weight`` and ``variance_epsilon``) gets a forward on the instance that calls
+:func:`fastlab.ops.rms_norm`: LlamaRMSNorm's numerics, x and one fp32 value a row saved.
+
+MLP (``mlp=True``). Every gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)
+whose ``act_fn`` is SiLU gets a forward on the instance computing
+``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with :func:`fastlab.ops.swiglu` (gate and
+up saved, silu(gate) recomputed). Other activations are kept, and the change list says so.
+
+RoPE (``rope=True``). transformers' Llama attention calls the module-level function
+``apply_rotary_pos_emb`` of its modeling module by name. The class and the module are left
+alone: each attention instance gets its own forward, a copy of the class's function (and of
+the decorators around it) whose globals are a copy of the module's with that one name bound
+to :func:`fastlab.ops.apply_rotary` (cos and sin saved, not q and k). Another model of the
+same class keeps transformers' function; a later change to the module's other globals
+(e.g. another library patching the module) is not seen by the patched instances until
+they are unpatched.
+
+Modules that already have a forward set on the instance (hooks, other patches) are left
+alone and reported as kept.
+
 Families: Llama-style causal LMs (``LlamaForCausalLM``), ``GPT2LMHeadModel`` and
 ``BertForMaskedLM``, and their subclasses.
 """
@@ -67,6 +89,9 @@ from transformers.modeling_outputs import (CausalLMOutputWithCrossAttentions,
 from fastlab.ops.attention import attention
 from fastlab.ops.cross_entropy import cross_entropy
 from fastlab.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from fastlab.ops.rms_norm import rms_norm as _rms_norm
+from fastlab.ops.rope import apply_rotary
+from fastlab.ops.swiglu import swiglu
 
 #: Name of fastlab's entry in transformers' attention and mask registries.
 ATTN_IMPLEMENTATION = "fastlab"
@@ -101,10 +126,11 @@ class _Family:
     backbone: str             # attribute holding the base model
     masked: bool              # masked LM (no label shift) rather than causal LM
     output: type
+    llama_layers: bool = False  # RMSNorm, SwiGLU MLP and RoPE parts apply
 
 
 _FAMILIES = (
-    _Family("llama", ("LlamaForCausalLM",), "model", False, CausalLMOutputWithPast),
+    _Family("llama", ("LlamaForCausalLM",), "model", False, CausalLMOutputWithPast, True),
     _Family("gpt2", ("GPT2LMHeadModel",), "transformer", False,
             CausalLMOutputWithCrossAttentions),
     _Family("bert", ("BertForMaskedLM",), "bert", True, MaskedLMOutput),
@@ -279,6 +305,149 @@ def _patch_attention(model, restore: List[Callable[[], None]]) -> List[Change]:
     return changes
 
 
+# ---------------------------------------------------------------- RMSNorm, MLP and RoPE
+def _set_forward(module, forward, restore: List[Callable[[], None]]) -> None:
+    module.forward = types.MethodType(forward, module)
+    restore.append(lambda: module.__dict__.pop("forward", None))
+
+
+def _patched_modules(model, matches: Callable, forward, restore, what: str) -> List[Change]:
+    """Sets ``forward`` on every module ``matches`` accepts; one Change per class, plus one
+    for the modules left alone because a forward is already set on the instance."""
+    counts: Dict[str, int] = {}
+    kept: Dict[str, int] = {}
+    for module in model.modules():
+        if not matches(module):
+            continue
+        name = type(module).__name__
+        if "forward" in module.__dict__:  # a hook or another patch: not ours to replace
+            kept[name] = kept.get(name, 0) + 1
+            continue
+        _set_forward(module, forward, restore)
+        counts[name] = counts.get(name, 0) + 1
+    changes = [Change(f"{name}.forward ({n} modules)", f"{name}.forward", f"fastlab {what}")
+               for name, n in counts.items()]
+    changes += [Change(f"{name}.forward ({n} modules)", "a forward set on the instance",
+                       "kept (skipped: fastlab replaces only the class's forward)")
+                for name, n in kept.items()]
+    return changes
+
+
+def _is_rms_norm(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor)
+            and weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None),
+                                                 float))
+
+
+def _rms_norm_forward(self, hidden_states):
+    """LlamaRMSNorm.forward through :func:`fastlab.ops.rms_norm` (same numerics)."""
+    return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _is_gated_mlp(module) -> bool:
+    return all(isinstance(getattr(module, name, None), torch.nn.Linear)
+               for name in ("gate_proj", "up_proj", "down_proj")) and hasattr(module, "act_fn")
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _swiglu_mlp_forward(self, x):
+    """LlamaMLP.forward with the gating ``act_fn(gate) * up`` in :func:`fastlab.ops.swiglu`."""
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _patch_rms_norm(model, restore) -> List[Change]:
+    return _patched_modules(model, _is_rms_norm, _rms_norm_forward, restore,
+                            "rms_norm (saves x and one fp32 value a row)")
+
+
+def _patch_mlp(model, restore) -> List[Change]:
+    changes = _patched_modules(model, lambda m: _is_gated_mlp(m) and _is_silu(m.act_fn),
+                               _swiglu_mlp_forward, restore,
+                               "swiglu between the projections (saves gate and up)")
+    other: Dict[Tuple[str, str], int] = {}
+    for module in model.modules():
+        if _is_gated_mlp(module) and not _is_silu(module.act_fn):
+            key = (type(module).__name__, type(module.act_fn).__name__)
+            other[key] = other.get(key, 0) + 1
+    changes += [Change(f"{name}.forward ({n} modules)", f"{name}.forward",
+                       f"kept (skipped: act_fn is {act}, fastlab's swiglu is SiLU's)")
+                for (name, act), n in other.items()]
+    return changes
+
+
+def fastlab_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' ``apply_rotary_pos_emb`` signature on :func:`fastlab.ops.apply_rotary`."""
+    return apply_rotary(q, k, cos, sin, unsqueeze_dim)
+
+
+_ROTARY_NAME = "apply_rotary_pos_emb"
+
+
+def _calls_rotary(fn) -> bool:
+    inner = inspect.unwrap(fn)
+    return (_ROTARY_NAME in getattr(getattr(inner, "__code__", None), "co_names", ())
+            and _ROTARY_NAME in getattr(inner, "__globals__", {}))
+
+
+def _rebound(fn, names: dict):
+    """A copy of ``fn`` whose global ``names`` are replaced: the innermost function of a
+    decorator chain (``__wrapped__``) gets a copy of its module's globals with ``names``
+    changed, and each wrapper above it a copy whose closure cell holding the function below
+    points to the new copy. The module and the class are left untouched."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        scope = dict(fn.__globals__)
+        scope.update(names)
+        new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__,
+                                 fn.__closure__)
+    else:
+        cells = fn.__closure__ or ()
+        if not any(c.cell_contents is inner for c in cells):
+            raise ValueError(f"{fn.__qualname__}: a decorator that holds its function "
+                             f"elsewhere than in its closure")
+        new_inner = _rebound(inner, names)
+        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c
+                        for c in cells)
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                                 closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    new.__qualname__ = fn.__qualname__
+    new.__module__ = fn.__module__
+    return new
+
+
+def _patch_rope(model, restore) -> List[Change]:
+    """Attention modules whose class forward calls the module-level apply_rotary_pos_emb get
+    a copy of that forward (on the instance) in which the name means fastlab's."""
+    forwards: Dict[type, Callable] = {}
+    changes = []
+    for module in model.modules():
+        cls = type(module)
+        if cls not in forwards and _calls_rotary(cls.forward):
+            try:
+                forwards[cls] = _rebound(cls.forward,
+                                         {_ROTARY_NAME: fastlab_apply_rotary_pos_emb})
+            except ValueError as error:
+                forwards[cls] = None
+                changes.append(Change(f"{cls.__name__}.forward", f"{cls.__name__}.forward",
+                                      f"kept (skipped: {error})"))
+    rebuilt = {cls: fn for cls, fn in forwards.items() if fn is not None}
+    for cls, fn in rebuilt.items():
+        module_name = inspect.unwrap(cls.forward).__module__.rsplit(".", 1)[-1]
+        changes += _patched_modules(
+            model, lambda m, cls=cls: type(m) is cls, fn, restore,
+            f"apply_rotary (this instance's forward calls it for {module_name}."
+            f"{_ROTARY_NAME}; saves cos and sin only)")
+    return changes
+
+
 # ---------------------------------------------------------------------------------- loss
 def _shifted(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Causal LM targets: token t predicts label t + 1; the last position predicts none."""
@@ -431,20 +600,29 @@ class _PatchState:
     restore: List[Callable[[], None]]
 
 
-def patch(model, *, loss: bool = True, attention: bool = True,
+def patch(model, *, loss: bool = True, attention: bool = True, rms_norm: bool = True,
+          mlp: bool = True, rope: bool = True,
           skip_logits: Optional[bool] = None) -> List[Change]:
-    """Put fastlab's fused linear cross-entropy and attention into ``model`` (in place).
+    """Put fastlab's fused linear cross-entropy, attention and (Llama-style models) RMSNorm,
+    SwiGLU and RoPE into ``model`` (in place).
 
     Args:
         model: a Llama-style causal LM, ``GPT2LMHeadModel`` or ``BertForMaskedLM``
             (subclasses too).
         loss: replace the loss (see the module docstring).
         attention: switch the attention implementation to ``"fastlab"``.
+        rms_norm: Llama-style models: every RMSNorm module's forward on
+            :func:`fastlab.ops.rms_norm`.
+        mlp: Llama-style models: every gated MLP whose ``act_fn`` is SiLU computes its
+            gating with :func:`fastlab.ops.swiglu` (others are kept and reported).
+        rope: Llama-style models: the attention modules apply RoPE with
+            :func:`fastlab.ops.apply_rotary`.
         skip_logits: which calls with labels skip the logits: None (default) in training
             mode, True always, False never.
 
     Returns:
-        The list of :class:`Change` made, in order. :func:`unpatch` undoes them.
+        The list of :class:`Change` made, in order (parts that were skipped say so).
+        :func:`unpatch` undoes them.
 
     Raises:
         TypeError: the model is of no supported family.
@@ -457,10 +635,14 @@ def patch(model, *, loss: bool = True, attention: bool = True,
         supported = ", ".join(c for f in _FAMILIES for c in f.classes)
         raise TypeError(f"fastlab.integrations.patch supports {supported} (and subclasses), "
                         f"got {type(model).__name__}")
-    return _patch(model, family, loss, attention, skip_logits)
+    return _patch(model, family, loss, attention, skip_logits,
+                  dict(rms_norm=rms_norm, mlp=mlp, rope=rope))
 
 
-def _patch(model, family, loss, attention, skip_logits) -> List[Change]:
+_LAYER_PARTS = (("rms_norm", _patch_rms_norm), ("mlp", _patch_mlp), ("rope", _patch_rope))
+
+
+def _patch(model, family, loss, attention, skip_logits, layers: Dict[str, bool]) -> List[Change]:
     if skip_logits not in (None, True, False):
         raise ValueError(f"skip_logits must be None, True or False, got {skip_logits!r}")
     if getattr(model, _STATE, None) is not None:
@@ -478,6 +660,10 @@ def _patch(model, family, loss, attention, skip_logits) -> List[Change]:
             changes += _patch_loss(model, family, skip_logits, restore)
         if attention:
             changes += _patch_attention(model, restore)
+        if family.llama_layers:
+            for name, patch_part in _LAYER_PARTS:
+                if layers[name]:
+                    changes += patch_part(model, restore)
     except BaseException:
         for undo in reversed(restore):
             undo()
@@ -506,11 +692,13 @@ def _family_patcher(name: str):
     family = next(f for f in _FAMILIES if f.name == name)
 
     def patch_family(model, *, loss: bool = True, attention: bool = True,
+                     rms_norm: bool = True, mlp: bool = True, rope: bool = True,
                      skip_logits: Optional[bool] = None) -> List[Change]:
         if _family_of(model) is not family:
             raise TypeError(f"patch_{name} expects a {' or '.join(family.classes)}, got "
                             f"{type(model).__name__}")
-        return _patch(model, family, loss, attention, skip_logits)
+        return _patch(model, family, loss, attention, skip_logits,
+                      dict(rms_norm=rms_norm, mlp=mlp, rope=rope))
 
     patch_family.__name__ = patch_family.__qualname__ = f"patch_{name}"
     patch_family.__doc__ = (f":func:`patch` for {' / '.join(family.classes)} only "
