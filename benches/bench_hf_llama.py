@@ -12,14 +12,15 @@ forward (labels = inputs, the model shifts them) + backward + AdamW step + zero_
 
 Variants, one after another in this process, in this order:
 - ``unpatched``: transformers as configured (SDPA attention, logits then the loss);
-- ``fastlab``: ``fastlab.integrations.patch(model)`` (fused linear cross-entropy, fastlab
-  attention);
+- ``fastlab``: ``fastlab.integrations.patch(model)`` (its defaults: fused linear
+  cross-entropy, fastlab attention, RMSNorm, SwiGLU and RoPE);
 - ``liger``: ``liger_kernel.transformers.apply_liger_kernel_to_llama(model=model)`` (its
   defaults: RoPE, RMSNorm, SwiGLU, fused linear cross-entropy). It runs last because Liger
   also replaces functions and classes of transformers' modeling_llama module for the whole
   process. Skipped, with the reason, when liger_kernel is not importable.
 
-Reported per variant: tokens/s (median, 20th and 80th percentile over the steps after
+Reported per variant: the parts patched (``parts``: loss, attention, rms_norm, mlp, rope,
+each true or false, read from what the patch reports) and the patch's change list, tokens/s (median, 20th and 80th percentile over the steps after
 ``--warmup``; each step timed with CUDA events, read once at the end so no step waits for
 the host), peak memory (``torch.cuda.max_memory_allocated``, reset before the model is
 built: weights, optimizer state and activations; and the part above what is allocated once
@@ -122,19 +123,35 @@ def build_optimizer(args, model, device):
                              fused=device.type == "cuda")
 
 
+PARTS = ("loss", "attention", "rms_norm", "mlp", "rope")
+
+
+def fastlab_parts(changes):
+    """Which of :data:`PARTS` a fastlab patch's change list shows as done by fastlab."""
+    done = [c for c in changes if "fastlab" in c.after and not c.after.startswith("kept")]
+    targets = [c.target for c in done]
+    return dict(loss="forward" in targets,
+                attention="config._attn_implementation" in targets,
+                rms_norm=any("RMSNorm.forward" in t for t in targets),
+                mlp=any("swiglu" in c.after for c in done),
+                rope=any("apply_rotary" in c.after for c in done))
+
+
 def apply_variant(name, model):
-    """Patch ``model`` for the variant; returns what the patch reports."""
+    """Patch ``model`` for the variant; returns (what the patch reports, parts patched)."""
     if name == "fastlab":
         import fastlab.integrations
 
-        return [str(c) for c in fastlab.integrations.patch(model)]
+        changes = fastlab.integrations.patch(model)
+        return [str(c) for c in changes], fastlab_parts(changes)
     if name == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(model=model)
-        return ["apply_liger_kernel_to_llama(model=model): rope, rms_norm, swiglu, "
-                "fused_linear_cross_entropy"]
-    return []
+        return (["apply_liger_kernel_to_llama(model=model): rope, rms_norm, swiglu, "
+                 "fused_linear_cross_entropy"],
+                dict(loss=True, attention=False, rms_norm=True, mlp=True, rope=True))
+    return [], dict.fromkeys(PARTS, False)
 
 
 class Timer:
@@ -167,7 +184,7 @@ def run_variant(name, args, config, batches, device):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         model = build_model(args, config, device)
-        record["changes"] = apply_variant(name, model)
+        record["changes"], record["parts"] = apply_variant(name, model)
         optimizer = build_optimizer(args, model, device)
         base = torch.cuda.memory_allocated() if cuda else None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16,
