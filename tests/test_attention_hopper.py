@@ -153,7 +153,7 @@ def _sdpa_reference(q, k, v, causal):
 def test_gpu_real_sizes(b, hq, hkv, q_len, kv_len, d, layout, causal):
     if not causal and q_len > 2048:
         pytest.skip("one non-causal long case is enough")
-    q, k, v = (x.detach().requires_grad_() for x in _qkv(b, hq, hkv, q_len, kv_len, d,
+    q, k, v = (x.requires_grad_() for x in _qkv(b, hq, hkv, q_len, kv_len, d,
                                                  torch.bfloat16, layout, "cuda"))
     grad_out = randn((b, hq, q_len, d), torch.bfloat16, "cuda", seed=4)
     before = dict(hopper.CALLS)
@@ -185,7 +185,7 @@ def test_gpu_real_sizes(b, hq, hkv, q_len, kv_len, d, layout, causal):
 def test_gpu_same_as_portable_kernels(monkeypatch):
     """Hopper and portable kernels agree closely (same algorithm, different tiling), and
     the switch routes to the portable ones."""
-    q, k, v = (x.detach().requires_grad_() for x in _qkv(2, 12, 12, 1024, 1024, 64, torch.bfloat16,
+    q, k, v = (x.requires_grad_() for x in _qkv(2, 12, 12, 1024, 1024, 64, torch.bfloat16,
                                                  "qkv", "cuda"))
     grad_out = randn((2, 12, 1024, 64), torch.bfloat16, "cuda", seed=4)
     results = []
