@@ -30,10 +30,6 @@ exp; the backward multiplies dS by 1 - tanh^2), ALiBi (-slope * |i + shift - j| 
 and dropout of P after the softmax, drawn from a counter-based uint32 hash of (key, b, h,
 i, j) (see _kept) that the backward recomputes: no mask is stored.
 
-On Hopper GPUs the common case (dense fp16/bf16, D 64 or 128, no options) runs the
-TMA-descriptor kernels of ``kernels.attention_hopper`` instead, with the same outputs;
-everything else runs the kernels below.
-
 Key blocks above the causal diagonal are skipped; only blocks that cut the diagonal or
 the key length run the masked variant of the inner loop (``MASK`` constexpr). Each kernel's
 grid is 1-D, its programs ordered by ``_block_order``: chunks of sequences that share L2,
@@ -954,11 +950,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Dense (B, H, S, D) inputs give an LSE (B, Hq, Sq); packed ones (``cu_seqlens_q`` and
     ``cu_seqlens_k`` given, tensors (total, H, D)) an LSE (Hq, total_q).
     """
-    from . import attention_hopper as hopper  # imports this module: not at the top
-
-    if hopper.covers(q, k, v, kv_lens, cu_seqlens_q=cu_seqlens_q, window=window,
-                     softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
-        return hopper.attention_forward(q, k, v, causal, scale)
     layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = torch.empty(layout.lse_shape, device=q.device, dtype=torch.float32)
@@ -993,13 +984,6 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
                        softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
                        dropout_key: int = 0, dropout_threshold: int = 0):
     """dQ, dK, dV (layouts of q, k, v) given dO and, optionally, the gradient of the LSE."""
-    from . import attention_hopper as hopper
-
-    if (lse.is_contiguous() and (grad_lse is None or grad_lse.shape == lse.shape)
-            and hopper.covers(q, k, v, kv_lens, cu_seqlens_q=cu_seqlens_q, window=window,
-                              softcap=softcap, alibi_slopes=alibi_slopes,
-                              dropout_p=dropout_p, others=(grad_out, out))):
-        return hopper.attention_backward(grad_out, grad_lse, q, k, v, out, lse, causal, scale)
     layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # packed: keys of sequences that no query block reaches (none when the offsets are
     # valid) keep a defined gradient of 0

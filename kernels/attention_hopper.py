@@ -474,8 +474,6 @@ def covers(q, k, v, kv_lens=None, *, cu_seqlens_q=None, window=(-1, -1), softcap
     ``others``: further tensors the call reads or writes through descriptors (dO, O)."""
     if not HOPPER or INTERPRETING or TensorDescriptor is None:
         return False
-    if q.numel() == 0 or k.numel() == 0:
-        return False
     if (cu_seqlens_q is not None or kv_lens is not None or tuple(window) != (-1, -1)
             or softcap > 0 or alibi_slopes is not None or dropout_p > 0):
         return False
@@ -504,12 +502,10 @@ def _flat_view(x: torch.Tensor):
     """(shape, strides, row_b, row_h, col_h) of the flat 2-D descriptor of ``x``, or None
     when its tokens are not rows of one 2-D array (see the module docstring)."""
     b, h, s, d = x.shape
-    sb, sh, ss, _ = x.stride()
-    if s == 1:
-        ss = _normalised_strides(x)[2]
-    if (h == 1 or sh == s * ss) and (b == 1 or sb == h * s * ss):  # (B, H, S, D) order
+    sb, sh, ss, _ = _normalised_strides(x)
+    if sh == s * ss and sb == h * sh:  # (B, H, S, D) order
         return [b * h * s, d], [ss, 1], h * s, s, 0
-    if (h == 1 or sh == d) and (b == 1 or sb == s * ss):  # (B, S, H, D), heads side by side
+    if sh == d and sb == s * ss:  # (B, S, H, D) order, heads side by side
         return [b * s, h * d], [ss, 1], s, 0, d
     return None
 
