@@ -8,13 +8,22 @@ the (tokens x vocabulary) logits never exist in training; ``logits`` computes th
 :func:`fastlab.ops.cross_entropy` (both exact, fp32 inside). Initialisation is GPT-2's:
 normal(0, 0.02) everywhere (``init="normal"``) or GPT-2's, with the projections that
 write into the residual stream scaled by 1 / sqrt(2 * n_layer) (``init="gpt2"``).
+
+``recompute="pointwise"`` trades time for memory in training: each block runs under a
+selective activation checkpoint that keeps what the matmuls and fastlab's ops produce
+(projections, attention output and LSE) and recomputes the rest in the backward
+(LayerNorms, GELU, residual sums, autocast's bf16 copies of the weights). Under
+torch.compile the recomputed ops fuse into the backward's own pointwise kernels.
 """
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from fastlab.nn.attention import Attention
 from fastlab.nn.kvcache import KVCache
@@ -24,6 +33,19 @@ from fastlab.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 LOSSES = ("fused", "logits")
 BIASES = ("all", "mlp", "none")
 INITS = ("normal", "gpt2")
+RECOMPUTE = ("none", "pointwise")
+
+#: matmuls whose outputs a pointwise-recompute block keeps
+_KEPT = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpoint policy: save matmul and fastlab op outputs (and random draws,
+    such as dropout's, which must not be drawn again), recompute the rest."""
+    if (op in _KEPT or getattr(op, "namespace", "") == "fastlab"
+            or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @dataclass
@@ -44,12 +66,16 @@ class GPTConfig:
     loss: str = "fused"
     #: normal: N(0, 0.02) everywhere; gpt2: residual projections scaled by 1/sqrt(2 n_layer)
     init: str = "normal"
+    #: none, or pointwise: recompute norms, activations and residual sums in the backward
+    recompute: str = "none"
 
     def __post_init__(self):
         if self.bias not in BIASES:
             raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
@@ -60,7 +86,7 @@ class GPTConfig:
                    n_head=model_cfg.n_head, d_model=model_cfg.d_model, d_hid=model_cfg.d_hid,
                    dropout=model_cfg.dropout, bias=model_cfg.bias,
                    tie_embeddings=model_cfg.tie_embeddings, loss=model_cfg.loss,
-                   init=model_cfg.init)
+                   init=model_cfg.init, recompute=model_cfg.recompute)
 
 
 class Block(nn.Module):
@@ -139,8 +165,14 @@ class GPT(nn.Module):
             pos = caches[0].lengths.long()[:, None] + torch.arange(s, device=idx.device)
             pos = pos.clamp(max=self.cfg.block_size - 1)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        recompute = (self.cfg.recompute == "pointwise" and caches is None
+                     and torch.is_grad_enabled())
+        context = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], new_lens)
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+            else:
+                x = block(x, None if caches is None else caches[i], new_lens)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         x = self.ln_f(x)

@@ -35,6 +35,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 GPT_LOSSES = ("fused", "logits")
 GPT_BIASES = ("all", "mlp", "none")
+GPT_RECOMPUTE = ("none", "pointwise")
 
 
 def _finite(value: float, key: str) -> None:
@@ -69,6 +70,10 @@ class ModelConfig:
     #: gpt: normal (N(0, 0.02) everywhere) or gpt2 (the projections into the residual
     #: stream scaled by 1 / sqrt(2 x model.n_layer))
     init: str = "normal"
+    #: gpt: none (the backward reads every activation it needs from memory) or pointwise
+    #: (each block keeps its matmul and attention outputs and recomputes its LayerNorms,
+    #: GELU, residual sums and bf16 weight copies in the backward: less memory, more time)
+    recompute: str = "none"
     #: thinker only: latent memory vectors, >= 1
     n_latent: int = 8
     #: thinker only: memory update steps, >= 1
@@ -84,6 +89,8 @@ class ModelConfig:
                f"model.bias must be one of {GPT_BIASES}, got {self.bias!r}")
         _check(self.init in ("normal", "gpt2"),
                f"model.init must be normal or gpt2, got {self.init!r}")
+        _check(self.recompute in GPT_RECOMPUTE,
+               f"model.recompute must be one of {GPT_RECOMPUTE}, got {self.recompute!r}")
         _check(self.loss in GPT_LOSSES,
                f"model.loss must be one of {GPT_LOSSES}, got {self.loss!r}")
         _check(self.n_layer >= 1, f"model.n_layer must be >= 1, got {self.n_layer}")
