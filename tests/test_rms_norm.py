@@ -22,11 +22,19 @@ def _close(got, want, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_tests_on_cpu_only(request):
+    """The CPU tests force the kernel on CPU tensors, which needs Triton's interpreter; on a
+    CUDA machine only the gpu tests below run."""
+    if torch.cuda.is_available() and "gpu" not in request.keywords:
+        pytest.skip("CPU interpreter test: runs where no CUDA device is present")
+
+
 def _run(fn, x, w):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
     y = fn(x, w, EPS)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
     y.backward(g)
     return y.detach(), x.grad, w.grad
 
@@ -128,3 +136,18 @@ def test_opcheck():
     x = torch.randn(3, 2, 12, requires_grad=True)
     w = (torch.rand(12) + 0.5).requires_grad_()
     torch.library.opcheck(_rms_norm_fwd, (x, w, EPS))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, dtype, weight_dtype", [((4096, 2048), torch.bfloat16, None),
+                                                        ((3, 1000, 4095), torch.bfloat16,
+                                                         torch.float32),
+                                                        ((2048, 4096), torch.float32, None)])
+def test_gpu_real_sizes_against_float64(shape, dtype, weight_dtype):
+    x = (torch.randn(shape) * 3 + 0.5).to(dtype)
+    w = (torch.rand(shape[-1]) + 0.5).to(weight_dtype or dtype)
+    y, dx, dw = (t.cpu() for t in _run(rms_norm, x.cuda(), w.cuda()))
+    want_y, want_dx, want_dw = _run(rms_norm_ref, x.double(), w.double())
+    _close(y, want_y, dtype, "y")
+    _close(dx, want_dx, dtype, "dx")
+    _close(dw, want_dw, dtype, "dweight")
