@@ -37,6 +37,15 @@ def assert_close(actual, expected, dtype: Optional[torch.dtype] = None, scale: f
     )
 
 
+def assert_close_to_max(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float,
+                        what: str) -> None:
+    """``got`` within ``rtol`` of ``want`` plus ``atol`` times the largest ``|want|``,
+    compared in float64; ``what`` names the tensor in the message."""
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def assert_attention_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor],
                            dtype: torch.dtype, scale: float, tf32: bool) -> None:
     """Compare an attention's (out, lse, dq, dk, dv) with the float64 oracle's: no NaN,

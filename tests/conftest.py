@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def interpreter_only(request):
+    """For modules whose CPU tests force the kernel on CPU tensors (Triton's interpreter): on
+    a CUDA machine only their gpu tests run."""
+    if HAS_CUDA and "gpu" not in request.keywords:
+        pytest.skip("CPU interpreter test: runs where no CUDA device is present")
+
+
+@pytest.fixture
 def device():
     """The device real-size checks run on: CUDA when present."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

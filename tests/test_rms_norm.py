@@ -10,24 +10,17 @@ import pytest
 import torch
 
 from fastlab.ops import backend, rms_norm, rms_norm_ref
+from fastlab.testing import assert_close_to_max
 
 TOLS = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
 EPS = 1e-6
 
 
+pytestmark = pytest.mark.usefixtures("interpreter_only")
+
+
 def _close(got, want, dtype, what):
-    rtol, atol = TOLS[dtype]
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * scale,
-                               msg=lambda m: f"{what}: {m}")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_tests_on_cpu_only(request):
-    """The CPU tests force the kernel on CPU tensors, which needs Triton's interpreter; on a
-    CUDA machine only the gpu tests below run."""
-    if torch.cuda.is_available() and "gpu" not in request.keywords:
-        pytest.skip("CPU interpreter test: runs where no CUDA device is present")
+    assert_close_to_max(got, want, *TOLS[dtype], what)
 
 
 def _run(fn, x, w):

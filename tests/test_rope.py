@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from fastlab.ops import apply_rotary, apply_rotary_ref, backend
+from fastlab.testing import assert_close_to_max
 
 TOLS = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 8e-3)}
 
 
+pytestmark = pytest.mark.usefixtures("interpreter_only")
+
+
 def _close(got, want, dtype, what):
-    rtol, atol = TOLS[dtype]
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    assert_close_to_max(got, want, *TOLS[dtype], what)
 
 
 def _cos_sin(batch, seq, dim, layout, dtype, theta=10000.0):
@@ -29,14 +30,6 @@ def _cos_sin(batch, seq, dim, layout, dtype, theta=10000.0):
     emb = torch.cat([positions[..., None] * inv_freq] * 2, dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     return (cos[0], sin[0]) if layout == "2d" else (cos, sin)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_tests_on_cpu_only(request):
-    """The CPU tests force the kernel on CPU tensors, which needs Triton's interpreter; on a
-    CUDA machine only the gpu tests below run."""
-    if torch.cuda.is_available() and "gpu" not in request.keywords:
-        pytest.skip("CPU interpreter test: runs where no CUDA device is present")
 
 
 def _run(fn, q, k, cos, sin):
