@@ -9,6 +9,7 @@ from ``tl.log`` so it runs everywhere.
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -51,6 +52,16 @@ def log1p(x):
     d = u - 1.0
     safe_d = tl.where(d == 0.0, 1.0, d)
     return tl.where(d == 0.0, x, tl.where(u == float("inf"), u, tl.log(u) * (x / safe_d)))
+
+
+def launch(kernel):
+    """``kernel`` as ``torch.library.wrap_triton`` wraps it, for launches inside a
+    ``torch.library.triton_op``: traced, the launch becomes a node Inductor schedules; on
+    real tensors it is the plain launch. Under the interpreter the kernel itself (an
+    interpreted kernel cannot be traced, and ``wrap_triton`` takes only compiled ones)."""
+    if INTERPRETING:
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def next_power_of_2(n: int) -> int:

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_power_of_2
+from ._common import launch, next_power_of_2
 
 LOG2E_HI = tl.constexpr(1.4426950216293335)  # log2(e) rounded to float32
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)  # log2(e) - LOG2E_HI
@@ -420,7 +420,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scal
                          f"{cfg['block_v']}")
     write_grad = grad is not None
     out = grad if write_grad else logits
-    _cross_entropy_kernel[(max(1, min(N, cfg["programs"])),)](
+    launch(_cross_entropy_kernel)[(max(1, min(N, cfg["programs"])),)](
         logits, out, target, scale, loss, zloss, N,
         logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), target.stride(0),
         scale.stride(0) if scale.dim() else 0,
@@ -439,8 +439,9 @@ def count_valid(target: torch.Tensor, ignore_index: int, mean: bool):
     n_valid = torch.empty_like(factor)
     N = target.shape[0]
     block, warps = _one_program_block(N)
-    _count_valid_kernel[(1,)](target, N, target.stride(0) if N else 1, ignore_index, factor,
-                              n_valid, MEAN=mean, BLOCK=block, num_warps=warps)
+    launch(_count_valid_kernel)[(1,)](target, N, target.stride(0) if N else 1, ignore_index,
+                                      factor, n_valid, MEAN=mean, BLOCK=block,
+                                      num_warps=warps)
     return factor, n_valid
 
 
@@ -450,8 +451,8 @@ def reduce_rows(loss: torch.Tensor, zloss: torch.Tensor, n_valid: torch.Tensor, 
     out = torch.empty((), device=loss.device, dtype=torch.float32)
     zout = torch.empty_like(out)
     block, warps = _one_program_block(loss.shape[0])
-    _reduce_rows_kernel[(1,)](loss, zloss, loss.shape[0], n_valid, out, zout, MEAN=mean,
-                              BLOCK=block, num_warps=warps)
+    launch(_reduce_rows_kernel)[(1,)](loss, zloss, loss.shape[0], n_valid, out, zout,
+                                      MEAN=mean, BLOCK=block, num_warps=warps)
     return out, zout
 
 
@@ -471,9 +472,9 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         return
     tiles = N * triton.cdiv(V, _SCALE_BLOCK)
     grid = (max(1, min(tiles, _SCALE_PROGRAMS_PER_SM * _sm_count(grad.device))),)
-    _scale_rows_kernel[grid](grad, scale, N, V, grad.stride(0), grad.stride(1),
-                             scale.stride(0) if scale.dim() else 0, BLOCK_V=_SCALE_BLOCK,
-                             num_warps=8)
+    launch(_scale_rows_kernel)[grid](grad, scale, N, V, grad.stride(0), grad.stride(1),
+                                     scale.stride(0) if scale.dim() else 0,
+                                     BLOCK_V=_SCALE_BLOCK, num_warps=8)
 
 
 @functools.lru_cache(maxsize=None)

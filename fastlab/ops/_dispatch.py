@@ -84,12 +84,118 @@ def eager(*args) -> bool:
         for a in args)
 
 
-def call_op(op, impl, *args):
-    """Run a custom op's Python body ``impl`` directly in eager mode on plain tensors.
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
-    Going through the ``torch.library`` dispatcher costs ~100 us of host time per call in
-    eager mode, more than the GPU time of a small attention or a decode step. The op is
-    only needed where its schema and fake kernel are: under ``torch.compile`` and with
-    tensor subclasses; both run the same ``impl``.
+
+class Op:
+    """One fastlab op: its ``torch.library`` op, fake kernel and autograd, and the eager
+    fast path that runs its Python body without the dispatcher.
+
+    Kinds (:func:`define_op`, :func:`extension_op`):
+
+    * ``triton``: :func:`torch.library.triton_op`, whose body launches its kernels through
+      :func:`fastlab.kernels._common.launch` (``wrap_triton``), so Inductor sees and
+      schedules them. Under ``TRITON_INTERPRET=1`` an interpreted kernel cannot be traced
+      (its launch would read fake tensors' data), so there it is a custom op instead.
+    * ``custom``: :func:`torch.library.custom_op`, opaque to the compiler (bodies whose
+      kernels are launched without ``wrap_triton``, and reference-only ops).
+    * ``extension``: an op the C++ extension defines (schema and kernels); only its fake
+      kernel and autograd are registered here.
+
+    Calling the op: on plain tensors outside ``torch.compile`` the body runs directly
+    (under an :class:`torch.autograd.Function` built from the same ``backward`` and
+    ``setup_context`` when a gradient is wanted): the dispatcher costs ~100 us of host time
+    per eager call, more than the GPU time of a small attention or a decode step. Under
+    ``torch.compile`` and with tensor subclasses the call goes through the registered op.
+    Ops that write into buffers (``mutates_args``) take no ``backward``: ``register_autograd``
+    accepts functional ops only, so their callers wrap them in an ``autograd.Function``.
     """
-    return impl(*args) if eager(*args) else op(*args)
+
+    def __init__(self, name: str, impl, *, fake, mutates_args=(), kind: str = "custom",
+                 backward=None, setup_context=None):
+        if (backward is None) != (setup_context is None):
+            raise ValueError(f"{name}: backward and setup_context go together")
+        if backward is not None and mutates_args:
+            raise ValueError(f"{name}: register_autograd accepts functional ops only")
+        self.name = name
+        self.kind = kind
+        if kind == "extension":
+            # the extension names the module of its fakes: extension_op's caller
+            torch.library.register_fake(name, _stacklevel=3)(fake)
+            self.op = getattr(torch.ops.fastlab, name.split("::")[1])
+        elif kind in ("triton", "custom"):
+            define = torch.library.triton_op if kind == "triton" else torch.library.custom_op
+            self.op = define(name, impl, mutates_args=tuple(mutates_args))
+            # the same fake for both kinds (triton_op would trace the body for it)
+            self.op.register_fake(fake)
+        else:
+            raise ValueError(f"{name}: kind must be 'triton', 'custom' or 'extension', "
+                             f"got {kind!r}")
+        self._body = impl if kind != "triton" else _without_wrap_triton(impl)
+        self._function = None
+        if backward is not None:
+            torch.library.register_autograd(name, backward, setup_context=setup_context)
+            if impl is not None:
+                self._function = _eager_function(name, impl, backward, setup_context)
+
+    def __call__(self, *args):
+        if self._body is None or not eager(*args):
+            return self.op(*args)
+        if self._function is not None and _needs_grad(args):
+            return self._function.apply(*args)
+        return self._body(*args)
+
+
+def _without_wrap_triton(impl):
+    """``impl`` with ``wrap_triton`` handing back the plain kernels, as the triton_op's own
+    eager call does: on real tensors the traceable wrapper only adds host time."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    @functools.wraps(impl)
+    def run(*args):
+        with set_wrap_triton_enabled(False):
+            return impl(*args)
+
+    return run
+
+
+def _eager_function(name: str, impl, backward, setup_context):
+    """The eager path's autograd: the op's body with its registered backward."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name.split("::")[1], (torch.autograd.Function,),
+                dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+
+def triton_op_supported() -> bool:
+    """Whether a ``triton`` op is a ``torch.library.triton_op`` here (Triton installed and
+    the kernels compiled, not interpreted)."""
+    return triton_available() and not interpreting()
+
+
+def define_op(name: str, *, fake, mutates_args=(), triton: bool = False, backward=None,
+              setup_context=None):
+    """Decorator: the op ``name`` ("fastlab::...") from its Python body, schema inferred
+    from the body's annotations, as an :class:`Op`. ``triton=True``: the body launches
+    Triton kernels through ``fastlab.kernels._common.launch`` (a ``triton_op`` where
+    :func:`triton_op_supported`). ``backward``/``setup_context`` as for
+    ``torch.library.register_autograd``."""
+    kind = "triton" if triton and triton_op_supported() else "custom"
+
+    def build(impl) -> Op:
+        return Op(name, impl, fake=fake, mutates_args=mutates_args, kind=kind,
+                  backward=backward, setup_context=setup_context)
+
+    return build
+
+
+def extension_op(name: str, *, fake, backward=None, setup_context=None) -> Op:
+    """The :class:`Op` of ``name``, defined with its kernels by the C++ extension."""
+    return Op(name, None, fake=fake, kind="extension", backward=backward,
+              setup_context=setup_context)

@@ -43,7 +43,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from fastlab.ops._dispatch import call_op, eager, use_triton
+from fastlab.ops._dispatch import define_op, use_triton
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -381,29 +381,22 @@ def _attention_bwd_impl(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor]
     return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
 
 
-_attention_fwd = torch.library.custom_op("fastlab::attention_fwd", mutates_args=())(
-    _attention_fwd_impl)
-_attention_bwd = torch.library.custom_op("fastlab::attention_bwd", mutates_args=())(
-    _attention_bwd_impl)
-
-
 def _lse_shape(q: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor]):
     return q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, kv_lens, cu_seqlens_q, *args):
+def _fwd_fake(q, k, v, kv_lens, cu_seqlens_q, *args):
     return (torch.empty_like(q),
             q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_compute_dtype(q.dtype)))
 
 
-@_attention_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, *args):
+def _bwd_fake(grad_out, grad_lse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-#: Number of tensor inputs of the forward op before its non-differentiable arguments.
-_N_QKV = 3
+# Custom ops, not triton_ops: fastlab.kernels.attention launches its kernels without
+# wrap_triton, so the compiler keeps these ops opaque.
+_attention_bwd = define_op("fastlab::attention_bwd", fake=_bwd_fake)(_attention_bwd_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -419,36 +412,13 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = call_op(_attention_bwd, _attention_bwd_impl, grad_out, grad_lse, q, k, v,
-                         out, lse, *tensors, *ctx.scalars)
+    dq, dk, dv = _attention_bwd(grad_out, grad_lse, q, k, v, out, lse, *tensors,
+                                *ctx.scalars)
     return (dq, dk, dv) + (None,) * (len(tensors) + len(ctx.scalars))
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _Attention(torch.autograd.Function):
-    """Eager-mode autograd around the same bodies as the custom ops, without their
-    dispatcher overhead (see :func:`fastlab.ops._dispatch.call_op`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _attention_fwd_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _backward(ctx, grad_out, grad_lse)
-
-
-def _run_attention(*inputs):
-    q, k, v = inputs[:_N_QKV]
-    if not eager(*inputs[:7]):
-        return _attention_fwd(*inputs)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(*inputs)
-    return _attention_fwd_impl(*inputs)  # inference: no graph node
+_attention_fwd = define_op("fastlab::attention_fwd", fake=_fwd_fake, backward=_backward,
+                           setup_context=_setup_context)(_attention_fwd_impl)
 
 
 # ----------------------------------------------------------------------------------------
@@ -638,7 +608,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_options("attention", q, q.shape[0], window, softcap, alibi_slopes, dropout_p,
                    dropout_seed, dropout_offset)
     opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)
-    out, lse = _run_attention(q, k, v, kv_lens, None, None, alibi_slopes, 0, 0, bool(causal),
+    out, lse = _attention_fwd(q, k, v, kv_lens, None, None, alibi_slopes, 0, 0, bool(causal),
                               float(scale), *opts)
     return (out, lse) if return_lse else out
 
@@ -682,7 +652,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_options("attention_varlen", q, cu_seqlens_q.shape[0] - 1, window, softcap,
                    alibi_slopes, dropout_p, dropout_seed, dropout_offset)
     opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)
-    out, lse = _run_attention(q, k, v, None, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               int(max_seqlen_q), int(max_seqlen_k), bool(causal),
                               float(scale), *opts)
     return (out, lse) if return_lse else out

@@ -26,9 +26,13 @@ backward writes the gradient already multiplied by its incoming factor, rounding
 once (one more read of the logits). bf16 has fp32's exponent range and keeps the one-pass
 design.
 
-The gradient buffer is written in place by the custom ops, and ``register_autograd``
-accepts functional ops only, so autograd is an ``autograd.Function`` around the custom
-ops; torch.compile traces it with no graph break.
+Ops (:func:`fastlab.ops._dispatch.define_op`): ``fastlab::cross_entropy_forward`` (the
+loss, and the gradient into a buffer or over the logits), ``fastlab::cross_entropy_backward``
+(float16's deferred gradient) and ``fastlab::scale_grad``, each a ``torch.library.triton_op``
+whose kernels Inductor sees. They write the gradient in place and ``register_autograd``
+accepts functional ops only, so autograd is an ``autograd.Function`` around them;
+torch.compile traces it with no graph break. Under torch.compile the target check below
+is skipped (a traced body cannot read values on the host).
 
 Targets outside [0, V) that are not ``ignore_index`` raise a ValueError naming ``target``
 when ``check_targets`` is true, which costs a host sync on CUDA. The default checks CPU
@@ -40,7 +44,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastlab.ops._dispatch import call_op, use_triton
+from fastlab.ops._dispatch import define_op, use_triton
 
 _REDUCTIONS = ("none", "mean", "sum")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -177,9 +181,11 @@ def _grad_scale(target: Tensor, ignore_index: int,
 def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore_index: int,
                   label_smoothing: float, z_loss: float, reduction: str,
                   check_targets: bool) -> Tuple[Tensor, Tensor]:
-    """Loss and reported z-loss; writes the pre-scaled gradient into ``grad`` if given."""
+    """Loss and reported z-loss; writes the pre-scaled gradient into ``grad`` if given
+    (``grad`` may be ``logits`` itself)."""
     V = logits.shape[-1]
-    if check_targets:
+    if check_targets and not torch.compiler.is_compiling():
+        # a host read: traced bodies (fake tensors) cannot make it
         check_target_range(target, V, ignore_index)
     x, t = _as_rows(logits, target)
     grad2d = None if grad is None else grad.view(-1, V)
@@ -206,6 +212,20 @@ def _forward_impl(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore
     return loss, zl
 
 
+def _fake_outputs(logits: Tensor, target: Tensor, grad: Optional[Tensor], ignore_index: int,
+                  label_smoothing: float, z_loss: float, reduction: str,
+                  check_targets: bool) -> Tuple[Tensor, Tensor]:
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    shape = logits.shape[:-1] if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=out_dtype), logits.new_empty(shape, dtype=out_dtype)
+
+
+#: Loss and z-loss of the rows; with ``grad`` (a fresh buffer, or ``logits`` itself for
+#: ``inplace_backward``) also their gradient, pre-scaled for the reduction.
+_forward = define_op("fastlab::cross_entropy_forward", fake=_fake_outputs,
+                     mutates_args=("grad",), triton=True)(_forward_impl)
+
+
 def _backward_impl(logits: Tensor, target: Tensor, grad: Tensor, factor: Tensor,
                    ignore_index: int, label_smoothing: float, z_loss: float,
                    reduction: str) -> None:
@@ -230,69 +250,15 @@ def _backward_impl(logits: Tensor, target: Tensor, grad: Tensor, factor: Tensor,
     grad2d.copy_(g * (rows.double()[:, None] if rows.dim() else rows.double()))
 
 
-def _backward_op_impl(logits: Tensor, target: Tensor, grad: Tensor, factor: Tensor,
-                      ignore_index: int, label_smoothing: float, z_loss: float,
-                      reduction: str) -> None:
-    _backward_impl(logits, target, grad, factor, ignore_index, label_smoothing, z_loss,
-                   reduction)
+def _no_outputs(*args) -> None:
+    return None
 
 
-_backward_op = torch.library.custom_op("fastlab::cross_entropy_backward",
-                                       mutates_args=("grad",))(_backward_op_impl)
+_backward = define_op("fastlab::cross_entropy_backward", fake=_no_outputs,
+                      mutates_args=("grad",), triton=True)(_backward_impl)
 
 
-def _backward_inplace_op_impl(logits: Tensor, target: Tensor, factor: Tensor,
-                              ignore_index: int, label_smoothing: float, z_loss: float,
-                              reduction: str) -> None:
-    _backward_impl(logits, target, logits, factor, ignore_index, label_smoothing, z_loss,
-                   reduction)
-
-
-_backward_inplace_op = torch.library.custom_op("fastlab::cross_entropy_backward_inplace",
-                                               mutates_args=("logits",))(
-    _backward_inplace_op_impl)
-
-
-def _fake_outputs(logits: Tensor, reduction: str) -> Tuple[Tensor, Tensor]:
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    shape = logits.shape[:-1] if reduction == "none" else ()
-    return logits.new_empty(shape, dtype=out_dtype), logits.new_empty(shape, dtype=out_dtype)
-
-
-def _forward_op_impl(logits: Tensor, target: Tensor, ignore_index: int,
-                     label_smoothing: float, z_loss: float, reduction: str,
-                     check_targets: bool) -> Tuple[Tensor, Tensor]:
-    return _forward_impl(logits, target, None, ignore_index, label_smoothing, z_loss,
-                         reduction, check_targets)
-
-
-_forward_op = torch.library.custom_op("fastlab::cross_entropy_forward", mutates_args=())(
-    _forward_op_impl)
-
-
-def _forward_grad_op_impl(logits: Tensor, target: Tensor, grad: Tensor, ignore_index: int,
-                          label_smoothing: float, z_loss: float, reduction: str,
-                          check_targets: bool) -> Tuple[Tensor, Tensor]:
-    return _forward_impl(logits, target, grad, ignore_index, label_smoothing, z_loss,
-                         reduction, check_targets)
-
-
-_forward_grad_op = torch.library.custom_op("fastlab::cross_entropy_forward_grad",
-                                          mutates_args=("grad",))(_forward_grad_op_impl)
-
-
-def _forward_inplace_op_impl(logits: Tensor, target: Tensor, ignore_index: int,
-                             label_smoothing: float, z_loss: float, reduction: str,
-                             check_targets: bool) -> Tuple[Tensor, Tensor]:
-    return _forward_impl(logits, target, logits, ignore_index, label_smoothing, z_loss,
-                         reduction, check_targets)
-
-
-_forward_inplace_op = torch.library.custom_op("fastlab::cross_entropy_forward_inplace",
-                                             mutates_args=("logits",))(_forward_inplace_op_impl)
-
-
-def _scale_grad_op_impl(grad: Tensor, factor: Tensor) -> None:
+def _scale_grad_impl(grad: Tensor, factor: Tensor) -> None:
     """Multiply ``grad`` (..., K) by ``factor``: one value, or one per row (...)."""
     if grad.numel() == 0:
         return
@@ -307,46 +273,17 @@ def _scale_grad_op_impl(grad: Tensor, factor: Tensor) -> None:
         rows.copy_(rows * (per_row[:, None] if per_row.dim() else per_row))
 
 
-_scale_grad_op = torch.library.custom_op("fastlab::scale_grad", mutates_args=("grad",))(
-    _scale_grad_op_impl)
-
-
-@_forward_op.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss, reduction, check_targets):
-    return _fake_outputs(logits, reduction)
-
-
-@_forward_grad_op.register_fake
-def _(logits, target, grad, ignore_index, label_smoothing, z_loss, reduction,
-      check_targets):
-    return _fake_outputs(logits, reduction)
-
-
-@_forward_inplace_op.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss, reduction, check_targets):
-    return _fake_outputs(logits, reduction)
-
-
-@_scale_grad_op.register_fake
-def _(grad, factor):
-    return None
-
-
-@_backward_op.register_fake
-def _(logits, target, grad, factor, ignore_index, label_smoothing, z_loss, reduction):
-    return None
-
-
-@_backward_inplace_op.register_fake
-def _(logits, target, factor, ignore_index, label_smoothing, z_loss, reduction):
-    return None
+_scale_grad = define_op("fastlab::scale_grad", fake=_no_outputs, mutates_args=("grad",),
+                        triton=True)(_scale_grad_impl)
 
 
 def scale_grad_(grad: Tensor, factor: Tensor) -> None:
     """In-place ``grad *= factor`` that leaves rows with factor exactly 1 untouched."""
-    call_op(_scale_grad_op, _scale_grad_op_impl, grad, factor)
+    _scale_grad(grad, factor)
 
 
+# The ops write the gradient into a buffer (or over the logits), and register_autograd
+# takes functional ops only: autograd is this Function around them.
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction,
@@ -354,19 +291,17 @@ class _CrossEntropy(torch.autograd.Function):
         args = (ignore_index, label_smoothing, z_loss, reduction, check_targets)
         ctx.deferred = logits.dtype == torch.float16
         if ctx.deferred:
-            loss, zl = call_op(_forward_op, _forward_op_impl, logits, target, *args)
+            loss, zl = _forward(logits, target, None, *args)
             ctx.inplace = inplace_backward
             ctx.options = (ignore_index, label_smoothing, z_loss, reduction)
             ctx.save_for_backward(logits, target)
         elif inplace_backward:
-            loss, zl = call_op(_forward_inplace_op, _forward_inplace_op_impl, logits, target,
-                               *args)
+            loss, zl = _forward(logits, target, logits, *args)
             ctx.save_for_backward(logits)
         else:
             # contiguous whatever the logits' layout, so it always views as (N, V)
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            loss, zl = call_op(_forward_grad_op, _forward_grad_op_impl, logits, target, grad,
-                               *args)
+            loss, zl = _forward(logits, target, grad, *args)
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(zl)
         # the z-loss output never has a gradient: without this, autograd builds a zero
@@ -381,13 +316,10 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.deferred:
             logits, target = ctx.saved_tensors
             if ctx.inplace:
-                call_op(_backward_inplace_op, _backward_inplace_op_impl, logits, target,
-                        grad_loss, *ctx.options)
                 grad = logits
             else:
                 grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-                call_op(_backward_op, _backward_op_impl, logits, target, grad, grad_loss,
-                        *ctx.options)
+            _backward(logits, target, grad, grad_loss, *ctx.options)
         else:
             (grad,) = ctx.saved_tensors
             scale_grad_(grad, grad_loss)
@@ -448,5 +380,5 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     if torch.is_grad_enabled() and logits.requires_grad:
         loss, zl = _CrossEntropy.apply(logits, target, *args, bool(inplace_backward))
     else:
-        loss, zl = call_op(_forward_op, _forward_op_impl, logits, target, *args)
+        loss, zl = _forward(logits, target, None, *args)
     return (loss, zl) if return_z_loss else loss

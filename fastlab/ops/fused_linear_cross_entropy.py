@@ -66,6 +66,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastlab.ops._dispatch import define_op
 from fastlab.ops.cross_entropy import (_grad_scale, _kernel_ok, _reduce, _reference_rows,
                                        check_target_range, cross_entropy_ref, scale_grad_,
                                        validate)
@@ -265,14 +266,14 @@ def _empty_grad(like: Optional[Tensor], grad: Optional[Tensor]) -> Tensor:
     return torch.empty(0, device=like.device, dtype=like.dtype)
 
 
-@torch.library.custom_op("fastlab::fused_linear_cross_entropy_forward", mutates_args=())
-def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                ignore_index: int, label_smoothing: float, z_loss: float, reduction: str,
-                check_targets: bool, with_grad: bool, chunk_size: int, dtype: torch.dtype,
-                low_memory: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                  ignore_index: int, label_smoothing: float, z_loss: float, reduction: str,
+                  check_targets: bool, with_grad: bool, chunk_size: int, dtype: torch.dtype,
+                  low_memory: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss, z-loss, and (with_grad) the pre-scaled gradients of hidden, weight, bias;
     ``dtype`` is the matmuls' (:func:`compute_dtype`)."""
-    if check_targets:
+    if check_targets and not torch.compiler.is_compiling():
+        # a host read: traced bodies (fake tensors) cannot make it
         check_target_range(target, weight.shape[0], ignore_index)
     t = target.reshape(-1)
     scale, n_valid = _grad_scale(t, ignore_index, reduction)
@@ -289,11 +290,23 @@ def _forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
             _empty_grad(weight, gw), _empty_grad(weight, gb))
 
 
-@torch.library.custom_op("fastlab::fused_linear_cross_entropy_backward", mutates_args=())
-def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                 grad_loss: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                 reduction: str, chunk_size: int, dtype: torch.dtype, low_memory: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward_fake(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                  reduction, check_targets, with_grad, chunk_size, dtype, low_memory):
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    shape = hidden.shape[:-1] if reduction == "none" else ()
+    loss = hidden.new_empty(shape, dtype=out_dtype)
+    if not with_grad:
+        empty = hidden.new_empty(0)
+        return loss, torch.empty_like(loss), empty, weight.new_empty(0), weight.new_empty(0)
+    gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (loss, torch.empty_like(loss), torch.empty_like(hidden), torch.empty_like(weight),
+            gb)
+
+
+def _backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                   grad_loss: Tensor, ignore_index: int, label_smoothing: float,
+                   z_loss: float, reduction: str, chunk_size: int, dtype: torch.dtype,
+                   low_memory: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of the deferred path: each row's gradient times ``grad_loss`` (one per
     row for ``reduction="none"``, else one value, with the mean's 1/n_valid)."""
     if reduction == "none":
@@ -306,60 +319,51 @@ def _backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     return gh.view_as(hidden), gw, _empty_grad(weight, gb)
 
 
-@_forward_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-      check_targets, with_grad, chunk_size, dtype, low_memory):
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    shape = hidden.shape[:-1] if reduction == "none" else ()
-    loss = hidden.new_empty(shape, dtype=out_dtype)
-    if not with_grad:
-        empty = hidden.new_empty(0)
-        return loss, torch.empty_like(loss), empty, weight.new_empty(0), weight.new_empty(0)
-    gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
-    return (loss, torch.empty_like(loss), torch.empty_like(hidden), torch.empty_like(weight),
-            gb)
-
-
-@_backward_op.register_fake
-def _(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing, z_loss,
-      reduction, chunk_size, dtype, low_memory):
+def _backward_fake(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing,
+                   z_loss, reduction, chunk_size, dtype, low_memory):
     gb = weight.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
-                reduction, check_targets, chunk_size, dtype, low_memory):
-        deferred = reduction == "none" or dtype == torch.float16
-        loss, zl, gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_forward(
-            hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-            check_targets, not deferred, chunk_size, dtype, low_memory)
-        ctx.deferred = deferred
-        ctx.has_bias = bias is not None
-        ctx.options = (ignore_index, label_smoothing, z_loss, reduction, chunk_size, dtype,
-                       low_memory)
-        if deferred:
-            ctx.save_for_backward(hidden, weight, bias, target)
-        else:
-            ctx.save_for_backward(gh, gw, gb)
-        ctx.mark_non_differentiable(zl)
-        ctx.set_materialize_grads(False)  # no zero tensor for the z-loss output's gradient
-        return loss, zl
+_backward = define_op("fastlab::fused_linear_cross_entropy_backward", fake=_backward_fake,
+                      triton=True)(_backward_impl)
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_zl):
-        if grad_loss is None:
-            return (None,) * 12
-        if ctx.deferred:
-            hidden, weight, bias, target = ctx.saved_tensors
-            gh, gw, gb = torch.ops.fastlab.fused_linear_cross_entropy_backward(
-                hidden, weight, bias, target, grad_loss, *ctx.options)
-        else:
-            gh, gw, gb = ctx.saved_tensors
-            for g in (gh, gw, gb):
-                scale_grad_(g, grad_loss)
-        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 9
+#: Position of ``with_grad`` among the forward op's inputs.
+_WITH_GRAD = 9
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target = inputs[:4]
+    loss, zl, gh, gw, gb = output
+    ctx.deferred = not inputs[_WITH_GRAD]
+    ctx.has_bias = bias is not None
+    ignore_index, label_smoothing, z_loss, reduction = inputs[4:8]
+    ctx.options = (ignore_index, label_smoothing, z_loss, reduction, *inputs[10:])
+    if ctx.deferred:
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+    ctx.mark_non_differentiable(zl, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # no zero tensor for the z-loss output's gradient
+
+
+def _backward_formula(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 13
+    if ctx.deferred:
+        hidden, weight, bias, target = ctx.saved_tensors
+        gh, gw, gb = _backward(hidden, weight, bias, target, grad_loss, *ctx.options)
+    else:
+        # the forward's pre-scaled gradients, multiplied in place by the incoming factor
+        gh, gw, gb = ctx.saved_tensors
+        for g in (gh, gw, gb):
+            scale_grad_(g, grad_loss)
+    return (gh, gw, gb if ctx.has_bias else None) + (None,) * 10
+
+
+_forward = define_op("fastlab::fused_linear_cross_entropy_forward", fake=_forward_fake,
+                     triton=True, backward=_backward_formula,
+                     setup_context=_setup_context)(_forward_impl)
 
 
 def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, z_loss,
@@ -416,11 +420,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     dtype = compute_dtype(hidden, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if wants_grad:
-        loss, zl = _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, *args,
-                                                  chunk_size or 0, dtype, low_memory)
-    else:
-        loss, zl = torch.ops.fastlab.fused_linear_cross_entropy_forward(
-            hidden, weight, bias, target, *args, False, chunk_size or 0, dtype,
-            low_memory)[:2]
+    # the forward writes the gradients (pre-scaled) unless the backward must: per-row
+    # incoming gradients, or float16 logits (module docstring)
+    with_grad = wants_grad and not (reduction == "none" or dtype == torch.float16)
+    loss, zl = _forward(hidden, weight, bias, target, *args, with_grad, chunk_size or 0,
+                        dtype, low_memory)[:2]
     return (loss, zl) if return_z_loss else loss

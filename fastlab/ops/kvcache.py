@@ -47,7 +47,7 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from fastlab.ops._dispatch import call_op, use_triton
+from fastlab.ops._dispatch import define_op, use_triton
 from fastlab.ops.attention import attention
 
 
@@ -97,9 +97,9 @@ def kvcache_append_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: to
 
 
 # ----------------------------------------------------------------------------- custom ops
-# Eager calls run these implementations directly: the custom-op dispatcher costs tens of
-# microseconds per call, which a decode step pays once per layer. Under torch.compile the
-# calls go through the registered ops, which the compiler sees and keeps in the graph.
+# Eager calls run these implementations directly (fastlab.ops._dispatch.Op): the custom-op
+# dispatcher costs tens of microseconds per call, which a decode step pays once per layer.
+# Under torch.compile the calls go through the registered ops, kept in the graph.
 def _append_impl(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                  k_new: torch.Tensor, v_new: torch.Tensor,
                  new_lens: Optional[torch.Tensor]) -> None:
@@ -131,31 +131,22 @@ def _attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-@torch.library.custom_op("fastlab::kvcache_append", mutates_args=("k_cache", "v_cache", "lengths"))
-def _append_op(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-               k_new: torch.Tensor, v_new: torch.Tensor, new_lens: Optional[torch.Tensor]) -> None:
-    _append_impl(k_cache, v_cache, lengths, k_new, v_new, new_lens)
-
-
-@_append_op.register_fake
 def _append_fake(k_cache, v_cache, lengths, k_new, v_new, new_lens):
     return None
 
 
-@torch.library.custom_op("fastlab::kvcache_attention",
-                         mutates_args=("k_cache", "v_cache", "lengths"))
-def _attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  lengths: torch.Tensor, k_new: Optional[torch.Tensor],
-                  v_new: Optional[torch.Tensor], new_lens: Optional[torch.Tensor], causal: bool,
-                  scale: float, kv_bound: int) -> torch.Tensor:
-    return _attention_impl(q, k_cache, v_cache, lengths, k_new, v_new, new_lens, causal, scale,
-                           kv_bound)
-
-
-@_attention_op.register_fake
 def _attention_fake(q, k_cache, v_cache, lengths, k_new, v_new, new_lens, causal, scale,
                     kv_bound):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# Custom ops, not triton_ops: fastlab.kernels.kvcache_attention launches its kernels
+# without wrap_triton. They write the cache in place, so they carry no autograd (training
+# goes through _CacheAttention below).
+_append_op = define_op("fastlab::kvcache_append", fake=_append_fake,
+                       mutates_args=("k_cache", "v_cache", "lengths"))(_append_impl)
+_attention_op = define_op("fastlab::kvcache_attention", fake=_attention_fake,
+                          mutates_args=("k_cache", "v_cache", "lengths"))(_attention_impl)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -325,8 +316,7 @@ def kvcache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.
                    new_lens: Optional[torch.Tensor] = None) -> None:
     """Write k_new/v_new after each row's live slots and advance ``lengths``, unchecked
     (:meth:`KVCache.append` checks every argument first)."""
-    call_op(torch.ops.fastlab.kvcache_append, _append_impl, k_cache, v_cache, lengths, k_new,
-            v_new, new_lens)
+    _append_op(k_cache, v_cache, lengths, k_new, v_new, new_lens)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -531,8 +521,7 @@ def attention_with_kvcache(q: torch.Tensor, cache, k_new: Optional[torch.Tensor]
         return _attend_training(q, cache, k_new, v_new, new_lens, causal, scale)
     n_new = 0 if k_new is None else k_new.shape[2]
     cache.reserve(n_new, new_lens)
-    out = call_op(torch.ops.fastlab.kvcache_attention, _attention_impl, q, cache.k_buffer,
-                  cache.v_buffer, cache.lengths, k_new, v_new, new_lens, causal, scale,
-                  min(cache.length_bound + n_new, cache.max_len))
+    out = _attention_op(q, cache.k_buffer, cache.v_buffer, cache.lengths, k_new, v_new,
+                        new_lens, causal, scale, min(cache.length_bound + n_new, cache.max_len))
     cache.appended(n_new, new_lens)
     return out

@@ -40,7 +40,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastlab._ext import extension_available, load_extension
-from fastlab.ops._dispatch import reference_forced
+from fastlab.ops._dispatch import extension_op, reference_forced
 
 REDUCTIONS = ("sum", "mean", "max", "min", "first", "last")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -474,15 +474,16 @@ def _arg_scatter_backward(ctx, grad_grad):
 _HAVE_EXTENSION = extension_available()
 
 if _HAVE_EXTENSION:
-    torch.library.register_fake("fastlab::segment_pool")(_fake_segment_pool)
-    torch.library.register_fake("fastlab::segment_broadcast")(_fake_segment_broadcast)
-    torch.library.register_fake("fastlab::segment_arg_scatter")(_fake_segment_arg_scatter)
-    torch.library.register_autograd("fastlab::segment_pool", _pool_backward,
-                                    setup_context=_pool_setup_context)
-    torch.library.register_autograd("fastlab::segment_broadcast", _broadcast_backward,
-                                    setup_context=_broadcast_setup_context)
-    torch.library.register_autograd("fastlab::segment_arg_scatter", _arg_scatter_backward,
-                                    setup_context=_arg_scatter_setup_context)
+    # the extension defines the ops and their CPU/CUDA kernels; their fakes and autograd
+    # are these
+    _POOL = extension_op("fastlab::segment_pool", fake=_fake_segment_pool,
+                         backward=_pool_backward, setup_context=_pool_setup_context)
+    _BROADCAST = extension_op("fastlab::segment_broadcast", fake=_fake_segment_broadcast,
+                              backward=_broadcast_backward,
+                              setup_context=_broadcast_setup_context)
+    _ARG_SCATTER = extension_op("fastlab::segment_arg_scatter",
+                                fake=_fake_segment_arg_scatter, backward=_arg_scatter_backward,
+                                setup_context=_arg_scatter_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
