@@ -328,42 +328,45 @@ def _backward_fake(hidden, weight, bias, target, grad_loss, ignore_index, label_
 _backward = define_op("fastlab::fused_linear_cross_entropy_backward", fake=_backward_fake,
                       triton=True)(_backward_impl)
 
-#: Position of ``with_grad`` among the forward op's inputs.
-_WITH_GRAD = 9
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target = inputs[:4]
-    loss, zl, gh, gw, gb = output
-    ctx.deferred = not inputs[_WITH_GRAD]
-    ctx.has_bias = bias is not None
-    ignore_index, label_smoothing, z_loss, reduction = inputs[4:8]
-    ctx.options = (ignore_index, label_smoothing, z_loss, reduction, *inputs[10:])
-    if ctx.deferred:
-        ctx.save_for_backward(hidden, weight, bias, target)
-    else:
-        ctx.save_for_backward(gh, gw, gb)
-    ctx.mark_non_differentiable(zl, gh, gw, gb)
-    ctx.set_materialize_grads(False)  # no zero tensor for the z-loss output's gradient
-
-
-def _backward_formula(ctx, grad_loss, *unused):
-    if grad_loss is None:
-        return (None,) * 13
-    if ctx.deferred:
-        hidden, weight, bias, target = ctx.saved_tensors
-        gh, gw, gb = _backward(hidden, weight, bias, target, grad_loss, *ctx.options)
-    else:
-        # the forward's pre-scaled gradients, multiplied in place by the incoming factor
-        gh, gw, gb = ctx.saved_tensors
-        for g in (gh, gw, gb):
-            scale_grad_(g, grad_loss)
-    return (gh, gw, gb if ctx.has_bias else None) + (None,) * 10
-
-
 _forward = define_op("fastlab::fused_linear_cross_entropy_forward", fake=_forward_fake,
-                     triton=True, backward=_backward_formula,
-                     setup_context=_setup_context)(_forward_impl)
+                     triton=True)(_forward_impl)
+
+
+# The backward multiplies the forward's gradients in place (no second V x H buffer); a
+# registered autograd formula may not mutate the op's saved outputs, so autograd is this
+# Function around the ops.
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                reduction, check_targets, chunk_size, dtype, low_memory):
+        deferred = reduction == "none" or dtype == torch.float16
+        loss, zl, gh, gw, gb = _forward(hidden, weight, bias, target, ignore_index,
+                                        label_smoothing, z_loss, reduction, check_targets,
+                                        not deferred, chunk_size, dtype, low_memory)
+        ctx.deferred = deferred
+        ctx.has_bias = bias is not None
+        ctx.options = (ignore_index, label_smoothing, z_loss, reduction, chunk_size, dtype,
+                       low_memory)
+        if deferred:
+            ctx.save_for_backward(hidden, weight, bias, target)
+        else:
+            ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(zl)
+        ctx.set_materialize_grads(False)  # no zero tensor for the z-loss output's gradient
+        return loss, zl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_zl):
+        if grad_loss is None:
+            return (None,) * 12
+        if ctx.deferred:
+            hidden, weight, bias, target = ctx.saved_tensors
+            gh, gw, gb = _backward(hidden, weight, bias, target, grad_loss, *ctx.options)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            for g in (gh, gw, gb):
+                scale_grad_(g, grad_loss)
+        return (gh, gw, gb if ctx.has_bias else None) + (None,) * 9
 
 
 def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, z_loss,
@@ -420,9 +423,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     dtype = compute_dtype(hidden, weight, bias)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    # the forward writes the gradients (pre-scaled) unless the backward must: per-row
-    # incoming gradients, or float16 logits (module docstring)
-    with_grad = wants_grad and not (reduction == "none" or dtype == torch.float16)
-    loss, zl = _forward(hidden, weight, bias, target, *args, with_grad, chunk_size or 0,
-                        dtype, low_memory)[:2]
+    if wants_grad:
+        loss, zl = _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, *args,
+                                                  chunk_size or 0, dtype, low_memory)
+    else:
+        loss, zl = _forward(hidden, weight, bias, target, *args, False, chunk_size or 0,
+                            dtype, low_memory)[:2]
     return (loss, zl) if return_z_loss else loss
