@@ -31,8 +31,9 @@ loss, and the gradient into a buffer or over the logits), ``fastlab::cross_entro
 (float16's deferred gradient) and ``fastlab::scale_grad``, each a ``torch.library.triton_op``
 whose kernels Inductor sees. They write the gradient in place and ``register_autograd``
 accepts functional ops only, so autograd is an ``autograd.Function`` around them;
-torch.compile traces it with no graph break. Under torch.compile the target check below
-is skipped (a traced body cannot read values on the host).
+torch.compile traces it with no graph break. Where torch.compile traces into a triton_op's
+body, the target check below is skipped there (a traced body cannot read values on the
+host).
 
 Targets outside [0, V) that are not ``ignore_index`` raise a ValueError naming ``target``
 when ``check_targets`` is true, which costs a host sync on CUDA. The default checks CPU
