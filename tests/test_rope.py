@@ -147,8 +147,9 @@ def test_opcheck():
     from fastlab.ops.rope import _rope_fwd
 
     cos, sin = _cos_sin(2, 5, 8, "batch", torch.float32)
-    torch.library.opcheck(_rope_fwd, (torch.randn(2, 5, 4, 8).transpose(1, 2).requires_grad_(),
-                                      torch.randn(2, 2, 5, 8, requires_grad=True), cos, sin))
+    q = torch.randn(2, 5, 4, 8).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 2, 5, 8, requires_grad=True)
+    torch.library.opcheck(_rope_fwd.op, (q, k, cos, sin))
 
 
 @pytest.mark.gpu

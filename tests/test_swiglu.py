@@ -106,7 +106,7 @@ def test_compiles_without_graph_breaks():
 def test_opcheck():
     from fastlab.ops.swiglu import _swiglu_fwd
 
-    torch.library.opcheck(_swiglu_fwd, (torch.randn(4, 9, requires_grad=True),
+    torch.library.opcheck(_swiglu_fwd.op, (torch.randn(4, 9, requires_grad=True),
                                         torch.randn(4, 9, requires_grad=True)))
 
 

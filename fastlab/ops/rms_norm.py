@@ -21,15 +21,9 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastlab.ops._dispatch import eager, use_triton
+from fastlab.ops._dispatch import define_op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _call(op, impl, *args):
-    """``impl`` directly on plain tensors outside ``torch.compile`` (the dispatcher costs
-    ~100 us of host time per eager call), else the registered custom ``op``."""
-    return impl(*args) if eager(*args) else op(*args)
 
 
 def validate(x, weight, eps) -> None:
@@ -107,22 +101,17 @@ def _backward_impl(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     return dx.to(x.dtype).view(x.shape), dw.to(weight.dtype)
 
 
-_rms_norm_fwd = torch.library.custom_op("fastlab::rms_norm_fwd", mutates_args=())(
-    _forward_impl)
-_rms_norm_bwd = torch.library.custom_op("fastlab::rms_norm_bwd", mutates_args=())(
-    _backward_impl)
-
-
-@_rms_norm_fwd.register_fake
-def _(x, weight, eps):
+def _fwd_fake(x, weight, eps):
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
             x.new_empty((math.prod(x.shape[:-1]),), dtype=compute))
 
 
-@_rms_norm_bwd.register_fake
-def _(grad, x, weight, rstd, eps):
+def _bwd_fake(grad, x, weight, rstd, eps):
     return torch.empty_like(x), torch.empty_like(weight)
+
+
+_rms_norm_bwd = define_op("fastlab::rms_norm_bwd", fake=_bwd_fake)(_backward_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -136,27 +125,12 @@ def _backward(ctx, grad_y, grad_rstd):
     x, weight, rstd = ctx.saved_tensors
     if grad_y is None:
         return None, None, None
-    dx, dw = _call(_rms_norm_bwd, _backward_impl, grad_y, x, weight, rstd, ctx.eps)
+    dx, dw = _rms_norm_bwd(grad_y, x, weight, rstd, ctx.eps)
     return dx, dw, None
 
 
-_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """Eager-mode autograd around the custom ops' bodies, without the dispatcher's cost
-    (:func:`_call`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        output = _forward_impl(x, weight, eps)
-        _setup_context(ctx, (x, weight, eps), output)
-        ctx.mark_non_differentiable(output[1])
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_rstd):
-        return _backward(ctx, grad_y, grad_rstd)
+_rms_norm_fwd = define_op("fastlab::rms_norm_fwd", fake=_fwd_fake, backward=_backward,
+                          setup_context=_setup_context)(_forward_impl)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
@@ -164,8 +138,4 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     docstring for numerics, memory and dispatch."""
     validate(x, weight, eps)
     eps = float(eps)
-    if not eager(x, weight):
-        return _rms_norm_fwd(x, weight, eps)[0]
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)[0]
-    return _forward_impl(x, weight, eps)[0]
+    return _rms_norm_fwd(x, weight, eps)[0]

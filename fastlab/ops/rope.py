@@ -27,15 +27,9 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastlab.ops._dispatch import eager, use_triton
+from fastlab.ops._dispatch import define_op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _call(op, impl, *args):
-    """``impl`` directly on plain tensors outside ``torch.compile`` (the dispatcher costs
-    ~100 us of host time per eager call), else the registered custom ``op``."""
-    return impl(*args) if eager(*args) else op(*args)
 
 
 def validate(q, k, cos, sin, unsqueeze_dim=1) -> None:
@@ -147,19 +141,16 @@ def _backward_impl(grad_q: Tensor, grad_k: Tensor, cos: Tensor, sin: Tensor,
     return dq, dk
 
 
-_rope_fwd = torch.library.custom_op("fastlab::rope_fwd", mutates_args=())(_forward_impl)
-_rope_bwd = torch.library.custom_op("fastlab::rope_bwd", mutates_args=())(_backward_impl)
-
-
-@_rope_fwd.register_fake
-def _(q, k, cos, sin):
+def _fwd_fake(q, k, cos, sin):
     return (torch.empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype)),
             torch.empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype)))
 
 
-@_rope_bwd.register_fake
-def _(grad_q, grad_k, cos, sin, q_dtype):
+def _bwd_fake(grad_q, grad_k, cos, sin, q_dtype):
     return torch.empty_like(grad_q, dtype=q_dtype), torch.empty_like(grad_k, dtype=q_dtype)
+
+
+_rope_bwd = define_op("fastlab::rope_bwd", fake=_bwd_fake)(_backward_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -178,26 +169,12 @@ def _backward(ctx, grad_q, grad_k):
     shape_q, shape_k = ctx.shapes
     grad_q = grad_q if grad_q is not None else cos.new_zeros(shape_q, dtype=grad_k.dtype)
     grad_k = grad_k if grad_k is not None else cos.new_zeros(shape_k, dtype=grad_q.dtype)
-    dq, dk = _call(_rope_bwd, _backward_impl, grad_q, grad_k, cos, sin, ctx.q_dtype)
+    dq, dk = _rope_bwd(grad_q, grad_k, cos, sin, ctx.q_dtype)
     return dq, dk, None, None
 
 
-_rope_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _Rope(torch.autograd.Function):
-    """Eager-mode autograd around the custom ops' bodies, without the dispatcher's cost
-    (:func:`_call`)."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        output = _forward_impl(q, k, cos, sin)
-        _setup_context(ctx, (q, k, cos, sin), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        return _backward(ctx, grad_q, grad_k)
+_rope_fwd = define_op("fastlab::rope_fwd", fake=_fwd_fake, backward=_backward,
+                      setup_context=_setup_context)(_forward_impl)
 
 
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
@@ -208,8 +185,4 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     if unsqueeze_dim == 2:  # (B, S, H, D): the same kernel through transposed views
         q_out, k_out = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
-    if not eager(q, k, cos, sin):
-        return _rope_fwd(q, k, cos, sin)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _Rope.apply(q, k, cos, sin)
-    return _forward_impl(q, k, cos, sin)
+    return _rope_fwd(q, k, cos, sin)

@@ -19,15 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlab.ops._dispatch import eager, use_triton
+from fastlab.ops._dispatch import define_op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _call(op, impl, *args):
-    """``impl`` directly on plain tensors outside ``torch.compile`` (the dispatcher costs
-    ~100 us of host time per eager call), else the registered custom ``op``."""
-    return impl(*args) if eager(*args) else op(*args)
 
 
 def validate(gate, up) -> None:
@@ -78,18 +72,15 @@ def _backward_impl(grad: Tensor, gate: Tensor, up: Tensor) -> Tuple[Tensor, Tens
     return (g * u * (s + silu * (1 - s))).to(gate.dtype), (g * silu).to(up.dtype)
 
 
-_swiglu_fwd = torch.library.custom_op("fastlab::swiglu_fwd", mutates_args=())(_forward_impl)
-_swiglu_bwd = torch.library.custom_op("fastlab::swiglu_bwd", mutates_args=())(_backward_impl)
-
-
-@_swiglu_fwd.register_fake
-def _(gate, up):
+def _fwd_fake(gate, up):
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
-@_swiglu_bwd.register_fake
-def _(grad, gate, up):
+def _bwd_fake(grad, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+_swiglu_bwd = define_op("fastlab::swiglu_bwd", fake=_bwd_fake)(_backward_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,32 +89,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     gate, up = ctx.saved_tensors
-    return _call(_swiglu_bwd, _backward_impl, grad, gate, up)
+    return _swiglu_bwd(grad, gate, up)
 
 
-_swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _SwiGLU(torch.autograd.Function):
-    """Eager-mode autograd around the custom ops' bodies, without the dispatcher's cost
-    (:func:`_call`)."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        output = _forward_impl(gate, up)
-        _setup_context(ctx, (gate, up), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad)
+_swiglu_fwd = define_op("fastlab::swiglu_fwd", fake=_fwd_fake, backward=_backward,
+                        setup_context=_setup_context)(_forward_impl)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` for tensors of one shape: see the module docstring."""
     validate(gate, up)
-    if not eager(gate, up):
-        return _swiglu_fwd(gate, up)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _SwiGLU.apply(gate, up)
-    return _forward_impl(gate, up)
+    return _swiglu_fwd(gate, up)
