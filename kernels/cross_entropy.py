@@ -32,10 +32,17 @@ programs an SM over 16 or 8 KiB blocks, few enough rows in flight (132 x 256 KiB
 at V = 128256 bf16) that sweep 2 re-reads its row from L2 rather than HBM, which would meet
 the floor; their loops unrolled twice to keep two blocks' loads in flight.
 
-Accuracy does not rest on the hardware's approximate transcendental functions: ``_exp``
-recovers the rounding error of x * log2(e) with an FMA (exp2 alone would be off by up to
-|x| * 2**-24 relative), and ``_log1p`` evaluates small arguments with a series instead of
-log(1 + t), whose hardware log is accurate only in absolute terms near 1.
+Accuracy does not rest on the hardware's approximate transcendental functions where it
+matters: ``_exp`` recovers the rounding error of x * log2(e) with an FMA (exp2 alone would
+be off by up to |x| * 2**-24 relative) for the max's rescaling factors, the target's term
+and every term of float32 logits, and ``_log1p`` evaluates small arguments with a series
+instead of log(1 + t), whose hardware log is accurate only in absolute terms near 1. For
+16-bit logits the per-class terms (the sweep-1 sums and the gradient) take the hardware
+exp2 alone: its error (about 2**-22 relative, plus |x| * 2**-24, largest on the terms
+farthest below the max, which weigh least) is far below the inputs' own rounding (2**-9
+for bf16). The sum stays accurate to about 3e-7 relative in the worst case, the loss to
+that in absolute terms; the kernel is issue-bound at large vocabularies, and this is a
+quarter of its time.
 """
 import contextlib
 import functools
@@ -83,9 +90,10 @@ _candidate = None  # the name :func:`launch_candidate` set, process-wide
 
 
 def launch_config(V: int, itemsize: int, n_rows: int, candidate=None, device=None):
-    """dict(block_v, single, warps, programs, lanes, unroll) for ``n_rows`` rows of V values
-    of ``itemsize`` bytes; ``programs`` is the grid size (each program strides over rows),
-    ``lanes`` selects the per-lane sweep 1, ``unroll`` the loops' unroll factor.
+    """dict(block_v, single, warps, programs, lanes, unroll, fast_exp) for ``n_rows`` rows of
+    V values of ``itemsize`` bytes; ``programs`` is the grid size (each program strides over
+    rows), ``lanes`` selects the per-lane sweep 1, ``unroll`` the loops' unroll factor,
+    ``fast_exp`` the hardware exp2 for the per-class terms (16-bit logits).
 
     One program per row (a smaller grid keeps fewer rows in flight: slower in every sweep
     of the block-reducing sweep 1, benches/bench_cross_entropy.py mode ``sweep``).
@@ -93,20 +101,24 @@ def launch_config(V: int, itemsize: int, n_rows: int, candidate=None, device=Non
     follows ``device``'s SM count.
     """
     row_bytes = V * itemsize
+    # 16-bit logits: the hardware exp2 for the per-class terms (sweep-1 sums, gradient);
+    # the accurate exp cost 24% of the time at 16384 x 128256 bf16 (launch notes)
+    fast = itemsize < 4
     if row_bytes <= _SINGLE_BLOCK_BYTES:
         block = next_power_of_2(V)
         warps = min(32, max(4, block // (32 * _SINGLE_VALUES_PER_THREAD)))
         return dict(block_v=block, single=True, warps=warps, programs=n_rows, lanes=False,
-                    unroll=1)
+                    unroll=1, fast_exp=fast)
     if candidate is None:
         return dict(block_v=_STREAM_BLOCK_BYTES // itemsize, single=False,
-                    warps=_STREAM_WARPS, programs=n_rows, lanes=False, unroll=1)
+                    warps=_STREAM_WARPS, programs=n_rows, lanes=False, unroll=1,
+                    fast_exp=fast)
     if candidate not in CANDIDATES:
         raise ValueError(f"candidate must be one of {sorted(CANDIDATES)}, got {candidate!r}")
     lanes, block_bytes, warps, per_sm, unroll = CANDIDATES[candidate]
     programs = n_rows if per_sm is None else per_sm * _sm_count(device)
     return dict(block_v=block_bytes // itemsize, single=False, warps=warps,
-                programs=programs, lanes=lanes, unroll=unroll)
+                programs=programs, lanes=lanes, unroll=unroll, fast_exp=fast)
 
 
 @contextlib.contextmanager
@@ -135,6 +147,21 @@ def _exp(x):
 
 
 @triton.jit
+def _exp_fast(x):
+    """exp(x) through the hardware's exp2 alone: relative error about 2**-22 plus
+    |x| * 2**-24 (the rounding of x * log2(e)), 2**-14 of a bf16 ulp near the row's max."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _exp_of(x, FAST: tl.constexpr):
+    if FAST:
+        return _exp_fast(x)
+    else:
+        return _exp(x)
+
+
+@triton.jit
 def _log1p(t):
     """log(1 + t) for t >= 0: series of 2*atanh(t / (2 + t)) below 0.5, log above."""
     w = t / (2.0 + t)
@@ -144,13 +171,14 @@ def _log1p(t):
 
 
 @triton.jit
-def _block_stats(x, offs, y, valid, z_y, m, s, comp, zsum, HAS_SMOOTHING: tl.constexpr):
+def _block_stats(x, offs, y, valid, z_y, m, s, comp, zsum, HAS_SMOOTHING: tl.constexpr,
+                 FAST_EXP: tl.constexpr):
     """Fold one block of logits into the running max m, the compensated sum s (+ comp) of
     exp(z_j - m) over j != y, and (with label smoothing) the sum of z_j - z_y."""
     x_other = tl.where(offs == y, -float("inf"), x)
     m_new = tl.maximum(m, tl.max(x_other, axis=0))
     alpha = _exp(m - m_new)
-    block = tl.sum(_exp(x_other - m_new), axis=0)
+    block = tl.sum(_exp_of(x_other - m_new, FAST_EXP), axis=0)
     s = s * alpha
     comp = comp * alpha
     # Kahan step: comp carries what the previous additions rounded away
@@ -203,6 +231,7 @@ def _cross_entropy_kernel(
     HAS_Z_LOSS: tl.constexpr,
     LANES: tl.constexpr,
     UNROLL: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     # programs stride over the rows (one row each with the default grid of N programs;
     # fewer programs keep fewer rows in flight, a configuration the launch sweep times)
@@ -211,7 +240,7 @@ def _cross_entropy_kernel(
             tl.full([], 0, tl.int64) + row, logits_ptr, grad_ptr, target_ptr, scale_ptr, loss_ptr,
             zloss_ptr, stride_ln, stride_lv, stride_gn, stride_gv, stride_t, stride_s,
             ignore_index, label_smoothing, z_loss, V, BLOCK_V, SINGLE_BLOCK, WRITE_GRAD,
-            HAS_SMOOTHING, HAS_Z_LOSS, LANES, UNROLL)
+            HAS_SMOOTHING, HAS_Z_LOSS, LANES, UNROLL, FAST_EXP)
 
 
 @triton.jit
@@ -221,7 +250,7 @@ def _cross_entropy_row(
     ignore_index, label_smoothing, z_loss,
     V: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    LANES: tl.constexpr, UNROLL: tl.constexpr,
+    LANES: tl.constexpr, UNROLL: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
     """Loss, z-loss term and (with WRITE_GRAD) gradient of one row (steps 1-4 above)."""
     cols = tl.arange(0, BLOCK_V)
@@ -253,7 +282,7 @@ def _cross_entropy_row(
             x = tl.load(logits_row + cols * stride_lv, mask=valid, other=-float("inf"))
             x = x.to(tl.float32)
             m, s, comp, zsum = _block_stats(x, cols, y, valid, z_y, m, s, comp, zsum,
-                                            HAS_SMOOTHING)
+                                            HAS_SMOOTHING, FAST_EXP)
         elif LANES:
             m_lane = tl.full([BLOCK_V], 0.0, tl.float32) + z_y
             s_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -280,7 +309,7 @@ def _cross_entropy_row(
                 x = tl.load(logits_row + offs * stride_lv, mask=valid, other=-float("inf"),
                             eviction_policy="evict_last").to(tl.float32)
                 m, s, comp, zsum = _block_stats(x, offs, y, valid, z_y, m, s, comp, zsum,
-                                                HAS_SMOOTHING)
+                                                HAS_SMOOTHING, FAST_EXP)
 
         # 3. loss of the row
         d = m - z_y
@@ -313,7 +342,8 @@ def _cross_entropy_row(
             row_scale = tl.load(scale_ptr + row * stride_s).to(tl.float32) + poison
             if SINGLE_BLOCK:
                 # one block means m is the block's own max: exp(z_j - m) is reused as is
-                p = _exp(tl.where(cols == y, -float("inf"), x) - m) * coef - smooth_each
+                p = _exp_of(tl.where(cols == y, -float("inf"), x) - m, FAST_EXP) * coef
+                p -= smooth_each
                 g = tl.where(cols == y, target_grad, p) * row_scale
                 tl.store(grad_row + cols * stride_gv, g.to(grad_ptr.dtype.element_ty),
                          mask=cols < V)
@@ -324,7 +354,7 @@ def _cross_entropy_row(
                     valid = offs < V
                     x = tl.load(logits_row + offs * stride_lv, mask=valid,
                                 other=-float("inf"), eviction_policy="evict_first")
-                    p = _exp(x.to(tl.float32) - m) * coef - smooth_each
+                    p = _exp_of(x.to(tl.float32) - m, FAST_EXP) * coef - smooth_each
                     g = tl.where(offs == y, target_grad, p) * row_scale
                     tl.store(grad_row + offs * stride_gv, g.to(grad_ptr.dtype.element_ty),
                              mask=valid, eviction_policy="evict_first")
@@ -427,7 +457,8 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, grad, scal
         ignore_index, label_smoothing, z_loss,
         V=V, BLOCK_V=cfg["block_v"], SINGLE_BLOCK=cfg["single"], WRITE_GRAD=write_grad,
         HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss > 0.0,
-        LANES=cfg["lanes"], UNROLL=cfg["unroll"], num_warps=cfg["warps"],
+        LANES=cfg["lanes"], UNROLL=cfg["unroll"], FAST_EXP=cfg["fast_exp"],
+        num_warps=cfg["warps"],
     )
     return loss, zloss
 

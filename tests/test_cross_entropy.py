@@ -260,7 +260,34 @@ def test_launch_candidate_names_are_checked_and_restored():
     assert K.launch_config(1000, 2, 8, "lanes-l2")["single"]
     cfg = K.launch_config(128256, 2, 16384, "lanes-l2", torch.device("cpu"))
     assert cfg == dict(block_v=8192, single=False, warps=32, programs=1, lanes=True,
-                       unroll=2)
+                       unroll=2, fast_exp=True)
+    # the hardware exp2 serves 16-bit logits only; float32 keeps the accurate exp
+    assert not K.launch_config(128256, 4, 16384)["fast_exp"]
+    assert K.launch_config(1000, 2, 8)["fast_exp"]
+
+
+@pytest.mark.parametrize("V", [300, 20000], ids=["single-block", "streaming"])
+def test_fast_and_accurate_exp_agree_on_bf16(V):
+    """Both exp paths of the kernel on the same bf16 rows: the losses against float64, the
+    gradients within one bf16 rounding of each other."""
+    from fastlab.kernels import cross_entropy as K
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, V, generator=g) * 4).to(torch.bfloat16)
+    t = torch.randint(0, V, (5,), generator=g)
+    t[2] = -100
+    scale = torch.tensor(0.25)
+    xd = x.double()
+    want = torch.logsumexp(xd, 1) - xd.gather(1, t.clamp(min=0)[:, None])[:, 0]
+    want[2] = 0.0
+    grads = []
+    for fast in (True, False):
+        grad = torch.empty_like(x)
+        loss, _ = K.cross_entropy_forward(x, t, grad, scale, -100, 0.0, 0.0,
+                                          config=dict(fast_exp=fast))
+        torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+        grads.append(grad.float())
+    torch.testing.assert_close(grads[0], grads[1], rtol=2 ** -7, atol=1e-9)
 
 
 @pytest.mark.parametrize("mean", [True, False])
