@@ -384,6 +384,47 @@ def test_bad_inputs(args, error, match):
         _bad(**args)
 
 
+@pytest.mark.parametrize("name", ["reference", "kernel"])
+def test_validate_false_skips_the_value_check_and_clamps(name):
+    """validate=False: no check of kv_lens' values (no host sync on CUDA); values outside
+    [0, Skv] act as the nearest end. Shapes and dtypes are still checked."""
+    q, k, v = randn((2, 2, 3, 8), seed=1), randn((2, 2, 6, 8), seed=2), randn((2, 2, 6, 8), seed=3)
+    with backend(name):
+        got = attention(q, k, v, kv_lens=torch.tensor([9, 4]), validate=False)
+        want = attention(q, k, v, kv_lens=torch.tensor([6, 4]))
+        assert_close(got, want)
+        with pytest.raises(ValueError, match="kv_lens values"):
+            attention(q, k, v, kv_lens=torch.tensor([9, 4]))
+        with pytest.raises(ValueError, match=r"kv_lens must have shape \(batch,\)"):
+            attention(q, k, v, kv_lens=torch.tensor([3]), validate=False)
+        with pytest.raises(TypeError, match="validate must be a bool"):
+            attention(q, k, v, kv_lens=torch.tensor([3, 3]), validate=1)
+
+
+def test_encoder_checks_kv_lens_once_not_per_layer(monkeypatch):
+    """The BERT encoder checks kv_lens' values once per call and lets its layers skip it
+    (each check is a host sync on CUDA)."""
+    from fastlab.models import encoder as E
+
+    model = E.Encoder(E.EncoderConfig(vocab_size=11, max_len=8, n_layer=3, n_head=2,
+                                      d_model=16, dropout=0.0))
+    idx = torch.randint(0, 11, (2, 8))
+    seen = []
+    real = E.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("validate", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "attention", spy)
+    out = model(idx, torch.tensor([8, 5]))
+    assert seen == [False] * 3 and out.shape == (2, 8, 16)
+    with pytest.raises(ValueError, match=r"kv_lens values must be in \[0, 8\]"):
+        model(idx, torch.tensor([9, 5]))
+    with pytest.raises(ValueError, match=r"kv_lens must be a tensor of shape \(2,\)"):
+        model(idx, torch.tensor([8]))
+
+
 def test_non_tensor_input():
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
         attention(torch.randn(1, 1, 2, 4), [[1.0]], torch.randn(1, 1, 2, 4))

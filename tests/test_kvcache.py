@@ -136,6 +136,80 @@ def test_append_truncate_reset(name):
         assert cache.k.shape == (b, h, 0, d)
 
 
+@pytest.mark.parametrize("name", ["reference", "kernel"])
+@pytest.mark.parametrize("bounded", [False, True], ids=["checked", "length_bound"])
+def test_cache_over_caller_buffers(name, bounded):
+    """A flash-attn style caller: its own (batch, max_len, kv_heads, head_dim) buffers and
+    lengths, wrapped without a copy; the attention writes the new tokens into them and
+    advances the caller's int32 lengths in place."""
+    b, hq, hkv, s, d = 3, 4, 2, 24, 8
+    lengths = [5, 0, 11]
+    k_store = randn((b, s, hkv, d), seed=20)
+    v_store = randn((b, s, hkv, d), seed=21)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    cache = KVCache.from_buffers(k_store.transpose(1, 2), v_store.transpose(1, 2), seqlens,
+                                 length_bound=max(lengths) if bounded else None)
+    assert cache.k_buffer.data_ptr() == k_store.data_ptr() and cache.lengths is seqlens
+    assert (cache.batch, cache.kv_heads, cache.max_len, cache.head_dim) == (b, hkv, s, d)
+    assert cache.length_bound == 11 and cache.uniform is False
+    k0, v0 = k_store.transpose(1, 2).clone(), v_store.transpose(1, 2).clone()
+    q = randn((b, hq, 3, d), seed=22)
+    k_new, v_new = randn((b, hkv, 3, d), seed=23), randn((b, hkv, 3, d), seed=24)
+    with backend(name):
+        out = attention_with_kvcache(q, cache, k_new, v_new)
+    expected = attention_with_kvcache_ref(q, k0, v0, torch.tensor(lengths), k_new, v_new)
+    assert_close(out, expected)
+    assert seqlens.tolist() == [8, 3, 14]  # the caller's tensor, advanced
+    for row, n in enumerate(lengths):
+        assert torch.equal(k_store[row, n:n + 3].transpose(0, 1), k_new[row])
+        assert torch.equal(v_store[row, :n], v0[row, :, :n].transpose(0, 1))
+
+
+@pytest.mark.parametrize("name", ["reference", "kernel"])
+def test_set_lengths_on_caller_written_slots(name):
+    """The caller writes keys/values itself and tells the cache the lengths: decoding
+    attends over exactly those slots; a length_bound clamps instead of reading back."""
+    b, h, s, d = 2, 2, 16, 8
+    cache = KVCache(b, h, s, d)
+    cache.k_buffer.copy_(randn((b, h, s, d), seed=30))
+    cache.v_buffer.copy_(randn((b, h, s, d), seed=31))
+    q = randn((b, h, 1, d), seed=32)
+    for lengths, bound, live in (([7, 12], None, [7, 12]), (torch.tensor([4, 9]), None, [4, 9]),
+                                 (torch.tensor([3, 15]), 10, [3, 10]), (6, None, [6, 6])):
+        cache.set_lengths(torch.tensor(lengths) if isinstance(lengths, list) else lengths,
+                          length_bound=bound)
+        assert cache.lengths.tolist() == live and cache.lengths.dtype == torch.int32
+        k0, v0 = cache.k_buffer.clone(), cache.v_buffer.clone()
+        with backend(name):
+            out = attention_with_kvcache(q, cache)
+        assert_close(out, attention_with_kvcache_ref(q, k0, v0, torch.tensor(live)))
+    assert cache.uniform and cache.length_bound == 6
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda k, v: KVCache.from_buffers(k[0], v), ValueError, "k_buffer must have shape"),
+    (lambda k, v: KVCache.from_buffers(k, v[:, :, :4]), ValueError, "v_buffer .* k_buffer's shape"),
+    (lambda k, v: KVCache.from_buffers(k, v.double()), ValueError, "must match k_buffer"),
+    (lambda k, v: KVCache.from_buffers(k.long(), v.long()), TypeError, "floating point"),
+    (lambda k, v: KVCache.from_buffers(k.requires_grad_(), v), ValueError, "not require grad"),
+    (lambda k, v: KVCache.from_buffers(k, v, 9), ValueError, r"lengths must lie in \[0, 8\]"),
+    (lambda k, v: KVCache.from_buffers(k, v, torch.tensor([1, -1])), ValueError,
+     "lengths must lie"),
+    (lambda k, v: KVCache.from_buffers(k, v, torch.tensor([1.0, 2.0])), TypeError,
+     "integer tensor"),
+    (lambda k, v: KVCache.from_buffers(k, v, torch.tensor([1, 2, 3])), ValueError,
+     r"shape \(2,\)"),
+    (lambda k, v: KVCache.from_buffers(k, v, 3, length_bound=9), ValueError, "length_bound"),
+    (lambda k, v: KVCache.from_buffers(k, v, 5, length_bound=4), ValueError,
+     "exceeds length_bound"),
+    (lambda k, v: KVCache.from_buffers(k, v, "3"), TypeError, "int or a tensor"),
+])
+def test_caller_buffers_bad_input(call, error, match):
+    k, v = torch.zeros(2, 1, 8, 4), torch.zeros(2, 1, 8, 4)
+    with pytest.raises(error, match=match):
+        call(k, v)
+
+
 def test_capacity_check_reads_exact_lengths_only_when_needed():
     cache = _cache(2, 1, 10, 4, torch.float32, [8, 2])
     cache.truncate(torch.tensor([2, 2]))  # host bound still says 8

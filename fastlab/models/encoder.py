@@ -53,16 +53,20 @@ class EncoderConfig:
 
 class PaddedSelfAttention(Attention):
     """Bidirectional self-attention of right-padded rows: ``forward(x, kv_lens)`` with
-    ``x`` (B, S, d_model) and ``kv_lens`` (B,) the real tokens of each row (None: all)."""
+    ``x`` (B, S, d_model) and ``kv_lens`` (B,) the real tokens of each row (None: all).
+    ``validate=False`` skips the check of kv_lens' values (a host sync on CUDA), for callers
+    that checked them once for all layers."""
 
     def __init__(self, d_model: int, n_head: int):
         super().__init__(d_model, n_head, causal=False)
 
-    def forward(self, x: torch.Tensor, kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_lens: Optional[torch.Tensor] = None,
+                validate: bool = True) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_head, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(b, s, 2, self.n_kv_head, self.head_dim).unbind(2)
-        y = attention(q, k.transpose(1, 2), v.transpose(1, 2), kv_lens=kv_lens)
+        y = attention(q, k.transpose(1, 2), v.transpose(1, 2), kv_lens=kv_lens,
+                      validate=validate)
         return self.out_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -80,7 +84,8 @@ class EncoderBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, kv_lens: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), kv_lens))
+        # kv_lens' values were checked once by the Encoder, not once per layer
+        x = x + self.drop(self.attn(self.ln1(x), kv_lens, validate=False))
         return x + self.mlp(self.ln2(x))
 
 
@@ -95,7 +100,9 @@ class Encoder(nn.Module):
     """Token and learned position embeddings, ``n_layer`` blocks, a final LayerNorm.
 
     ``forward(idx, kv_lens=None)``: ``idx`` (B, S) token ids, ``kv_lens`` (B,) real tokens
-    per row -> hidden states (B, S, d_model).
+    per row -> hidden states (B, S, d_model). kv_lens' values are checked once per call
+    (ValueError outside [0, S]; one host sync on CUDA, none under torch.compile), not once
+    per layer.
     """
 
     def __init__(self, cfg: EncoderConfig):
@@ -117,6 +124,13 @@ class Encoder(nn.Module):
         s = idx.shape[1]
         if s > self.cfg.max_len:
             raise ValueError(f"sequence length {s} exceeds max_len {self.cfg.max_len}")
+        if kv_lens is not None and not torch.compiler.is_compiling():
+            if not isinstance(kv_lens, torch.Tensor) or kv_lens.shape != idx.shape[:1]:
+                raise ValueError(f"kv_lens must be a tensor of shape ({idx.shape[0]},), got "
+                                 f"{kv_lens!r}")
+            if bool(((kv_lens < 0) | (kv_lens > s)).any()):
+                raise ValueError(f"kv_lens values must be in [0, {s}] (the sequence length), "
+                                 f"got {kv_lens.tolist()}")
         x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(s, device=idx.device)))
         for block in self.blocks:
             x = block(x, kv_lens)

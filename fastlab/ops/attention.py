@@ -459,7 +459,7 @@ def _check_qkv(op: str, q, k, v, dims: int, layout: str, head_axis: int, scale) 
         raise ValueError(f"{op}: scale must be a positive finite float, got {scale!r}")
 
 
-def _check_inputs(q, k, v, kv_lens, scale) -> None:
+def _check_inputs(q, k, v, kv_lens, scale, validate: bool = True) -> None:
     _check_qkv("attention", q, k, v, 4, "(batch, heads, seq, head_dim)", 1, scale)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"attention: batch of k/v ({k.shape[0]}) must equal batch of q "
@@ -477,9 +477,11 @@ def _check_inputs(q, k, v, kv_lens, scale) -> None:
     if kv_lens.device != q.device:
         raise ValueError(f"attention: kv_lens must be on q's device {q.device}, got "
                          f"{kv_lens.device}")
-    if not torch.compiler.is_compiling():
+    if not isinstance(validate, bool):
+        raise TypeError(f"attention: validate must be a bool, got {validate!r}")
+    if validate and not torch.compiler.is_compiling():
         # Host sync (one bool) when kv_lens lives on the GPU: the price of a clear error.
-        # Under torch.compile the check is skipped and the kernels clamp to [0, kv_len].
+        # validate=False and torch.compile skip it; the kernels clamp to [0, kv_len].
         if bool(((kv_lens < 0) | (kv_lens > k.shape[2])).any()):
             raise ValueError(f"attention: kv_lens values must be in [0, {k.shape[2]}] "
                              f"(the key length), got {kv_lens.tolist()}")
@@ -584,7 +586,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               return_lse: bool = False, window: Tuple[int, int] = (-1, -1),
               softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
               dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
-              dropout_offset: int = 0):
+              dropout_offset: int = 0, validate: bool = True):
     """Attention of ``q`` (B, Hq, Sq, D) over ``k``, ``v`` (B, Hkv, Skv, D).
 
     Args:
@@ -594,17 +596,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         causal: bottom-right aligned causal mask (see the module docstring).
         scale: softmax scale, default ``1 / sqrt(D)``; must be positive.
         kv_lens: optional (B,) int32/int64 key length of each sequence, in [0, Skv].
+            Its values are checked (ValueError) unless ``validate`` is False: on CUDA
+            that check reads one bool back, a host sync per call.
         return_lse: also return the log-sum-exp of the scaled, masked scores
             (B, Hq, Sq), float32 (float64 for float64 inputs), ``-inf`` for rows that see
             no key; it is differentiable.
         window, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset: see
             the module docstring.
+        validate: False skips the check of ``kv_lens``' values (and its host sync), for
+            callers that checked them once for many calls (a model's layers); values
+            outside [0, Skv] are then clamped to it. Shapes, dtypes and devices are always
+            checked. Under torch.compile the values are never checked.
 
     Returns:
         The output (B, Hq, Sq, D) in q's dtype and memory layout, and the LSE when asked.
     """
     scale = _default_scale(q, 4) if scale is None else scale
-    _check_inputs(q, k, v, kv_lens, scale)
+    _check_inputs(q, k, v, kv_lens, scale, validate)
     _check_options("attention", q, q.shape[0], window, softcap, alibi_slopes, dropout_p,
                    dropout_seed, dropout_offset)
     opts = _options(window, softcap, dropout_p, dropout_seed, dropout_offset)

@@ -367,6 +367,12 @@ class KVCache:
     chunks; attention over the cache sends each chunk the gradient of the slots it was
     written to, so a model can append and attend over several forward steps and backprop
     through all of them (module docstring). :meth:`reset` drops the chunks.
+
+    Caller-owned storage: :meth:`from_buffers` wraps key/value tensors the caller allocated
+    (in any layout, e.g. the (batch, max_len, kv_heads, head_dim) of flash-attn's
+    ``flash_attn_with_kvcache``, transposed) and writes into them in place;
+    :meth:`set_lengths` sets the live lengths (a caller's ``cache_seqlens``) without copying
+    anything else.
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -379,11 +385,58 @@ class KVCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         shape = (batch, kv_heads, max_len, head_dim)
-        self.k_buffer = torch.empty(shape, dtype=dtype, device=device)
-        self.v_buffer = torch.empty(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k_buffer.device)
-        self.batch, self.kv_heads, self.max_len, self.head_dim = batch, kv_heads, max_len, head_dim
-        self.dtype, self.device = dtype, self.k_buffer.device
+        k_buffer = torch.empty(shape, dtype=dtype, device=device)
+        v_buffer = torch.empty(shape, dtype=dtype, device=device)
+        self._attach(k_buffer, v_buffer,
+                     torch.zeros(batch, dtype=torch.int32, device=k_buffer.device))
+
+    @classmethod
+    def from_buffers(cls, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                     lengths: Union[int, torch.Tensor] = 0, *,
+                     length_bound: Optional[int] = None) -> "KVCache":
+        """A cache over caller-owned ``k_buffer``/``v_buffer`` (batch, kv_heads, max_len,
+        head_dim), any strides, one floating dtype and device: appends write into them in
+        place and nothing is copied.
+
+        ``lengths`` (an int, or a (batch,) integer tensor on the buffers' device) says how
+        many leading slots of each sequence already hold keys/values; see
+        :meth:`set_lengths` for ``length_bound``. An int32 ``lengths`` tensor on the
+        device is used as the cache's own (appends advance it in place, so the caller
+        sees the new lengths); any other is copied.
+        """
+        for name, x in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+            if x.dim() != 4 or 0 in x.shape:
+                raise ValueError(f"{name} must have shape (batch, kv_heads, max_len, "
+                                 f"head_dim), none of them 0, got {_describe(x)}")
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        if v_buffer.shape != k_buffer.shape:
+            raise ValueError(f"v_buffer {tuple(v_buffer.shape)} must have k_buffer's shape "
+                             f"{tuple(k_buffer.shape)}")
+        if v_buffer.dtype != k_buffer.dtype or v_buffer.device != k_buffer.device:
+            raise ValueError(f"v_buffer ({v_buffer.dtype} on {v_buffer.device}) must match "
+                             f"k_buffer ({k_buffer.dtype} on {k_buffer.device})")
+        if k_buffer.requires_grad or v_buffer.requires_grad:
+            raise ValueError("k_buffer and v_buffer must not require grad: the cache writes "
+                             "them in place (append keys/values that require grad instead)")
+        batch = k_buffer.shape[0]
+        shared = (isinstance(lengths, torch.Tensor) and lengths.dtype == torch.int32
+                  and lengths.shape == (batch,) and lengths.device == k_buffer.device
+                  and lengths.is_contiguous())
+        own = lengths if shared else torch.zeros(batch, dtype=torch.int32,
+                                                 device=k_buffer.device)
+        cache = cls.__new__(cls)
+        cache._attach(k_buffer, v_buffer, own)
+        cache.set_lengths(lengths, length_bound=length_bound)
+        return cache
+
+    def _attach(self, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                lengths: torch.Tensor) -> None:
+        self.k_buffer, self.v_buffer, self.lengths = k_buffer, v_buffer, lengths
+        self.batch, self.kv_heads, self.max_len, self.head_dim = k_buffer.shape
+        self.dtype, self.device = k_buffer.dtype, k_buffer.device
         self._bound = 0          # host upper bound of max(lengths)
         self._uniform = True     # all lengths equal _bound exactly
         self.chunks: List[Chunk] = []
@@ -487,6 +540,58 @@ class KVCache:
         if self.chunks:
             live = self.lengths.long()
             self.chunks = [c._replace(end=torch.minimum(c.end, live)) for c in self.chunks]
+
+    def set_lengths(self, lengths: Union[int, torch.Tensor], *,
+                    length_bound: Optional[int] = None) -> None:
+        """Set every sequence's live length: an int, or a (batch,) integer tensor on the
+        cache's device, each in [0, max_len]; the slots below it are taken as written.
+
+        A tensor's values are checked (ValueError) and its longest length read back, one
+        host sync, unless ``length_bound`` (an int in [0, max_len]) is given: then nothing
+        is read back, the values are clamped to [0, length_bound] on the device, and the
+        caller promises none was larger (a sequence longer than the bound attends over
+        its first ``length_bound`` slots only). Drops the chunks kept for autograd, as
+        :meth:`reset` does.
+        """
+        if length_bound is not None:
+            if not isinstance(length_bound, int) or isinstance(length_bound, bool) or not (
+                    0 <= length_bound <= self.max_len):
+                raise ValueError(f"length_bound must be an int in [0, {self.max_len}], got "
+                                 f"{length_bound!r}")
+        if isinstance(lengths, torch.Tensor):
+            if (lengths.dtype.is_floating_point or lengths.dtype == torch.bool
+                    or lengths.is_complex()):
+                raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+            if lengths.shape != (self.batch,):
+                raise ValueError(f"lengths must have shape ({self.batch},), got "
+                                 f"{tuple(lengths.shape)}")
+            if lengths.device != self.device:
+                raise ValueError(f"lengths is on {lengths.device} but the cache is on "
+                                 f"{self.device}")
+            if length_bound is None:
+                lo, hi = int(lengths.min()), int(lengths.max())  # host sync
+                if lo < 0 or hi > self.max_len:
+                    raise ValueError(f"lengths must lie in [0, {self.max_len}] (max_len), got "
+                                     f"{lengths.tolist()}")
+                self.lengths.copy_(lengths)
+                bound, uniform = hi, lo == hi
+            else:
+                self.lengths.copy_(lengths.clamp(0, length_bound))
+                bound, uniform = length_bound, False
+        elif isinstance(lengths, int) and not isinstance(lengths, bool):
+            if not 0 <= lengths <= self.max_len:
+                raise ValueError(f"lengths must lie in [0, {self.max_len}] (max_len), got "
+                                 f"{lengths}")
+            if length_bound is not None and lengths > length_bound:
+                raise ValueError(f"lengths {lengths} exceeds length_bound {length_bound}")
+            self.lengths.fill_(lengths)
+            bound, uniform = lengths, True
+        else:
+            raise TypeError(f"lengths must be an int or a tensor, got "
+                            f"{type(lengths).__name__}")
+        self._bound, self._uniform = bound, uniform
+        self.chunks = []
+        self.shrink_count += 1
 
     def reset(self) -> None:
         """Empty every sequence and forget the chunks kept for autograd."""
