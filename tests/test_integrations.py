@@ -350,6 +350,31 @@ def test_sliding_window_config_is_refused():
         fi.patch_llama(model)
 
 
+def test_builder_lengths_skip_the_ops_check_only_when_the_keys_cover_them(monkeypatch):
+    """Lengths from the mask builder are in range by construction: the attention function
+    skips the op's value check (a host sync per layer) where the keys are at least as long
+    as the builder's bound, and keeps it otherwise."""
+    import fastlab.integrations.hf as hf
+
+    seen = []
+    real = hf.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["validate"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "attention", spy)
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    module = torch.nn.Module()
+    mask = fi.FastlabMask(False, torch.tensor([5, 3]), 5)
+    fi.fastlab_attention_forward(module, q, k, k, mask)
+    fi.fastlab_attention_forward(module, q, k[:, :, :4], k[:, :, :4],
+                                 fi.FastlabMask(False, torch.tensor([4, 3]), 5))
+    fi.fastlab_attention_forward(module, q, k, k, fi.FastlabMask(False, torch.tensor([5, 3])))
+    fi.fastlab_attention_forward(module, q, k, k, None)
+    assert seen == [False, True, True, True]
+
+
 def test_mask_builder_cases():
     """What each 2-D mask becomes, and what is refused, straight from the mask builder."""
     from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
@@ -367,10 +392,10 @@ def test_mask_builder_cases():
     assert decode == fi.FastlabMask(True, None)
     static = fi.fastlab_attention_mask(q_length=1, kv_length=8, q_offset=4,
                                        attention_mask=full, **causal)
-    assert static.causal and static.kv_lens.tolist() == [5, 5]
+    assert static.causal and static.kv_lens.tolist() == [5, 5] and static.longest == 5
     padded = fi.fastlab_attention_mask(q_length=5, kv_length=5, attention_mask=right,
                                        **bidirectional)
-    assert not padded.causal and padded.kv_lens.tolist() == [5, 3]
+    assert not padded.causal and padded.kv_lens.tolist() == [5, 3] and padded.longest == 5
     with pytest.raises(ValueError, match="padding together with a KV cache"):
         fi.fastlab_attention_mask(q_length=1, kv_length=5, q_offset=4, attention_mask=right,
                                   **causal)

@@ -43,8 +43,9 @@ counter-based hash seeded from torch's default generator, not from torch's dropo
 same distribution, other draws, so a training step with dropout is not the unpatched
 model's step element for element.
 Checking the padding pattern costs one host sync per forward, in the mask builder (under
-``torch.compile`` the check is skipped and right padding is assumed); with padding, the op's
-own check of ``kv_lens`` adds one per attention layer.
+``torch.compile`` the check is skipped and right padding is assumed). The lengths it derives
+are in range by construction, so the attention layers skip the op's own check of
+``kv_lens`` (``validate=False``) and add no sync.
 
 RMSNorm (``rms_norm=True``). Every RMSNorm module (a class named ``*RMSNorm`` with a 1-D
 ``weight`` and ``variance_epsilon``) gets a forward on the instance that calls
@@ -152,6 +153,9 @@ class FastlabMask:
 
     causal: bool
     kv_lens: Optional[torch.Tensor]
+    #: a host-side bound of kv_lens' values, known by construction (None: unknown); where
+    #: the keys are at least this long, the attention skips the op's own check and its sync
+    longest: Optional[int] = None
 
 
 def _refuse(what: str, hint: str = "") -> ValueError:
@@ -208,7 +212,7 @@ def fastlab_attention_mask(batch_size: int, q_length: int, kv_length: int, q_off
         width = kv_length if attention_mask is None else attention_mask.shape[-1]
         if lens is None and width < kv_length:
             lens = _lengths(batch_size, width, device)
-        return FastlabMask(False, lens)
+        return FastlabMask(False, lens, None if lens is None else width)
     q_offset = int(q_offset)  # a tensor under a static cache: one host read, when decoding
     if lens is not None and q_offset != 0 and not torch.compiler.is_compiling():
         raise _refuse("padding together with a KV cache",
@@ -216,8 +220,9 @@ def fastlab_attention_mask(batch_size: int, q_length: int, kv_length: int, q_off
     # causal: every real query sees keys up to itself only, so right padding needs no
     # lengths; the first q_offset + q_length slots are the keys written so far
     n_keys = q_offset + q_length
-    return FastlabMask(True, None if n_keys == kv_length else _lengths(batch_size, n_keys,
-                                                                       device))
+    if n_keys == kv_length:
+        return FastlabMask(True, None)
+    return FastlabMask(True, _lengths(batch_size, n_keys, device), n_keys)
 
 
 def fastlab_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -231,9 +236,12 @@ def fastlab_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
             raise _refuse(what)
     if isinstance(attention_mask, FastlabMask):
         causal, kv_lens = attention_mask.causal, attention_mask.kv_lens
+        # lengths from the mask builder are in range by construction when the keys are
+        # as long as its bound: no need to read them back once per layer
+        validate = attention_mask.longest is None or attention_mask.longest > key.shape[2]
     elif attention_mask is None:
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        kv_lens = None
+        kv_lens, validate = None, True
     else:
         raise _refuse(f"a prepared {attention_mask.dim()}-D attention mask",
                       "pass the 2-D padding mask (ones, then zeros) instead")
@@ -246,7 +254,8 @@ def fastlab_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                              for t in (query, key, value))
     softcap = kwargs.get("softcap")
     out = attention(query, key, value, causal=bool(causal), scale=scaling, kv_lens=kv_lens,
-                    dropout_p=float(dropout), softcap=0.0 if softcap is None else float(softcap))
+                    dropout_p=float(dropout), softcap=0.0 if softcap is None else float(softcap),
+                    validate=validate)
     return out.transpose(1, 2), None
 
 
