@@ -8,6 +8,11 @@ after the append), or ``base_b = lengths[b]`` when the append is ragged (then Tq
 query i is new token i). With ``causal`` it sees keys ``j <= base_b + i``; always only
 ``j < lengths[b] + n_new_b``.
 
+Score options, as in :mod:`fastlab.kernels.attention` (each a constexpr flag compiled out
+when off), with d = base_b + i - j: a sliding window (keys with -right <= d <= left; the
+keys below the block's window are not read), softcap (softcap * tanh(scale * qk /
+softcap)) and ALiBi (-slope * |d| added, one slope per query head).
+
 Algorithm (flash-decoding with a fused append):
 1. One program per (query-row block, key split, batch x kv head). The rows of the Hq / Hkv
    query heads sharing one kv head are stacked (row r = query r // G of head r % G), so K/V
@@ -41,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETING, dot, next_power_of_2
+from .attention import _scores
 
 # Split until there are this many programs per SM: with ragged lengths programs differ in
 # work, and many short ones let the scheduler even out the SMs (the merge reads only
@@ -96,13 +102,23 @@ def _mma(a, b, acc):
 
 
 @triton.jit
-def _softmax_step(q, k, v, offs_n, key_ok, q_pos, m_i, l_i, acc, qk_scale,
-                  CAUSAL: tl.constexpr):
+def _softmax_step(q, k, v, offs_n, key_ok, q_pos, m_i, l_i, acc, qk_scale, win_left,
+                  win_right, softcap_in, softcap_out, slope, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Online-softmax update of (max, sum, acc) with one block of keys, in base 2."""
-    scores = _mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32)) * qk_scale
+    qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32))
+    if SOFTCAP or ALIBI:
+        scores, _ = _scores(qk, q_pos, offs_n, 0, qk_scale, softcap_in, softcap_out,
+                            slope[:, None], SOFTCAP, ALIBI, False)
+    else:
+        scores = qk * qk_scale
     visible = key_ok[None, :]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    if WINDOW:
+        rel = q_pos[:, None] - offs_n[None, :]
+        visible = visible & ((win_left < 0) | (rel <= win_left))
+        visible = visible & ((win_right < 0) | (rel >= -win_right))
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row that has seen no key yet keeps max -inf; subtract 0 instead (avoids inf - inf).
@@ -114,7 +130,8 @@ def _softmax_step(q, k, v, offs_n, key_ok, q_pos, m_i, l_i, acc, qk_scale,
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_D", "CAUSAL", "HAS_NEW", "SPLIT"],
+@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_D", "CAUSAL", "HAS_NEW", "SPLIT",
+                                          "WINDOW", "SOFTCAP", "ALIBI"],
                  prune_configs_by={"early_config_prune": _keep})
 @triton.jit
 def _kvcache_attention_kernel(
@@ -127,6 +144,7 @@ def _kvcache_attention_kernel(
     Out,               # (B, Hq, Tq, D); unused when SPLIT
     Part_O,            # (B * Hkv, num_splits, G * Tq, D) fp32; unused unless SPLIT
     Part_L,            # (B * Hkv, num_splits, G * Tq) fp32 log2-sum-exp; unused unless SPLIT
+    Slopes,            # (Hq,) or (B, Hq) fp32 ALiBi slopes in base 2; unused unless ALIBI
     # shapes
     n_kv_heads, group, q_len, n_new, max_len, split_size,
     # strides
@@ -136,11 +154,15 @@ def _kvcache_attention_kernel(
     stride_nkb, stride_nkh, stride_nks, stride_nkd,
     stride_nvb, stride_nvh, stride_nvs, stride_nvd,
     stride_ob, stride_oh, stride_ot, stride_od,
+    stride_sb,         # batch stride of Slopes (0 for one slope per head)
     # constants
     qk_scale,          # softmax scale * log2(e)
+    win_left, win_right,       # window (-1: unbounded); used when WINDOW
+    softcap_in, softcap_out,   # scale / softcap and softcap * log2(e); used when SOFTCAP
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_NEW: tl.constexpr,
-    RAGGED_NEW: tl.constexpr, SPLIT: tl.constexpr,
+    RAGGED_NEW: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -173,10 +195,15 @@ def _kvcache_attention_kernel(
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
+    if ALIBI:
+        slope = tl.load(Slopes + b * stride_sb + head, mask=row_ok, other=0.0)
+    else:
+        slope = tl.zeros([BLOCK_M], tl.float32)
+
     # 3. Keys this program covers: its split, cut at the last key any of its rows can see.
     kv_end = len_after
+    last_query = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1) // group
     if CAUSAL:
-        last_query = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1) // group
         kv_end = tl.minimum(kv_end, q_base + last_query + 1)
     lo = split * split_size
     hi = tl.minimum(lo + split_size, kv_end)
@@ -190,16 +217,25 @@ def _kvcache_attention_kernel(
     q_pos = q_base + qi
     cache_hi = tl.minimum(hi, len_before)
     new_lo = tl.maximum(lo, len_before)
+    # With a window, the cache loop reads only the keys inside some row's window; the new
+    # keys' loop keeps its whole range, as its last row block writes them into the cache.
+    cache_lo = lo
+    if WINDOW:
+        if win_right >= 0:
+            cache_hi = tl.minimum(cache_hi, q_base + last_query + win_right + 1)
+        if win_left >= 0:
+            cache_lo = tl.maximum(lo, q_base + (pid_m * BLOCK_M) // group - win_left)
 
     # 4. Keys already in the cache: the hot loop of decoding, loads only, no branches.
-    for start in range(lo, cache_hi, BLOCK_N):
+    for start in range(cache_lo, cache_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         ok = offs_n < cache_hi
         ok_2d = ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_ks, mask=ok_2d, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vs, mask=ok_2d, other=0.0)
         m_i, l_i, acc = _softmax_step(q, k, v, offs_n, ok, q_pos, m_i, l_i, acc, qk_scale,
-                                      CAUSAL)
+                                      win_left, win_right, softcap_in, softcap_out, slope,
+                                      CAUSAL, WINDOW, SOFTCAP, ALIBI)
 
     # 5. New keys: read from k_new/v_new; the last row block also stores them in the cache.
     if HAS_NEW:
@@ -216,7 +252,8 @@ def _kvcache_attention_kernel(
             tl.store(k_base + offs_n[:, None] * stride_ks, k, mask=store)
             tl.store(v_base + offs_n[:, None] * stride_vs, v, mask=store)
             m_i, l_i, acc = _softmax_step(q, k, v, offs_n, ok, q_pos, m_i, l_i, acc,
-                                          qk_scale, CAUSAL)
+                                          qk_scale, win_left, win_right, softcap_in,
+                                          softcap_out, slope, CAUSAL, WINDOW, SOFTCAP, ALIBI)
 
     # 6. Normalise; a row that saw no key gets 0.
     seen = l_i > 0.0
@@ -322,11 +359,15 @@ def _strides(t):
 
 
 def kvcache_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new, new_lens,
-                              causal: bool, scale: float, kv_bound: int) -> torch.Tensor:
+                              causal: bool, scale: float, kv_bound: int,
+                              window=(-1, -1), softcap: float = 0.0,
+                              alibi_slopes=None) -> torch.Tensor:
     """Attention of q over the cache plus k_new/v_new, which are written into the cache.
 
     ``lengths`` (int32) is read, not updated. ``kv_bound`` is a host upper bound of every
     row's live length after the append; it only sizes the key splits (no host sync).
+    ``window``, ``softcap`` and ``alibi_slopes`` ((Hq,) or (B, Hq) float32) as in
+    :func:`fastlab.ops.attention`.
     """
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
@@ -348,15 +389,21 @@ def kvcache_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new, new_le
     else:
         part_o = part_l = out
     grid = (m_blocks, num_splits, batch * n_kv_heads)
+    log2e = 1.4426950408889634
+    win_left, win_right = window
+    alibi = alibi_slopes is not None
+    slopes = (alibi_slopes * log2e).contiguous() if alibi else lengths
     _kvcache_attention_kernel[grid](
         q, k_cache, v_cache, k_new if has_new else k_cache, v_new if has_new else v_cache,
-        lengths, new_lens if new_lens is not None else lengths, out, part_o, part_l,
+        lengths, new_lens if new_lens is not None else lengths, out, part_o, part_l, slopes,
         n_kv_heads, group, q_len, n_new, k_cache.shape[2], split_size,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *_strides(k_new), *_strides(v_new),
-        *out.stride(),
-        scale * 1.4426950408889634,
+        *out.stride(), slopes.stride(0) if alibi and slopes.dim() == 2 else 0,
+        scale * log2e, win_left, win_right,
+        scale / softcap if softcap > 0 else 0.0, softcap * log2e,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, CAUSAL=causal,
         HAS_NEW=has_new, RAGGED_NEW=new_lens is not None, SPLIT=split,
+        WINDOW=win_left >= 0 or win_right >= 0, SOFTCAP=softcap > 0, ALIBI=alibi,
     )
     if split:
         _merge_splits_kernel[(n_rows, batch * n_kv_heads)](

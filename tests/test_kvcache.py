@@ -224,6 +224,103 @@ def test_capacity_check_reads_exact_lengths_only_when_needed():
         assert torch.equal(x.nan_to_num(), y.nan_to_num())
 
 
+# ----------------------------------------------------------------------------- score options
+#: window, softcap and ALiBi as flash-attn defines them (fastlab.ops.attention's semantics)
+OPTIONS = {
+    "window-left": dict(window=(4, -1)),
+    "window-both": dict(window=(6, 2)),
+    "softcap": dict(softcap=2.5),
+    "alibi": dict(alibi_slopes="heads"),
+    "all": dict(window=(9, 0), softcap=4.0, alibi_slopes="batch-heads"),
+}
+
+
+def _options(name, batch, heads, device=DEVICE):
+    opts = dict(OPTIONS[name])
+    kind = opts.get("alibi_slopes")
+    if kind is not None:
+        g = torch.Generator().manual_seed(7)
+        shape = (heads,) if kind == "heads" else (batch, heads)
+        opts["alibi_slopes"] = (torch.rand(shape, generator=g) * 0.5).to(device)
+    return opts
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_reference_options_match_attention_ref(option):
+    """The KV-cache reference with an option equals fastlab.ops.attention_ref over the
+    concatenated keys (uniform lengths: the same bottom-right positions)."""
+    from fastlab.ops.attention import attention_ref
+
+    b, hq, hkv, d, length, t = 2, 4, 2, 8, 13, 3
+    cache = _cache(b, hkv, 20, d, torch.float64, [length] * b, seed=3)
+    q = randn((b, hq, t, d), torch.float64, DEVICE, seed=4)
+    kn, vn = (randn((b, hkv, t, d), torch.float64, DEVICE, seed=s) for s in (5, 6))
+    opts = _options(option, b, hq)
+    for causal in (True, False):
+        got = attention_with_kvcache_ref(q, cache.k_buffer, cache.v_buffer, cache.lengths, kn,
+                                         vn, causal=causal, **opts)
+        k = torch.cat([cache.k_buffer[:, :, :length], kn], 2).repeat_interleave(2, 1)
+        v = torch.cat([cache.v_buffer[:, :, :length], vn], 2).repeat_interleave(2, 1)
+        assert_close(got, attention_ref(q, k, v, causal=causal, **opts), msg=option)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("case", ["decode_gqa_odd_dim", "decode_long_mqa", "prefill_ragged",
+                                  "two_row_blocks", "chunk_mqa"])
+def test_kernel_options_match_reference(case, option):
+    """The fused kernel (split-KV included) with each option against the float64
+    reference; causal and not; the new tokens still all land in the cache."""
+    batch, hq, hkv, d, lengths, q_len, n_new, new_lens = CASES[case]
+    opts = _options(option, batch, hq)
+    for causal in (True, False):
+        cache = _cache(batch, hkv, max(lengths) + n_new + 3, d, torch.float32, lengths, seed=10)
+        q = randn((batch, hq, q_len, d), seed=1)
+        k_new = randn((batch, hkv, n_new, d), seed=2)
+        v_new = randn((batch, hkv, n_new, d), seed=3)
+        lens = None if new_lens is None else torch.tensor(new_lens, device=DEVICE)
+        k0, v0, len0 = _snapshot(cache)
+        with backend("kernel"):
+            out = attention_with_kvcache(q, cache, k_new, v_new, causal=causal, new_lens=lens,
+                                         **opts)
+        expected = attention_with_kvcache_ref(q.double(), k0.double(), v0.double(), len0,
+                                              k_new.double(), v_new.double(), lens,
+                                              causal=causal, **opts)
+        assert not out.isnan().any(), "a dead (NaN) cache slot was read"
+        assert_close(out, expected, scale=2.0, msg=f"{case} {option} causal={causal}")
+        plain = attention_with_kvcache_ref(q.double(), k0.double(), v0.double(), len0,
+                                           k_new.double(), v_new.double(), lens, causal=causal)
+        assert (plain - expected).abs().max() > 1e-3, "the option changed nothing here"
+        added = [n_new] * batch if new_lens is None else new_lens
+        for row, (length, n) in enumerate(zip(lengths, added)):
+            assert torch.equal(cache.k_buffer[row, :, length:length + n], k_new[row, :, :n])
+
+
+@pytest.mark.parametrize("option", ["window-both", "all"])
+@pytest.mark.parametrize("prefix_lens", [[4, 4], [5, 1, 0]], ids=["uniform", "ragged"])
+def test_training_through_cache_with_options(option, prefix_lens):
+    opts = _options(option, len(prefix_lens), 4, device="cpu")
+    opts = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    if "alibi_slopes" in opts:
+        opts["alibi_slopes"] = opts["alibi_slopes"].float()
+    _train_once("auto", prefix_lens, **opts)
+
+
+@pytest.mark.parametrize("opts, error, match", [
+    (dict(window=(3,)), ValueError, "window must be a pair"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a finite float"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), TypeError, "float32"),
+])
+def test_option_bad_input_leaves_cache_unchanged(opts, error, match):
+    cache = _cache(2, 2, 8, 4, torch.float32, [2, 3])
+    before = _snapshot(cache)
+    q, k = randn((2, 4, 1, 4), seed=1), randn((2, 2, 1, 4), seed=2)
+    with pytest.raises(error, match=match):
+        attention_with_kvcache(q, cache, k, k, **opts)
+    for x, y in zip(before, _snapshot(cache)):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num())
+
+
 # ----------------------------------------------------------------------------- training
 class _Thinker(torch.nn.Module):
     """Projections of the log's latent model: each step appends k/v and attends."""
@@ -242,7 +339,7 @@ class _Thinker(torch.nn.Module):
 
 
 def _train_once(name, prefix_lens, steps=(3, 1, 4), dtype=torch.float64, compile_backend=None,
-                fullgraph=True, device="cpu"):
+                fullgraph=True, device="cpu", **options):
     """Several forward steps that append to the cache and attend over it, one backward;
     the same computation with explicitly concatenated keys/values gives the reference.
     ``compile_backend``: each step runs through ``torch.compile`` with that backend."""
@@ -257,7 +354,7 @@ def _train_once(name, prefix_lens, steps=(3, 1, 4), dtype=torch.float64, compile
 
     def step(x, w, cache):
         q, k, v = model.project(x)
-        return (attention_with_kvcache(q, cache, k, v) * w).sum()
+        return (attention_with_kvcache(q, cache, k, v, **options) * w).sum()
 
     if compile_backend is not None:
         torch._dynamo.reset()
@@ -277,7 +374,8 @@ def _train_once(name, prefix_lens, steps=(3, 1, 4), dtype=torch.float64, compile
         q, k, v = model.project(x)
         ks.append(k)
         vs.append(v)
-        out = attention_with_kvcache_ref(q, pk, pv, plen, torch.cat(ks, 2), torch.cat(vs, 2))
+        out = attention_with_kvcache_ref(q, pk, pv, plen, torch.cat(ks, 2), torch.cat(vs, 2),
+                                         **options)
         loss = loss + (out * w).sum()
     loss.backward()
     want = [p.grad for p in model.parameters()] + [x.grad for x in xs]
@@ -358,8 +456,10 @@ def test_opcheck_and_compile():
     cache = _cache(2, 2, 12, 8, torch.float32, [3, 5])
     q, k = randn((2, 4, 2, 8), seed=1), randn((2, 2, 2, 8), seed=2)
     args = (q, cache.k_buffer.nan_to_num(), cache.v_buffer.nan_to_num(), cache.lengths.clone(),
-            k, k, None, True, 0.3, 12)
+            k, k, None, True, 0.3, 12, -1, -1, 0.0, None)
     torch.library.opcheck(torch.ops.fastlab.kvcache_attention.default, args)
+    torch.library.opcheck(torch.ops.fastlab.kvcache_attention.default,
+                          args[:10] + (3, 0, 5.0, torch.rand(4)))
     torch.library.opcheck(torch.ops.fastlab.kvcache_append.default,
                           (args[1], args[2], args[3], k, k, torch.tensor([1, 2], dtype=torch.int32)))
 

@@ -10,7 +10,9 @@ so with ``causal=True`` it sees keys ``j <= L_b - Tq + i``; without, all ``j < L
 ``new_lens`` (B,) only the first ``new_lens[b]`` tokens of k_new/v_new are appended to
 sequence b (prefill of prompts of different lengths, right-padded); then Tq == Tn and query
 i is new token i, at position ``L_b - new_lens[b] + i``. A query that sees no key returns 0.
-No slot at or beyond a sequence's live length is ever read.
+No slot at or beyond a sequence's live length is ever read. ``window``, ``softcap`` and
+``alibi_slopes`` are those of :func:`fastlab.ops.attention`, with d = (query position) -
+(key position) in the positions above, on both paths.
 
 Two paths:
 
@@ -42,28 +44,49 @@ The reference, :func:`attention_with_kvcache_ref`, is SDPA over each sequence's 
 concatenated keys and values.
 """
 import math
-from typing import List, NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from fastlab.ops._dispatch import define_op, use_triton
-from fastlab.ops.attention import attention
+from fastlab.ops.attention import _check_options, attention
 
 
 # ----------------------------------------------------------------------------- reference
+def _score_options(scores: torch.Tensor, rel: torch.Tensor, visible: torch.Tensor,
+                   window, softcap: float, slopes: Optional[torch.Tensor]):
+    """Scores (..., H, Tq, L) and visibility after the window, softcap and ALiBi of
+    :func:`fastlab.ops.attention`; ``rel`` (..., Tq, L) is query position minus key position
+    and ``slopes`` (..., H) the ALiBi slopes."""
+    left, right = window
+    if left >= 0:
+        visible = visible & (rel <= left)
+    if right >= 0:
+        visible = visible & (rel >= -right)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if slopes is not None:
+        scores = scores - slopes[..., None, None].to(scores.dtype) * rel.abs().unsqueeze(-3)
+    return scores, visible
+
+
 def attention_with_kvcache_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                lengths: torch.Tensor, k_new: Optional[torch.Tensor] = None,
                                v_new: Optional[torch.Tensor] = None,
                                new_lens: Optional[torch.Tensor] = None, *, causal: bool = True,
-                               scale: Optional[float] = None) -> torch.Tensor:
-    """SDPA of each sequence over its live cache concatenated with its new tokens.
+                               scale: Optional[float] = None, window=(-1, -1),
+                               softcap: float = 0.0,
+                               alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of each sequence over its live cache concatenated with its new tokens
+    (SDPA without the score options; with them, the scores written out).
 
     Does not modify the cache. Computes in float32 (float64 for float64 inputs).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q_len = q.shape[2]
+    options = tuple(window) != (-1, -1) or softcap > 0 or alibi_slopes is not None
     outs = []
     for b in range(q.shape[0]):
         length = int(lengths[b])  # host read: the reference is the CPU path and test oracle
@@ -77,8 +100,22 @@ def attention_with_kvcache_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         i = torch.arange(q_len, device=q.device)[:, None]
         j = torch.arange(k.shape[1], device=q.device)[None, :]
         visible = j <= base + i if causal else torch.ones_like(j <= i)
-        out = F.scaled_dot_product_attention(q[b].to(compute), k.to(compute), v.to(compute),
-                                             attn_mask=visible, scale=scale, enable_gqa=True)
+        if options:
+            group = q.shape[1] // k.shape[0]
+            kb, vb = (x.to(compute).repeat_interleave(group, 0) for x in (k, v))
+            scores = torch.matmul(q[b].to(compute), kb.transpose(-1, -2)) * scale
+            slopes = None
+            if alibi_slopes is not None:
+                slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+            scores, visible = _score_options(scores, base + i - j, visible, window, softcap,
+                                             slopes)
+            any_key = visible.any(-1, keepdim=True)
+            scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_key, 0.0)
+            out = torch.matmul(torch.softmax(scores, -1) * any_key, vb)
+        else:
+            out = F.scaled_dot_product_attention(q[b].to(compute), k.to(compute),
+                                                 v.to(compute), attn_mask=visible, scale=scale,
+                                                 enable_gqa=True)
         outs.append(torch.where(visible.any(-1)[None, :, None], out, 0.0))
     return torch.stack(outs).to(q.dtype)
 
@@ -115,15 +152,21 @@ def _append_impl(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Te
 def _attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     lengths: torch.Tensor, k_new: Optional[torch.Tensor],
                     v_new: Optional[torch.Tensor], new_lens: Optional[torch.Tensor],
-                    causal: bool, scale: float, kv_bound: int) -> torch.Tensor:
+                    causal: bool, scale: float, kv_bound: int, window_left: int,
+                    window_right: int, softcap: float,
+                    alibi_slopes: Optional[torch.Tensor]) -> torch.Tensor:
+    window = (window_left, window_right)
     if use_triton(q, k_cache):
         from fastlab.kernels.kvcache_attention import kvcache_attention_forward
 
         out = kvcache_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new, new_lens,
-                                        causal, scale, kv_bound)
+                                        causal, scale, kv_bound, window, softcap,
+                                        alibi_slopes)
     else:
         out = attention_with_kvcache_ref(q, k_cache, v_cache, lengths, k_new, v_new, new_lens,
-                                         causal=causal, scale=scale).contiguous()
+                                         causal=causal, scale=scale, window=window,
+                                         softcap=softcap,
+                                         alibi_slopes=alibi_slopes).contiguous()
         if k_new is not None:
             kvcache_append_ref(k_cache, v_cache, lengths, k_new, v_new, new_lens)
     if k_new is not None:
@@ -136,7 +179,7 @@ def _append_fake(k_cache, v_cache, lengths, k_new, v_new, new_lens):
 
 
 def _attention_fake(q, k_cache, v_cache, lengths, k_new, v_new, new_lens, causal, scale,
-                    kv_bound):
+                    kv_bound, window_left, window_right, softcap, alibi_slopes):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -240,7 +283,8 @@ def _live_kv(x, kv_len, group: int, compute) -> torch.Tensor:
     return torch.where(live[:, None, :, None], x.to(compute), 0.0).repeat_interleave(group, 1)
 
 
-def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float):
+def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float, window=(-1, -1),
+                      softcap: float = 0.0, alibi_slopes=None):
     """Attention with per-sequence live lengths and query offsets (ragged caches), in fp32
     (float64 for float64): the output in q's dtype."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -249,9 +293,14 @@ def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float):
     k, v = _live_kv(k, kv_len, group, compute), _live_kv(v, kv_len, group, compute)
     scores = torch.matmul(q.to(compute), k.transpose(-1, -2)) * scale
     visible = (j[None, :] < kv_len[:, None])[:, None, :].expand(-1, q.shape[2], -1)
+    i = torch.arange(q.shape[2], device=q.device)
+    rel = q_base[:, None, None] + i[None, :, None] - j[None, None, :]  # (B, Tq, L)
     if causal:
-        i = torch.arange(q.shape[2], device=q.device)
-        visible = visible & (j[None, None, :] <= q_base[:, None, None] + i[None, :, None])
+        visible = visible & (rel >= 0)
+    slopes = alibi_slopes
+    if slopes is not None and slopes.dim() == 1:
+        slopes = slopes.expand(q.shape[0], -1)
+    scores, visible = _score_options(scores, rel, visible, window, softcap, slopes)
     visible = visible[:, None]
     any_key = visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_key, 0.0)
@@ -279,7 +328,7 @@ class _CacheAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, cache, q_base, kv_len, causal, scale, *chunk_tensors):
+    def forward(ctx, q, cache, q_base, kv_len, causal, scale, options, *chunk_tensors):
         length = cache.length_bound
         # ``.data`` aliases the buffer under a fresh version counter: later appends write
         # slots this attention did not read and must not fail its backward.
@@ -289,9 +338,10 @@ class _CacheAttention(torch.autograd.Function):
             q_in = q.detach().requires_grad_()
             k_in, v_in = k.requires_grad_(), v.requires_grad_()
             if q_base is None:
-                out = attention(q_in, k_in, v_in, causal=causal, scale=scale)
+                out = attention(q_in, k_in, v_in, causal=causal, scale=scale, **options)
             else:
-                out = _masked_attention(q_in, k_in, v_in, q_base, kv_len, causal, scale)
+                out = _masked_attention(q_in, k_in, v_in, q_base, kv_len, causal, scale,
+                                        **options)
         ctx.inner = (out, q_in, k_in, v_in)
         ctx.cache, ctx.shrinks, ctx.chunks = cache, cache.shrink_count, list(cache.chunks)
         return out.detach()
@@ -308,7 +358,7 @@ class _CacheAttention(torch.autograd.Function):
         grads = []
         for chunk in ctx.chunks:
             grads += [_chunk_grad(dk, chunk, chunk.k), _chunk_grad(dv, chunk, chunk.v)]
-        return (dq, None, None, None, None, None, *grads)
+        return (dq, None, None, None, None, None, None, *grads)
 
 
 def kvcache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
@@ -329,7 +379,7 @@ def _needs_grad(*tensors) -> bool:
 # Inductor on CUDA (H200, torch 2.11). Inference through a cache (no gradients) stays in
 # the graph through the registered ops.
 @torch.compiler.disable
-def _attend_training(q, cache, k_new, v_new, new_lens, causal, scale):
+def _attend_training(q, cache, k_new, v_new, new_lens, causal, scale, options):
     q_base = kv_len = None
     if new_lens is not None:
         q_base = cache.lengths.long()  # a copy: the append below moves the lengths on
@@ -340,7 +390,7 @@ def _attend_training(q, cache, k_new, v_new, new_lens, causal, scale):
         if q_base is None:
             q_base = kv_len - q.shape[2]
     tensors = [t for chunk in cache.chunks for t in (chunk.k, chunk.v)]
-    return _CacheAttention.apply(q, cache, q_base, kv_len, causal, scale, *tensors)
+    return _CacheAttention.apply(q, cache, q_base, kv_len, causal, scale, options, *tensors)
 
 
 # ----------------------------------------------------------------------------- state
@@ -610,23 +660,33 @@ class KVCache:
 def attention_with_kvcache(q: torch.Tensor, cache, k_new: Optional[torch.Tensor] = None,
                            v_new: Optional[torch.Tensor] = None, *, causal: bool = True,
                            scale: Optional[float] = None,
-                           new_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           new_lens: Optional[torch.Tensor] = None,
+                           window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Append k_new/v_new (B, Hkv, Tn, D) to ``cache`` and attend q (B, Hq, Tq, D) over it.
 
     Returns (B, Hq, Tq, D) in q's dtype. ``scale`` defaults to 1/sqrt(D). ``new_lens`` (B,)
     appends only the first ``new_lens[b]`` new tokens to sequence b (see the module
-    docstring for positions and masking). Every argument is checked before anything is
-    written: on error the cache is unchanged. Differentiable with respect to q, k_new, v_new
-    and every key/value appended earlier under autograd.
+    docstring for positions and masking). ``window``, ``softcap`` and ``alibi_slopes``
+    ((Hq,) or (B, Hq) float32) mean what they mean in :func:`fastlab.ops.attention`, with
+    d = (the query's position) - (the key's position). Every argument is checked before
+    anything is written: on error the cache is unchanged. Differentiable with respect to q,
+    k_new, v_new and every key/value appended earlier under autograd.
     """
     check_query(q, cache)
     new_lens = check_new_tokens(cache, k_new, v_new, new_lens, q_len=q.shape[2])
+    _check_options("attention_with_kvcache", q, cache.batch, window, softcap, alibi_slopes,
+                   0.0, None, 0)
+    window = (int(window[0]), int(window[1]))
+    softcap = float(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _needs_grad(q, k_new, v_new) or (torch.is_grad_enabled() and cache.chunks):
-        return _attend_training(q, cache, k_new, v_new, new_lens, causal, scale)
+        options = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+        return _attend_training(q, cache, k_new, v_new, new_lens, causal, scale, options)
     n_new = 0 if k_new is None else k_new.shape[2]
     cache.reserve(n_new, new_lens)
     out = _attention_op(q, cache.k_buffer, cache.v_buffer, cache.lengths, k_new, v_new,
-                        new_lens, causal, scale, min(cache.length_bound + n_new, cache.max_len))
+                        new_lens, causal, scale, min(cache.length_bound + n_new, cache.max_len),
+                        window[0], window[1], softcap, alibi_slopes)
     cache.appended(n_new, new_lens)
     return out
