@@ -683,3 +683,21 @@ def test_gpu_small_head_dims(head_dim, dtype):
     k, v = (randn((3, 2, 6, head_dim), dtype, DEVICE, seed=s) for s in (14, 15))
     out = attention_with_kvcache(q, cache, k, v)
     assert_close(out, attention_with_kvcache_ref(q, k0, v0, len0, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_gpu_options_real_size(option):
+    """Decode over a long ragged bf16 cache (split-KV) with each score option."""
+    dtype = torch.bfloat16
+    lengths = [4095, 17, 2048, 1000]
+    cache = _cache(4, 8, 4096 + 8, 128, dtype, lengths, seed=40)
+    k0, v0, len0 = _snapshot(cache)
+    q = randn((4, 32, 1, 128), dtype, DEVICE, seed=41)
+    kv = randn((4, 8, 1, 128), dtype, DEVICE, seed=42)
+    opts = _options(option, 4, 32)
+    if "window" in opts:
+        opts["window"] = (700, 0)
+    out = attention_with_kvcache(q, cache, kv, kv, **opts)
+    assert_close(out, attention_with_kvcache_ref(q, k0, v0, len0, kv, kv, **opts))
+    assert cache.lengths.tolist() == [n + 1 for n in lengths]
