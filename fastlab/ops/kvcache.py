@@ -567,14 +567,7 @@ class KVCache:
         dropped (and overwritten by the next append).
         """
         if isinstance(length, torch.Tensor):
-            if length.dtype.is_floating_point or length.dtype == torch.bool:
-                raise TypeError(f"length must be an integer tensor, got {length.dtype}")
-            if length.shape != (self.batch,):
-                raise ValueError(f"length must have shape ({self.batch},), got "
-                                 f"{tuple(length.shape)}")
-            if length.device != self.device:
-                raise ValueError(f"length is on {length.device} but the cache is on "
-                                 f"{self.device}")
+            self._check_per_row("length", length)
             if bool((length < 0).any()):  # host sync: a rollback is not a per-token step
                 raise ValueError(f"length must be >= 0, got {length.tolist()}")
             torch.minimum(self.lengths, length.to(torch.int32), out=self.lengths)
@@ -590,6 +583,15 @@ class KVCache:
         if self.chunks:
             live = self.lengths.long()
             self.chunks = [c._replace(end=torch.minimum(c.end, live)) for c in self.chunks]
+
+    def _check_per_row(self, name: str, x: torch.Tensor) -> None:
+        """Raise unless ``x`` is a (batch,) integer tensor on the cache's device."""
+        if x.dtype.is_floating_point or x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+        if x.shape != (self.batch,):
+            raise ValueError(f"{name} must have shape ({self.batch},), got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the cache is on {self.device}")
 
     def set_lengths(self, lengths: Union[int, torch.Tensor], *,
                     length_bound: Optional[int] = None) -> None:
@@ -609,15 +611,7 @@ class KVCache:
                 raise ValueError(f"length_bound must be an int in [0, {self.max_len}], got "
                                  f"{length_bound!r}")
         if isinstance(lengths, torch.Tensor):
-            if (lengths.dtype.is_floating_point or lengths.dtype == torch.bool
-                    or lengths.is_complex()):
-                raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-            if lengths.shape != (self.batch,):
-                raise ValueError(f"lengths must have shape ({self.batch},), got "
-                                 f"{tuple(lengths.shape)}")
-            if lengths.device != self.device:
-                raise ValueError(f"lengths is on {lengths.device} but the cache is on "
-                                 f"{self.device}")
+            self._check_per_row("lengths", lengths)
             if length_bound is None:
                 lo, hi = int(lengths.min()), int(lengths.max())  # host sync
                 if lo < 0 or hi > self.max_len:
