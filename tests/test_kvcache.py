@@ -305,6 +305,43 @@ def test_training_through_cache_with_options(option, prefix_lens):
     _train_once("auto", prefix_lens, **opts)
 
 
+@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
+def test_dropout_through_cache_draws_attentions_numbers(ragged):
+    """Training through the cache with dropout: the output and gradients of fastlab's
+    attention over the concatenated keys with the same seed (the ragged cache without
+    causality, which kv_lens expresses); an inference call with dropout is refused."""
+    from fastlab.ops.attention import attention as dense
+
+    b, hq, hkv, d, t = 2, 4, 2, 8, 3
+    lengths = [6, 2] if ragged else [5, 5]
+    cache = _cache(b, hkv, 16, d, torch.float64, lengths, seed=50)
+    pk, pv, _ = _snapshot(cache)
+    q = randn((b, hq, t, d), torch.float64, DEVICE, seed=51).requires_grad_()
+    kn = randn((b, hkv, t, d), torch.float64, DEVICE, seed=52).requires_grad_()
+    vn = randn((b, hkv, t, d), torch.float64, DEVICE, seed=53).requires_grad_()
+    drop = dict(dropout_p=0.3, dropout_seed=11, dropout_offset=4)
+    with backend("reference"):
+        out = attention_with_kvcache(q, cache, kn, vn, causal=not ragged, **drop)
+    got = torch.autograd.grad(out.sum(), (q, kn, vn))
+    # the same keys laid out densely: row r holds its live prefix, then its new tokens
+    width = max(lengths) + t
+    pad = [pk.new_zeros(hkv, width - n - t, d) for n in lengths]
+    kd = torch.stack([torch.cat([pk[r, :, :n], kn[r], pad[r]], 1) for r, n in enumerate(lengths)])
+    vd = torch.stack([torch.cat([pv[r, :, :n], vn[r], pad[r]], 1) for r, n in enumerate(lengths)])
+    lens = torch.tensor([n + t for n in lengths])
+    with backend("reference"):
+        want_out = dense(q, kd, vd, causal=not ragged, kv_lens=lens if ragged else None, **drop)
+    want = torch.autograd.grad(want_out.sum(), (q, kn, vn))
+    assert_close(out, want_out)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    plain = attention_with_kvcache_ref(q.detach(), pk, pv, torch.tensor(lengths), kn.detach(),
+                                       vn.detach(), causal=not ragged)
+    assert (plain - out.detach()).abs().max() > 1e-3, "dropout changed nothing"
+    with torch.no_grad(), pytest.raises(ValueError, match="dropout_p > 0 applies to training"):
+        attention_with_kvcache(q, cache, kn, vn, **drop)
+
+
 @pytest.mark.parametrize("opts, error, match", [
     (dict(window=(3,)), ValueError, "window must be a pair"),
     (dict(softcap=-1.0), ValueError, "softcap must be a finite float"),

@@ -218,7 +218,9 @@ def _backward_core(grad_out, grad_lse, q, k, v, out, lse, kv_lens, alibi_slopes,
         keep = _dropout_keep_ref(opts.dropout_key, opts.dropout_p,
                                  torch.arange(first_batch, first_batch + q.shape[0],
                                               device=q.device),
-                                 q.shape[1], q.shape[2], k.shape[2]) / (1.0 - opts.dropout_p)
+                                 q.shape[1], q.shape[2], k.shape[2])
+        # in the compute dtype: bool / float would give float32, off by 3e-8 for float64
+        keep = keep.to(compute) / (1.0 - opts.dropout_p)
         kept, dp = probs * keep, dp * keep
     # delta = rowsum(P * dP) = rowsum(dO * O), also with dropout (O = P_kept V)
     delta = (do * out.to(compute)).sum(-1)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlab.ops._dispatch import define_op, use_triton
-from fastlab.ops.attention import _check_options, attention
+from fastlab.ops.attention import _check_options, _dropout_keep_ref, attention, dropout_key
 
 
 # ----------------------------------------------------------------------------- reference
@@ -284,7 +284,8 @@ def _live_kv(x, kv_len, group: int, compute) -> torch.Tensor:
 
 
 def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float, window=(-1, -1),
-                      softcap: float = 0.0, alibi_slopes=None):
+                      softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+                      dropout_seed: int = 0, dropout_offset: int = 0):
     """Attention with per-sequence live lengths and query offsets (ragged caches), in fp32
     (float64 for float64): the output in q's dtype."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -305,6 +306,13 @@ def _masked_attention(q, k, v, q_base, kv_len, causal: bool, scale: float, windo
     any_key = visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_key, 0.0)
     probs = torch.softmax(scores, dim=-1) * any_key
+    if dropout_p > 0:
+        # the numbers fastlab.ops.attention draws for (b, h, i, j): query i of this call,
+        # key slot j of the cache
+        keep = _dropout_keep_ref(dropout_key(dropout_seed, dropout_offset), dropout_p,
+                                 torch.arange(q.shape[0], device=q.device), q.shape[1],
+                                 q.shape[2], k.shape[2])
+        probs = probs * keep / (1.0 - dropout_p)
     return torch.matmul(probs, v).to(q.dtype)
 
 
@@ -656,27 +664,41 @@ def attention_with_kvcache(q: torch.Tensor, cache, k_new: Optional[torch.Tensor]
                            scale: Optional[float] = None,
                            new_lens: Optional[torch.Tensor] = None,
                            window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                           dropout_seed: Optional[int] = None,
+                           dropout_offset: int = 0) -> torch.Tensor:
     """Append k_new/v_new (B, Hkv, Tn, D) to ``cache`` and attend q (B, Hq, Tq, D) over it.
 
     Returns (B, Hq, Tq, D) in q's dtype. ``scale`` defaults to 1/sqrt(D). ``new_lens`` (B,)
     appends only the first ``new_lens[b]`` new tokens to sequence b (see the module
     docstring for positions and masking). ``window``, ``softcap`` and ``alibi_slopes``
     ((Hq,) or (B, Hq) float32) mean what they mean in :func:`fastlab.ops.attention`, with
-    d = (the query's position) - (the key's position). Every argument is checked before
+    d = (the query's position) - (the key's position). Dropout (``dropout_p``,
+    ``dropout_seed``, ``dropout_offset`` as there, i the query's index in this call and j
+    the key's slot) applies to training through the cache only: an inference call (nothing
+    needs a gradient) with ``dropout_p > 0`` raises ValueError. Every argument is checked before
     anything is written: on error the cache is unchanged. Differentiable with respect to q,
     k_new, v_new and every key/value appended earlier under autograd.
     """
     check_query(q, cache)
     new_lens = check_new_tokens(cache, k_new, v_new, new_lens, q_len=q.shape[2])
     _check_options("attention_with_kvcache", q, cache.batch, window, softcap, alibi_slopes,
-                   0.0, None, 0)
+                   dropout_p, dropout_seed, dropout_offset)
     window = (int(window[0]), int(window[1]))
     softcap = float(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _needs_grad(q, k_new, v_new) or (torch.is_grad_enabled() and cache.chunks):
         options = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+        if dropout_p > 0:
+            if dropout_seed is None:  # from torch's CPU generator, as attention draws it
+                dropout_seed = int(torch.randint(0, 2 ** 62, ()))
+            options.update(dropout_p=float(dropout_p), dropout_seed=dropout_seed,
+                           dropout_offset=dropout_offset)
         return _attend_training(q, cache, k_new, v_new, new_lens, causal, scale, options)
+    if dropout_p > 0:
+        raise ValueError("attention_with_kvcache: dropout_p > 0 applies to training through "
+                         "the cache (q, k_new or v_new requiring grad); this call records no "
+                         "gradient")
     n_new = 0 if k_new is None else k_new.shape[2]
     cache.reserve(n_new, new_lens)
     out = _attention_op(q, cache.k_buffer, cache.v_buffer, cache.lengths, k_new, v_new,
