@@ -6,6 +6,8 @@ For each shape: the host time of one forward + backward call (synchronised, so i
 larger of launch overhead and GPU time), the CUDA time of each kernel from the PyTorch
 profiler, and the same for SDPA's default backend next to it. ``--cprofile`` adds the
 Python functions that take the host time of fastlab's step (cProfile, by own time).
+``--varlen`` adds, per shape, the packed call on the same tokens (every sequence S long)
+and on pairs of lengths (a, S - a), half the padded batch, as bench_attention times them.
 """
 import cProfile
 import pstats
@@ -15,7 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastlab.ops.attention import attention
+from fastlab.ops.attention import attention, attention_varlen
 
 DEFAULT = [(64, 4, 256, 16, "bfloat16"), (64, 4, 256, 16, "float32"),
            (1024, 8, 64, 4, "bfloat16"), (8, 16, 2048, 64, "bfloat16")]
@@ -63,8 +65,8 @@ def _host_profile(fn, q, k, v, grad_out, iters=50):
 
 
 def main(argv):
-    use_cprofile = "--cprofile" in argv
-    argv = [a for a in argv if a != "--cprofile"]
+    use_cprofile, use_varlen = "--cprofile" in argv, "--varlen" in argv
+    argv = [a for a in argv if a not in ("--cprofile", "--varlen")]
     shapes = DEFAULT
     if argv:
         shapes = [(int(argv[i]), int(argv[i + 1]), int(argv[i + 2]), int(argv[i + 3]),
@@ -83,6 +85,26 @@ def main(argv):
         if use_cprofile:
             _host_profile(lambda a, b_, c: attention(a, b_, c, causal=True), q, k, v,
                           grad_out)
+        if use_varlen:
+            _varlen(b, h, s, d, dt, use_cprofile)
+
+
+def _varlen(b, h, s, d, dt, use_cprofile):
+    from benches.bench_attention import _pair_lengths
+
+    for name, lengths in (("varlen-full", [s] * b), ("varlen-half", _pair_lengths(b, s))):
+        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        q, k, v = (torch.randn(sum(lengths), h, d, device="cuda", dtype=dt, generator=gen)
+                   .requires_grad_() for _ in range(3))
+        grad_out = torch.randn_like(q)
+
+        def fn(a, b_, c):
+            return attention_varlen(a, b_, c, cu, cu, s, s, causal=True)
+
+        _report(name, fn, q, k, v, grad_out)
+        if use_cprofile:
+            _host_profile(fn, q, k, v, grad_out)
 
 
 if __name__ == "__main__":
