@@ -137,6 +137,14 @@ def main(argv):
     print(f"B{b} H{h} S{s} D{d} {dtype}: host us per call")
     for name, fn in rows.items():
         print(f"  {_per_call_us(fn):9.1f}  {name}")
+    # the same two rows through Triton's own launch path instead of the compiled kernels
+    from fastlab.kernels import attention as K
+    K.DIRECT_LAUNCH = False
+    try:
+        for name in ("backward kernel launches", "fastlab forward + backward"):
+            print(f"  {_per_call_us(rows[name]):9.1f}  {name}, Triton's launch path")
+    finally:
+        K.DIRECT_LAUNCH = True
 
 
 if __name__ == "__main__":

@@ -832,16 +832,41 @@ _dq_tuned = triton.autotune(_configs(_DQ_CANDIDATES), key=_KEY,
 
 #: Tuned configuration per (kernel, dtype, key values): see _launch().
 _BEST = {}
+#: Compiled kernel per (kernel, key, constexpr values, device, argument specialization),
+#: with the constexpr values in signature order: see _launch().
+_COMPILED = {}
+#: Whether _launch calls compiled kernels directly once it has them (benches turn it off
+#: to time Triton's own launch path against it).
+DIRECT_LAUNCH = True
+
+
+def _specialization(args) -> tuple:
+    """What Triton specializes a compiled kernel on, per argument, or finer: a tensor's
+    dtype and 16-byte alignment; an int's being 1, its divisibility by 16 and the integer
+    type its value needs (int32, int64, uint64)."""
+    spec = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            spec.append(type(a))
+        else:
+            spec.append((a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31, a < 2 ** 63))
+    return tuple(spec)
 
 
 def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
     """Run ``plain`` with the configuration ``tuned`` picked for ``key``.
 
     The first call for a key autotunes; later calls launch the plain kernel with the
-    remembered configuration, skipping the autotuner's per-call argument handling (tens of
-    microseconds of host time per launch, as much as a short sequence's kernels take on
-    the GPU). ``key`` must determine the autotuner's own key: the values of ``_KEY`` and
-    the dtypes of the tensor arguments. Under the interpreter a fixed configuration runs.
+    remembered configuration, skipping the autotuner's per-call argument handling. Once a
+    configuration has compiled for a specialization of the arguments (:func:`_specialization`),
+    later calls with the same one launch that compiled kernel directly: Triton's own
+    launch path binds and specializes every argument again and builds a cache key from
+    them, host time that on short sequences exceeds the kernels' GPU time. ``key`` must
+    determine the autotuner's own key: the values of ``_KEY`` and the dtypes of the tensor
+    arguments. All arguments after the positional ones are constexprs, given by keyword.
+    Under the interpreter a fixed configuration runs.
     """
     if INTERPRETING:
         plain[grid(interpret_config)](*args, **kwargs, **interpret_config)
@@ -852,7 +877,19 @@ def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
         _BEST[(plain, key)] = best = (dict(tuned.best_config.all_kwargs()),
                                       dict(tuned.best_config.kwargs))
         return
-    plain[grid(best[1])](*args, **kwargs, **best[0])
+    size = grid(best[1])
+    if not DIRECT_LAUNCH:
+        plain[size](*args, **kwargs, **best[0])
+        return
+    ck = (plain, key, tuple(kwargs.items()), args[0].device.index, _specialization(args))
+    entry = _COMPILED.get(ck)
+    if entry is None:
+        compiled = plain[size](*args, **kwargs, **best[0])
+        values = {**kwargs, **best[0]}
+        _COMPILED[ck] = (compiled, tuple(values[n] for n in plain.arg_names[len(args):]))
+        return
+    compiled, constexprs = entry
+    compiled[(*size, 1, 1)[:3]](*args, *constexprs)
 
 
 #: Bytes of the tensors a chunk of sequences re-reads (K and V for the query kernels, Q and

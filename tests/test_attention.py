@@ -500,3 +500,19 @@ def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         torch.testing.assert_close(attention(q, k, v, causal=True, scale=0.3), out.detach())
+
+
+def test_launch_specialization_separates_what_triton_compiles_apart():
+    """The direct launch reuses a compiled kernel only for arguments Triton would
+    specialize alike: a misaligned view, an int of 1, a multiple of 16 and an int64-sized
+    value each get their own key; equal properties share one."""
+    pytest.importorskip("triton")
+    from fastlab.kernels.attention import _specialization
+
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    key = _specialization((x, 7, 0.5))
+    assert key == _specialization((torch.zeros(32, dtype=torch.bfloat16), 9, 0.25))
+    others = [(x[1:], 7, 0.5), (x.float(), 7, 0.5), (x, 1, 0.5), (x, 32, 0.5),
+              (x, 2 ** 40 + 1, 0.5), (x, 2 ** 63 + 1, 0.5), (x, 7, 1)]
+    keys = {_specialization(args) for args in others}
+    assert key not in keys and len(keys) == len(others)
