@@ -298,7 +298,9 @@ def test_attention_options(bench, option, mode):
 #: "full": every sequence S long (nothing padded, same tokens as the dense call); "half":
 #: sequences in pairs of lengths a and S - a (a uniform in [1, S - 1]), so half of the
 #: padded batch's tokens are padding. The dense call runs the padded batch; with right
-#: padding and a causal mask its valid rows are exact without a key mask.
+#: padding and a causal mask its valid rows are exact without a key mask. "dense" holds
+#: each head's rows together, (B, H, S, D) contiguous; "dense-bshd" is the (B, S, H, D)
+#: projection output viewed as (B, H, S, D), the token stride the packed layout has too.
 VARLEN_DENSE_CASES = [(8, 16, 2048, 64), (16, 16, 1024, 64), (4, 16, 4096, 128)]
 
 
@@ -309,12 +311,14 @@ def _pair_lengths(batch: int, seq: int):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "full"])
-@pytest.mark.parametrize("provider", ["varlen-full", "varlen-half", "dense"])
+@pytest.mark.parametrize("provider", ["varlen-full", "varlen-half", "dense", "dense-bshd"])
 @pytest.mark.parametrize("case", VARLEN_DENSE_CASES, ids=lambda c: "B{}-H{}-S{}-D{}".format(*c))
 def test_attention_varlen_vs_dense(bench, case, provider, mode):
     b, h, s, d = case
     if provider == "dense":
         shape = (b, h, s, d)
+    elif provider == "dense-bshd":
+        shape = (b, s, h, d)
     else:
         lengths = [s] * b if provider == "varlen-full" else _pair_lengths(b, s)
         cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
@@ -322,7 +326,9 @@ def test_attention_varlen_vs_dense(bench, case, provider, mode):
     q, k, v = (randn(shape, torch.bfloat16, "cuda", seed=seed, requires_grad=mode == "full")
                for seed in (1, 2, 3))
     grad_out = randn(shape, torch.bfloat16, "cuda", seed=4)
-    if provider == "dense":
+    if provider == "dense-bshd":
+        q, k, v, grad_out = (x.transpose(1, 2) for x in (q, k, v, grad_out))
+    if provider.startswith("dense"):
         def fn():
             return attention(q, k, v, causal=True)
         first = [x[0] for x in (q, k, v)]
@@ -331,12 +337,12 @@ def test_attention_varlen_vs_dense(bench, case, provider, mode):
             return attention_varlen(q, k, v, cu, cu, s, s, causal=True)
         first = [x[:lengths[0]].transpose(0, 1) for x in (q, k, v)]
     want = attention_ref(*(x.detach()[None].float() for x in first), causal=True)[0]
-    got = fn()[0] if provider == "dense" else fn()[:lengths[0]].transpose(0, 1)
+    got = fn()[0] if provider.startswith("dense") else fn()[:lengths[0]].transpose(0, 1)
     assert_close(got, want, torch.bfloat16, scale=2.0, msg="first sequence")
     run = fn if mode == "fwd" else (lambda: torch.autograd.grad(fn(), (q, k, v), grad_out))
     pairs = b * s * (s + 1) / 2  # the padded batch's causal pairs: one work unit for all
     bench.measure(OP, "varlen-vs-dense-B{}-H{}-S{}-D{}".format(*case), mode, provider, run,
                   floor_flops=4.0 * h * d * pairs * (1.0 if mode == "fwd" else 3.5),
                   shape=dict(batch=b, heads=h, seq=s, head_dim=d, dtype="bfloat16",
-                             tokens=shape[0] if provider != "dense" else b * s,
+                             tokens=b * s if provider.startswith("dense") else shape[0],
                              padded_tokens=b * s))

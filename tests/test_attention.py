@@ -26,12 +26,14 @@ def _tol_scale(dtype: torch.dtype) -> float:
 
 
 def _make(shape, dtype, seed, layout):
-    """Fresh inputs of ``shape`` (B, H, S, D) in one of three memory layouts."""
+    """Fresh inputs of ``shape`` (B, H, S, D) in one of four memory layouts."""
     x = randn(shape, dtype, DEVICE, seed=seed)
     if layout == "bshd":  # a (B, S, H, D) tensor seen as (B, H, S, D), as projections give
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "strided":
         x = non_contiguous(x)
+    elif layout == "offset":  # storage one element in: a pointer not 16-byte aligned
+        x = x.new_empty(x.numel() + 1)[1:].view(shape).copy_(x)
     return x.requires_grad_()
 
 
@@ -461,6 +463,26 @@ def test_gpu_options(options):
         options = dict(alibi_slopes=_slopes(2, 8))
     causal = options.get("window") != (100, 37)
     _check_once(2, 8, 2, 1024, 1100, 128, causal, torch.bfloat16, layout="bshd", **options)
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launch_reuses_compiled_kernels_exactly():
+    """After its first calls a tuning key launches the compiled kernel directly: the same
+    call again, another length in the same bucket, another layout (other strides) and a
+    misaligned view must all still match float64, and repeated calls bit for bit."""
+    from fastlab.kernels import attention as kernels
+
+    first = _check_once(2, 4, 2, 1000, 1000, 64, True, torch.bfloat16, layout="bshd")
+    for _ in range(2):
+        again = _check_once(2, 4, 2, 1000, 1000, 64, True, torch.bfloat16, layout="bshd")
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    _check_once(2, 4, 2, 1000, 1000, 64, True, torch.bfloat16, layout="bshd")
+    _check_once(2, 4, 2, 1017, 1017, 64, True, torch.bfloat16, layout="bshd")
+    _check_once(2, 4, 2, 1000, 1000, 64, True, torch.bfloat16)
+    _check_once(2, 4, 2, 1000, 1000, 64, True, torch.bfloat16, layout="strided")
+    _check_once(2, 4, 2, 1000, 1000, 64, True, torch.bfloat16, layout="offset")
+    assert kernels._COMPILED, "the direct path never ran"
 
 
 @pytest.mark.gpu
