@@ -65,3 +65,10 @@ def test_cast_to_bf16_rounds_to_nearest_even_like_torch():
     nan = x.isnan()
     assert torch.equal(y[~nan], x[~nan].to(torch.bfloat16))
     assert y[nan].isnan().all()
+
+
+def test_next_power_of_2_matches_triton():
+    from fastlab.kernels._common import next_power_of_2
+
+    for n in list(range(-3, 1100)) + [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 3 * 2 ** 40]:
+        assert next_power_of_2(n) == triton.next_power_of_2(max(n, 1)), n
