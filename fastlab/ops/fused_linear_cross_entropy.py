@@ -53,6 +53,9 @@ At N=16384, H=4096, V=128256 bf16, c = 768 (the budget's 192 MiB of logits): 1,0
 + 134,217,728 + 197,001,216 + 131,072 bytes = 1.382 GB (1.287 GiB), against the default's
 2,101,346,304 + 134,217,728 + 1,050,673,152 (4096-row chunks) + 131,072 = 3.286 GB.
 Under autocast, add the casts (N*H + V*H values of the compute dtype) to either.
+The mode is slower than the default: its three products per chunk have only c rows to
+share (the weight gradient's K loop is c long), and cuBLAS runs such short products below
+the rate of the default's 4096-row ones (benches/results/h200-2026-12-02d/NOTES.md).
 
 Error: the hidden gradient and the loss are the default's (each chunk's hidden gradient is
 one matmul over the whole vocabulary); the weight gradient carries one rounding per chunk
