@@ -934,9 +934,10 @@ class _Layout:
         self.element_size = q.element_size()
 
     def strides(self, x):
+        strides = x.stride()
         if self.varlen:
-            return 0, x.stride(1), x.stride(0), x.stride(2)
-        return x.stride()
+            return 0, strides[1], strides[0], strides[2]
+        return strides
 
     def query_chunk(self) -> int:
         """Chunk of the query-block kernels: a q head reads its kv head's K and V rows,
