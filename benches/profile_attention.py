@@ -2,8 +2,9 @@
 
     python3 -m benches.profile_attention [--cprofile] [B H S D dtype] ...
 
-For each shape: the host time of one forward + backward call (synchronised, so it is the
-larger of launch overhead and GPU time), the CUDA time of each kernel from the PyTorch
+For each shape: the synchronising CUDA calls one forward + backward step makes (torch's
+sync debug mode), the time to enqueue 20 steps and the time until they finish (close to
+each other: the step is host-bound), the CUDA time of each kernel from the PyTorch
 profiler, and the same for SDPA's default backend next to it. ``--cprofile`` adds the
 Python functions that take the host time of fastlab's step (cProfile, by own time).
 ``--varlen`` adds, per shape, the packed call on the same tokens (every sequence S long)
@@ -13,6 +14,7 @@ import cProfile
 import pstats
 import sys
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -31,9 +33,16 @@ def _report(name, fn, q, k, v, grad_out, iters=20):
     for _ in range(3):
         _step(fn, q, k, v, grad_out)
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(1)
+    with warnings.catch_warnings(record=True) as syncs:
+        warnings.simplefilter("always")
+        _step(fn, q, k, v, grad_out)
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
     start = time.perf_counter()
     for _ in range(iters):
         _step(fn, q, k, v, grad_out)
+    enqueue_ms = (time.perf_counter() - start) * 1e3 / iters
     torch.cuda.synchronize()
     host_ms = (time.perf_counter() - start) * 1e3 / iters
     # launch-bound check: the same calls without waiting between them
@@ -48,7 +57,10 @@ def _report(name, fn, q, k, v, grad_out, iters=20):
             rows.append((cuda_us / iters, event.count // iters, event.key[:70]))
     rows.sort(reverse=True)
     gpu_ms = sum(r[0] for r in rows) / 1e3
-    print(f"  {name:8s} host {host_ms:7.3f} ms/step, kernels {gpu_ms:7.3f} ms/step")
+    print(f"  {name:8s} enqueue {enqueue_ms:7.3f} ms/step, done {host_ms:7.3f} ms/step, "
+          f"kernels {gpu_ms:7.3f} ms/step, {len(syncs)} synchronising calls")
+    for w in syncs[:3]:
+        print(f"      sync: {str(w.message)[:120]} ({w.filename}:{w.lineno})")
     for us, count, key in rows[:8]:
         print(f"      {us:9.1f} us x{count}  {key}")
 

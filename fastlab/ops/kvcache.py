@@ -251,12 +251,7 @@ def check_new_tokens(cache, k_new, v_new, new_lens=None, q_len: Optional[int] = 
         return None
     if not isinstance(new_lens, torch.Tensor):
         raise TypeError(f"new_lens must be a tensor, got {type(new_lens).__name__}")
-    if new_lens.dtype.is_floating_point or new_lens.dtype == torch.bool or new_lens.is_complex():
-        raise TypeError(f"new_lens must be an integer tensor, got {new_lens.dtype}")
-    if new_lens.shape != (cache.batch,):
-        raise ValueError(f"new_lens must have shape ({cache.batch},), got {_describe(new_lens)}")
-    if new_lens.device != cache.device:
-        raise ValueError(f"new_lens is on {new_lens.device} but the cache is on {cache.device}")
+    cache._check_per_row("new_lens", new_lens)
     n_new = k_new.shape[2]
     if q_len is not None and q_len != n_new:
         raise ValueError(f"with new_lens, q_len ({q_len}) must equal the new tokens' length "
@@ -597,7 +592,7 @@ class KVCache:
         if x.dtype.is_floating_point or x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
         if x.shape != (self.batch,):
-            raise ValueError(f"{name} must have shape ({self.batch},), got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape ({self.batch},), got {_describe(x)}")
         if x.device != self.device:
             raise ValueError(f"{name} is on {x.device} but the cache is on {self.device}")
 
