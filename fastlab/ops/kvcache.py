@@ -616,7 +616,7 @@ class KVCache:
         if isinstance(lengths, torch.Tensor):
             self._check_per_row("lengths", lengths)
             if length_bound is None:
-                lo, hi = int(lengths.min()), int(lengths.max())  # host sync
+                lo, hi = torch.stack((lengths.min(), lengths.max())).tolist()  # one sync
                 if lo < 0 or hi > self.max_len:
                     raise ValueError(f"lengths must lie in [0, {self.max_len}] (max_len), got "
                                      f"{lengths.tolist()}")
