@@ -56,6 +56,10 @@ CATEGORIES = [
 ]
 
 
+#: how many of the longest kernels the profile table lists
+TOP_KERNELS = 40
+
+
 def overrides(args, run_dir: str, name: str, extra=()) -> List[str]:
     return [f"train.steps={args.steps}", f"optim.warmup_steps={args.warmup}",
             f"train.batch_size={args.batch}", f"task.seq_len={args.seq}",
@@ -258,10 +262,11 @@ def run_fastlab(args) -> Dict:
 
 # --- profile tables -----------------------------------------------------------------------
 def kernel_table(trace_path: str, steps: int) -> Dict:
-    """GPU kernel time per step (ms) by category, and the ten longest kernels."""
+    """GPU kernel time per step (ms) by category, and the longest kernels (ms per step and
+    launches per step)."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
-    by_cat, by_name = defaultdict(float), defaultdict(float)
+    by_cat, by_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for ev in events:
         if ev.get("cat") != "kernel":
             continue
@@ -269,7 +274,9 @@ def kernel_table(trace_path: str, steps: int) -> Dict:
         cat = next((c for c, pat in CATEGORIES if re.search(pat, name.lower())), "other")
         by_cat[cat] += dur
         by_name[name[:90]] += dur
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+        count[name[:90]] += 1
+    top = [(name, ms, count[name] / steps)
+           for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]]
     return {"ms_per_step": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "kernel_ms_total": sum(by_cat.values()), "top_kernels": top}
 
@@ -344,6 +351,13 @@ def main() -> None:
     mm = matmul_tflops()
     sheet = peak_flops(torch.device("cuda"), "bf16") or float("nan")
     results = {}
+    out = {"machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "cuda": torch.version.cuda},
+           "shape": {"preset": args.preset, "params_non_embedding": n_params,
+                     "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                     "vocab": cfg.task.vocab_size, "flops_per_token": flops_per_token},
+           "matmul_tflops_measured": mm, "datasheet_tflops": sheet / 1e12,
+           "loss_tolerance": LOSS_TOLERANCE, "variants": results}
     runs = [("nanogpt", "nanogpt", ""), ("fastlab", "fastlab", "")]
     for spec in args.also:
         label, _, options = spec.partition(":")
@@ -369,13 +383,7 @@ def main() -> None:
         with open(path) as f:
             results[name] = summarise(name, json.load(f), flops_per_token, mm, sheet)
         os.remove(path)
-    out = {"machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "cuda": torch.version.cuda},
-           "shape": {"preset": args.preset, "params_non_embedding": n_params,
-                     "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                     "vocab": cfg.task.vocab_size, "flops_per_token": flops_per_token},
-           "matmul_tflops_measured": mm, "datasheet_tflops": sheet / 1e12,
-           "loss_tolerance": LOSS_TOLERANCE, "variants": results}
+        write_results(args.out, out)  # after each variant: a later one may not finish
     nano, fl = results.get("nanogpt", {}), results.get("fastlab", {})
     if "tok_s" in nano and "tok_s" in fl:
         diffs = [abs(a - b) / abs(a) for a, b in zip(nano["losses"], fl["losses"])]
@@ -384,8 +392,14 @@ def main() -> None:
                          "max_rel_loss_diff": max(diffs),
                          "losses_track": max(diffs) <= LOSS_TOLERANCE}
         print(json.dumps(out["ratios"], indent=1))
-    with open(os.path.join(args.out, "e2e_gpt2.json"), "w") as f:
+    write_results(args.out, out)
+
+
+def write_results(folder: str, out: Dict) -> None:
+    path = os.path.join(folder, "e2e_gpt2.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

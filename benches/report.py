@@ -72,7 +72,10 @@ def e2e_section(data: dict, out_dir: str) -> list:
                                                 for p in profiles.values()) + " |")
         for name, p in profiles.items():
             lines += ["", f"Longest kernels, {name} (ms per step):", ""]
-            lines += [f"- {ms:.2f} `{kernel}`" for kernel, ms in p["top_kernels"]]
+            # rows are (kernel, ms) or, from later runs, (kernel, ms, launches per step)
+            lines += [f"- {row[1]:.2f} `{row[0]}`"
+                      + (f" ({row[2]:g} launches)" if len(row) > 2 else "")
+                      for row in p["top_kernels"][:15]]
     plt = _plt()
     windows = max((len(v["losses"]) for v in variants.values() if "losses" in v), default=1)
     every = shape["steps"] // windows  # steps per log window
