@@ -416,3 +416,60 @@ def test_cuda_low_memory_differs_from_fp32_only_in_the_weight_gradient():
     diff = gw_lm.double() - gw.double()
     assert float(diff.abs().max() / gw.double().abs().max()) < 2e-2
     assert float(diff.norm() / gw.double().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_product_into_op_survives_inductor_decompositions(accumulate, out_dtype):
+    """The fused op's products into a buffer (fp32 sums of bf16 operands, or bf16 into bf16)
+    are one opaque op: traced with Inductor's decompositions (which reject mm/addmm with
+    out= and out_dtype, as a compiled fused op's body is traced on a GPU) it stays one
+    node, and its value is the float64 product (added to what ``out`` held)."""
+    import sys
+
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    flce = sys.modules["fastlab.ops.fused_linear_cross_entropy"]  # the attribute is the op
+
+    a = randn((37, 19), torch.bfloat16, "cpu", seed=1)
+    b = randn((19, 23), torch.bfloat16, "cpu", seed=2)
+    start = randn((37, 23), out_dtype, "cpu", seed=3)
+
+    def body(out, a, b):
+        out = out.clone()
+        flce._mm_into(out, a, b, accumulate)
+        return out
+
+    gm = make_fx(body, decomposition_table=select_decomp_table(), tracing_mode="fake")(
+        start, a, b)
+    assert "fastlab.mm_into" in gm.code, gm.code
+    want = a.double() @ b.double() + (start.double() if accumulate else 0.0)
+    got = body(start, a, b)
+    assert got.dtype == out_dtype
+    assert_close(got, want, out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_under_autocast_with_several_chunks(hidden_dtype):
+    """torch.compile of the fused op under bf16 autocast with several chunks (the weight
+    gradient accumulated across them in fp32, the hidden gradient written in fp32 for fp32
+    hidden): Inductor traces the triton_op's body; same values as the eager call."""
+    torch._dynamo.reset()
+    hidden, weight, _, target = _inputs(1031, 256, 8191, hidden_dtype, False, seed=21,
+                                        ignore_every=5, device="cuda")
+    weight = weight.detach().float().requires_grad_()
+
+    def loss_fn(h, w):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fused_linear_cross_entropy(h, w, target, chunk_size=256)
+
+    want = loss_fn(hidden, weight)
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    got = torch.compile(loss_fn, fullgraph=True)(hidden, weight)
+    grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -145,16 +145,36 @@ def fused_linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tenso
     return cross_entropy_ref(logits, target, **options)
 
 
+def _mm_into_impl(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b with ``accumulate``: summed in fp32 and rounded once to
+    out's dtype, which is a's or fp32 (cuBLAS's ``out_dtype`` for half-precision operands;
+    upcast first where there is no such kernel, the CPU)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    elif not a.is_cuda:
+        product = a.float() @ b.float()
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+# An opaque op: Inductor's decompositions of mm/addmm with out= (and out_dtype) fail on the
+# traced body of the fused op (a triton_op), and writing into `out` is the point.
+_mm_into = define_op("fastlab::mm_into", fake=lambda out, a, b, accumulate: None,
+                     mutates_args=("out",))(_mm_into_impl)
+
+
 def _product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
     """a @ b in fp32 (accumulated in fp32 whatever the operands' dtype), added into ``acc``
     (fp32) unless it is None."""
     if a.dtype != torch.float32 and not a.is_cuda:
         a, b = a.float(), b.float()
-    if a.dtype == torch.float32:
-        return a @ b if acc is None else acc.addmm_(a, b)
     if acc is None:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return a @ b if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+    _mm_into(acc, a, b, True)
+    return acc
 
 
 def _half_product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
@@ -162,7 +182,10 @@ def _half_product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
     None: summed in fp32 and rounded once to that dtype per call, as cuBLAS does (with
     beta = 1 for the addition); the CPU does the same in fp32."""
     if a.is_cuda:
-        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+        if acc is None:
+            return torch.mm(a, b)
+        _mm_into(acc, a, b, True)
+        return acc
     total = _product(a, b, None if acc is None else acc.float())
     return total.to(a.dtype) if acc is None else acc.copy_(total)
 
@@ -170,10 +193,8 @@ def _half_product(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
 def _product_into(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out = a @ b accumulated in fp32 and rounded once to out's dtype, which is a's or,
     under autocast, another one (fp32 for fp32 hidden)."""
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    elif out.dtype == torch.float32 and a.is_cuda:
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    if out.dtype == a.dtype or (out.dtype == torch.float32 and a.is_cuda):
+        _mm_into(out, a, b, False)
     else:
         out.copy_(_product(a, b, None))
 
