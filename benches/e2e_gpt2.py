@@ -236,18 +236,21 @@ def run_fastlab(args) -> Dict:
         train(cfg)
         records = train_records(os.path.join(tmp, "fastlab", "metrics.jsonl"))
         result = {}
-        if args.profile and not extra:
-            prof_cfg = build_config(CONFIG, overrides(args, tmp, "profile", (
-                "train.steps=14", "train.cuda_graphs=off", "log.profile=true",
+        # eager steps (each kernel's time) and the captured step's replays (the gaps too)
+        for key, graphs in (("profile", "off"), ("profile_graph", "on")) if (
+                args.profile and not extra) else ():
+            name = f"profile-{graphs}"
+            prof_cfg = build_config(CONFIG, overrides(args, tmp, name, (
+                "train.steps=14", f"train.cuda_graphs={graphs}", "log.profile=true",
                 "eval.every=100", "checkpoint.every=100")))
             train(prof_cfg)
-            traces = sorted(Path(tmp, "profile", "profile").glob("*.json"))
+            traces = sorted(Path(tmp, name, "profile").glob("*.json"))
             if traces:
-                dest = os.path.join(args.trace_dir, "fastlab.trace.json")
+                dest = os.path.join(args.trace_dir, f"fastlab-graphs-{graphs}.trace.json")
                 os.replace(traces[-1], dest)
-                result["profile"] = kernel_table(dest, 5)
+                result[key] = kernel_table(dest, 5)
             else:
-                result["profile"] = {"error": "the trainer wrote no trace"}
+                result[key] = {"error": "the trainer wrote no trace"}
     train_rows = [r for r in records if r.get("kind") == "train"]
     result.update({
         "tok_s_windows": [r["tok_s"] for r in train_rows],
@@ -262,14 +265,17 @@ def run_fastlab(args) -> Dict:
 
 # --- profile tables -----------------------------------------------------------------------
 def kernel_table(trace_path: str, steps: int) -> Dict:
-    """GPU kernel time per step (ms) by category, and the longest kernels (ms per step and
-    launches per step)."""
+    """GPU kernel time per step (ms) by category, the longest kernels (ms per step and
+    launches per step), and the GPU's span per step (first kernel start to last kernel end,
+    over ``steps``): span minus kernel time is the time between kernels."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
     by_cat, by_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    first, last = math.inf, -math.inf
     for ev in events:
         if ev.get("cat") != "kernel":
             continue
+        first, last = min(first, ev["ts"]), max(last, ev["ts"] + ev.get("dur", 0))
         name, dur = ev["name"], ev.get("dur", 0) / 1e3 / steps
         cat = next((c for c, pat in CATEGORIES if re.search(pat, name.lower())), "other")
         by_cat[cat] += dur
@@ -278,7 +284,9 @@ def kernel_table(trace_path: str, steps: int) -> Dict:
     top = [(name, ms, count[name] / steps)
            for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]]
     return {"ms_per_step": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
-            "kernel_ms_total": sum(by_cat.values()), "top_kernels": top}
+            "kernel_ms_total": sum(by_cat.values()), "top_kernels": top,
+            "span_ms_per_step": (last - first) / 1e3 / steps if count else 0.0,
+            "launches_per_step": sum(count.values()) / steps}
 
 
 # --- the parent: both variants, the matmul rate, the summary ------------------------------
@@ -300,6 +308,7 @@ def summarise(name: str, raw: Dict, flops_per_token: float, mm_peak: float,
             "mfu_measured_peak": tok_s * flops_per_token / (mm_peak * 1e12),
             "mfu_datasheet": tok_s * flops_per_token / sheet_peak,
             "losses": raw["losses"], "profile": raw.get("profile"),
+            "profile_graph": raw.get("profile_graph"),
             "final_eval": raw.get("final_eval")}
 
 

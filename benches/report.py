@@ -58,8 +58,9 @@ def e2e_section(data: dict, out_dir: str) -> list:
                       f"{100 * ratios['max_rel_loss_diff']:.2f}% (tolerance "
                       f"{100 * data['loss_tolerance']:.0f}%: "
                       f"{'tracking' if ratios['losses_track'] else 'NOT tracking'})."]
-    profiles = {n: v["profile"] for n, v in variants.items() if v.get("profile")
-                and "ms_per_step" in v["profile"]}
+    profiles = {f"{n}{label}": v[key] for n, v in variants.items()
+                for key, label in (("profile", ""), ("profile_graph", " (replays)"))
+                if v.get(key) and "ms_per_step" in v[key]}
     if profiles:
         cats = sorted({c for p in profiles.values() for c in p["ms_per_step"]})
         lines += ["", "GPU kernel time per step (ms, torch.profiler, eager steps):", "",
@@ -70,6 +71,9 @@ def e2e_section(data: dict, out_dir: str) -> list:
                                                   for p in profiles.values()) + " |")
         lines.append("| total | " + " | ".join(f"{p['kernel_ms_total']:.2f}"
                                                 for p in profiles.values()) + " |")
+        lines.append("| GPU span (first start to last end) | " + " | ".join(
+            f"{p['span_ms_per_step']:.2f}" if "span_ms_per_step" in p else "-"
+            for p in profiles.values()) + " |")
         for name, p in profiles.items():
             lines += ["", f"Longest kernels, {name} (ms per step):", ""]
             # rows are (kernel, ms) or, from later runs, (kernel, ms, launches per step)

@@ -115,6 +115,22 @@ def test_profile_traces_one_window(tmp_path):
     assert len(os.listdir(run_dir / "profile")) == 1
 
 
+@pytest.mark.parametrize("graphs, profile, want", [
+    ("auto", "false", True), ("auto", "true", False), ("on", "true", True),
+    ("off", "true", False), ("off", "false", False)])
+def test_cuda_graphs_choice_with_the_profiler(tmp_path, graphs, profile, want):
+    """A profile traces eager steps unless train.cuda_graphs=on asks for the replays."""
+    from types import SimpleNamespace
+
+    from fastlab.train.loop import use_graphs
+
+    cfg = _cfg(tmp_path, f"train.cuda_graphs={graphs}", f"log.profile={profile}")
+    one_process = SimpleNamespace(active=False)
+    assert use_graphs(cfg, torch.device("cuda"), one_process) is want
+    if graphs != "on":  # on refuses the CPU (another test's error)
+        assert use_graphs(cfg, torch.device("cpu"), one_process) is False
+
+
 def test_progress_line_shows_samples_gpu_memory_and_power(tmp_path, monkeypatch, capsys):
     from fastlab.train import loop
 

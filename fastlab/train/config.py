@@ -268,7 +268,8 @@ class LogConfig:
     every: int = 25
     #: show the progress line: true or false
     progress: bool = True
-    #: trace steps 8-12 with torch.profiler into RUN/profile: true or false
+    #: trace steps 8-12 with torch.profiler into RUN/profile: true or false (eager steps,
+    #: or the captured step's replays with train.cuda_graphs=on)
     profile: bool = False
     #: sample GPU utilisation, memory and power through NVML: true or false
     nvml: bool = True
