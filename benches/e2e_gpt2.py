@@ -10,7 +10,11 @@ from (seed, step) on the GPU), with the same optimizer settings and schedule:
   (fused qkv projection, ``F.scaled_dot_product_attention(is_causal=True)``, tied head,
   full logits and ``F.cross_entropy``), ``torch.compile(model)``, bf16 autocast,
   ``clip_grad_norm_`` and torch's fused AdamW, the lr set on the host every step. Its
-  batches come from the task on the GPU (cheaper than nanoGPT's host memmap loader).
+  batches come from the task on the GPU (cheaper than nanoGPT's host memmap loader), drawn
+  from a device step counter: nothing in its step waits on the GPU, so the host queues
+  ahead as nanoGPT's does. ``--loop-host-step`` adds a run of the loop that uploads the
+  step from the host instead (``torch.tensor(step, device=...)``, a pageable copy that
+  waits for the GPU every step), how this bench drove the loop before.
 * ``fastlab``: the trainer itself, in-process, with the config file and the same steps.
 
 Each variant runs in its own subprocess (a clean allocator and compiler cache). Reported:
@@ -154,6 +158,8 @@ def run_nanogpt(args) -> Dict:
     losses = torch.zeros(args.steps, device=device)
     marks = []
     sampler = GPUSampler(device)
+    step_t = torch.zeros((), dtype=torch.int64, device=device)
+    host_step = args.fastlab_args == "host_step"
     torch.cuda.reset_peak_memory_stats()
     for step in range(args.steps):
         if step % args.log_every == 0:
@@ -165,8 +171,11 @@ def run_nanogpt(args) -> Dict:
         lr = cfg.optim.lr * float(lr_at(torch.tensor(step)))
         for g in opt.param_groups:
             g["lr"] = lr
-        losses[step] = nano_step(compiled, opt, params, task, cfg, device, step,
+        if host_step:  # a pageable upload: the host waits for the GPU here
+            step_t = torch.tensor(step, device=device)
+        losses[step] = nano_step(compiled, opt, params, task, cfg, device, step_t,
                                  cfg.train.seed)
+        step_t.add_(1)
     end = torch.cuda.Event(enable_timing=True)
     end.record()
     marks.append(end)
@@ -179,14 +188,15 @@ def run_nanogpt(args) -> Dict:
     per_window = losses.view(-1, args.log_every).double().mean(1).tolist()
     result = {"tok_s_windows": tok_s, "losses": per_window, "peak_gb": peak,
               "gpu_util": nvml.get("gpu_util")}
-    if args.profile:
+    if args.profile and not host_step:
         result["profile"] = profile_nanogpt(compiled, opt, params, task, cfg, device, args)
     return result
 
 
-def nano_step(compiled, opt, params, task, cfg, device, step: int, seed: int):
-    """One step of the loop, nanoGPT's way; the loss (a device tensor, no sync)."""
-    batch = task.batch(torch.tensor(step, device=device), cfg.train.batch_size, device, seed)
+def nano_step(compiled, opt, params, task, cfg, device, step: torch.Tensor, seed: int):
+    """One step of the loop, nanoGPT's way, on the batch of device counter ``step``; the
+    loss (a device tensor: no sync)."""
+    batch = task.batch(step, cfg.train.batch_size, device, seed)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = compiled(batch["inputs"], batch["targets"])
     loss.backward()
@@ -199,8 +209,11 @@ def nano_step(compiled, opt, params, task, cfg, device, step: int, seed: int):
 def profile_nanogpt(compiled, opt, params, task, cfg, device, args) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
+    step_t = torch.zeros((), dtype=torch.int64, device=device)
+
     def step(i):
-        nano_step(compiled, opt, params, task, cfg, device, i, 1)
+        nano_step(compiled, opt, params, task, cfg, device, step_t, 1)
+        step_t.add_(1)
 
     for i in range(3):
         step(i)
@@ -327,6 +340,9 @@ def main() -> None:
     p.add_argument("--also", action="append", default=[], metavar="LABEL:KEY=VALUE[,...]",
                    help="one more trainer run, fastlab-LABEL, with these options (e.g. "
                         "autotune:train.compile=max-autotune); repeatable, not profiled")
+    p.add_argument("--loop-host-step", action="store_true",
+                   help="also run the loop with the step uploaded from the host every step "
+                        "(a sync per step), as nanogpt-hoststep")
     p.add_argument("--fastlab-args", default="", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=("nanogpt", "fastlab"), help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
@@ -368,6 +384,8 @@ def main() -> None:
            "matmul_tflops_measured": mm, "datasheet_tflops": sheet / 1e12,
            "loss_tolerance": LOSS_TOLERANCE, "variants": results}
     runs = [("nanogpt", "nanogpt", ""), ("fastlab", "fastlab", "")]
+    if args.loop_host_step:
+        runs.insert(1, ("nanogpt-hoststep", "nanogpt", "host_step"))
     for spec in args.also:
         label, _, options = spec.partition(":")
         if not label or "=" not in options:

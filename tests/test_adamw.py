@@ -492,6 +492,52 @@ def test_gpu_step_in_a_cuda_graph():
 
 
 @pytest.mark.gpu
+def test_gpu_gradients_allocated_by_the_capture():
+    """The whole-step recipe: gradients freed before the capture, written by the captured
+    backward into the graph's pool; finish_capture() points the tables at them, and the
+    replays then equal eager steps on the same data. Without finish_capture the tables
+    would still name the warm-up step's freed gradients."""
+    torch.manual_seed(0)
+    x_all = torch.randn(3, 64, 48, device="cuda")
+    ours = [torch.nn.Parameter(randn(s, torch.float32, "cuda", seed=i))
+            for i, s in enumerate([(48, 40), (40,), (40, 7), (7,)])]
+    ref = _clone(ours)
+
+    def loss_of(params, x):
+        w1, b1, w2, b2 = params
+        return (torch.tanh(x @ w1 + b1) @ w2 + b2).square().mean()
+
+    graphed = AdamW(ours, lr=1e-2, max_grad_norm=0.5)
+    eager = AdamW(ref, lr=1e-2, max_grad_norm=0.5)
+    static_x = x_all[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state and tables built for eager gradients
+        loss_of(ours, static_x).backward()
+        graphed.step()
+    torch.cuda.current_stream().wait_stream(side)
+    loss_of(ref, static_x).backward()
+    eager.step()
+    warm_grads = [p.grad.data_ptr() for p in ours]
+    graphed.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_of(ours, static_x).backward()
+        graphed.step()
+    graphed.finish_capture()
+    assert [p.grad.data_ptr() for p in ours] != warm_grads  # the graph's own gradients
+    for step in (1, 2):
+        static_x.copy_(x_all[step])
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        loss_of(ref, x_all[step]).backward()
+        eager.step()
+    _assert_params_close(ours, ref, rtol=1e-5)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=ATOL)
+
+
+@pytest.mark.gpu
 def test_gpu_master_weights_bf16():
     ours_p = _params(_gpt_like_shapes(), dtype=torch.bfloat16, device="cuda")
     ref_p = [torch.nn.Parameter(p.detach().float()) for p in ours_p]

@@ -169,6 +169,7 @@ class _Plan:
         self.partials = partials    # fp32 [chunks]: per-chunk sums of squares
         self.staged = staged        # [(param, param buffer or None, grad buffer or None)]
         self.steps = buffer[:len(buckets)]
+        self.moved = False          # gradients moved during a capture: tables not yet written
 
 
 class AdamW(Optimizer):
@@ -310,6 +311,26 @@ class AdamW(Optimizer):
                 self._step_reference(entries, scale, inf)
         return loss
 
+    def finish_capture(self) -> None:
+        """Write the address tables for gradients that a CUDA graph capture allocated.
+
+        Capturing a whole step with the gradients freed first (``zero_grad(set_to_none=
+        True)``, then backward and ``step()`` inside ``torch.cuda.graph``) lets the captured
+        backward write the gradients into the graph's memory pool instead of zero-filling
+        and accumulating into buffers kept outside it. Their addresses are known only once
+        the backward is recorded, so ``step()`` records kernels that read the tables at
+        replay, and this call, after the capture and before the first replay, uploads
+        them. Nothing happens when no gradient moved.
+        """
+        for device, entries in self._params_with_grads().items():
+            plan = self._plans.get(device)
+            if plan is None or not plan.moved:
+                continue
+            if self._plan(device, entries) is not plan:  # tables rewritten in place
+                raise RuntimeError("fastlab.optim.AdamW: the parameters changed after the "
+                                   "capture; capture the step again")
+            plan.moved = False
+
     def _params_with_grads(self):
         """{device: [(group index, param, grad)]} in param-group order, gradients checked."""
         by_device: Dict[torch.device, list] = {}
@@ -412,17 +433,23 @@ class AdamW(Optimizer):
         plan = self._plans.get(device)
         if plan is not None and plan.structure == structure and plan.addresses == addresses:
             return plan
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "the parameters or gradients of fastlab.optim.AdamW changed address while a "
-                "CUDA graph was being captured; run one step with static gradient buffers "
-                "before capturing")
         rows, buckets, staged = self._rows(entries)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if plan is None or plan.structure != structure or plan.buckets != buckets:
+                raise RuntimeError(
+                    "the parameters of fastlab.optim.AdamW, or the alignment of their "
+                    "gradients, changed while a CUDA graph was being captured; run one "
+                    "step eagerly with the same parameters before capturing")
+            # gradients allocated by the captured backward (in the graph's pool): the
+            # captured kernels read the address tables at replay, and finish_capture()
+            # writes them once the capture is over
+            plan.staged, plan.moved = staged, True
+            return plan
         if plan is not None and plan.structure == structure and plan.buckets == buckets:
             # same tensors in the same launches, only the gradients moved: new addresses
             prefix = self._pinned(self._host_prefix(rows, buckets, plan.launches), device)
             plan.buffer[:prefix.numel()].copy_(prefix, non_blocking=True)
-            plan.addresses, plan.staged = addresses, staged
+            plan.addresses, plan.staged, plan.moved = addresses, staged, False
         else:
             plan = self._build_plan(device, structure, addresses, rows, buckets, staged)
             self._plans[device] = plan

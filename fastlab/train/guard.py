@@ -77,9 +77,7 @@ class SpikeGuard:
         its buffers when their shapes match."""
         if self.snapshot is not None and [t.shape for t in self.snapshot] == [
                 t.shape for t in tensors]:
-            with torch.no_grad():
-                for saved, t in zip(self.snapshot, tensors):
-                    saved.copy_(t)
+            _copy_all(self.snapshot, tensors)
         else:
             self.snapshot = [t.detach().clone() for t in tensors]
         self.snapshot_step = step
@@ -89,9 +87,7 @@ class SpikeGuard:
         if [t.shape for t in tensors] != [t.shape for t in self.snapshot]:
             raise RuntimeError("the parameters or optimizer state changed shape since the "
                                "guard's snapshot; cannot roll back")
-        with torch.no_grad():
-            for t, saved in zip(tensors, self.snapshot):
-                t.copy_(saved)
+        _copy_all(tensors, self.snapshot)
         self.lr_scale.mul_(self.cfg.lr_backoff)
         self.rollbacks += 1
         self.forget()
@@ -110,3 +106,16 @@ class SpikeGuard:
         self.skipped_steps.fill_(int(state["skipped_steps"]))
         self.lr_scale.fill_(state["lr_scale"])
         self.rollbacks = state["rollbacks"]
+
+
+@torch.no_grad()
+def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all i, as multi-tensor copies grouped by device and
+    dtype (a few launches for a model's tensors, not one each)."""
+    groups: Dict[tuple, tuple] = {}
+    for d, s in zip(dst, src):
+        pair = groups.setdefault((d.device, d.dtype, s.dtype), ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    for d, s in groups.values():
+        torch._foreach_copy_(d, s)

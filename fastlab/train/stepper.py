@@ -18,9 +18,12 @@ window's sums are device tensors updated by the step itself, so the host only la
   ``step(grad_scale=..., found_inf=...)``, which also skips on a non-finite gradient norm;
   torch's fused AdamW (FSDP2's sharded parameters) after this module unscales and clips,
   through torch's amp-scaling protocol, the one torch's own grad scaler uses.
-- CUDA graphs: after ``WARMUP_STEPS`` eager steps (which compile, autotune and allocate
-  the gradients and the optimizer's tables, all at fixed addresses from then on) the step
-  is captured once and replayed. Evaluation, checkpoints and rollbacks run outside it and
+- CUDA graphs: after ``WARMUP_STEPS`` eager steps (which compile, autotune and build the
+  optimizer's state and tables) the step is captured once and replayed. The gradients are
+  freed before the capture, so the captured backward allocates them in the graph's pool and
+  writes them, as an eager step with freed gradients does; kept outside it they would cost
+  a zero-fill and an accumulating add per parameter every step. The optimizer's tables
+  learn their new addresses after the capture (``AdamW.finish_capture``). Evaluation, checkpoints and rollbacks run outside it and
   write in place, so replays go on without capturing again; ``invalidate()`` captures
   anew after a change the graph cannot see (a task's curriculum, say).
 """
@@ -34,8 +37,8 @@ from fastlab.optim import AdamW
 from fastlab.optim.schedules import lr_multiplier
 from fastlab.train import distributed
 
-#: eager steps before capture: the first compiles and allocates the gradients, the second
-#: runs with gradients in place (the form the graph records), the third confirms no recompile
+#: eager steps before capture: the first compiles, autotunes and creates the optimizer's
+#: state, the next two confirm that nothing recompiles
 WARMUP_STEPS = 3
 
 
@@ -173,11 +176,19 @@ class Stepper:
         """Run step ``step`` (the host's count; the device counter holds the same)."""
         if self.graph is None and self.graphs and self.eager_steps >= WARMUP_STEPS:
             self.graph, self.capturing = torch.cuda.CUDAGraph(), True
+            # the captured backward allocates and writes the gradients (see the docstring)
+            self.optimizer.zero_grad(set_to_none=True)
             try:
                 with torch.cuda.graph(self.graph):
                     self._step(step)
+            except BaseException:
+                self.graph = None
+                raise
             finally:
                 self.capturing = False
+            finish = getattr(self.optimizer, "finish_capture", None)
+            if finish is not None:
+                finish()
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -204,8 +215,8 @@ class Stepper:
             if self.batch_hook is not None:
                 batch = self.batch_hook(step, batch)
             batch = distributed.shard_batch(batch, dist)
-        # gradients stay allocated while a graph replays them; eager steps free them
-        self.optimizer.zero_grad(set_to_none=not self.graphs)
+        # freed: the backward writes them (in a capture, into the graph's pool)
+        self.optimizer.zero_grad(set_to_none=True)
         scale = self.backward_scale if self.scaler is None else \
             self.scaler.scale * self.backward_scale
         with self._phase("forward_backward"):
