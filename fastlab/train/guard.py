@@ -79,7 +79,8 @@ class SpikeGuard:
                 t.shape for t in tensors]:
             _copy_all(self.snapshot, tensors)
         else:
-            self.snapshot = [t.detach().clone() for t in tensors]
+            self.snapshot = [torch.empty_like(t) for t in tensors]
+            _copy_all(self.snapshot, tensors)
         self.snapshot_step = step
 
     def roll_back(self, tensors: List[torch.Tensor]) -> None:
