@@ -112,11 +112,25 @@ class SpikeGuard:
 @torch.no_grad()
 def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
     """``dst[i].copy_(src[i])`` for all i, as multi-tensor copies grouped by device and
-    dtype (a few launches for a model's tensors, not one each)."""
+    dtype (a few launches for a model's tensors, not one each). Sharded (DTensor) pairs,
+    which have no multi-tensor copy, copy their local shards: a snapshot is made by
+    ``empty_like`` of the tensor it saves, so the two are sharded alike."""
     groups: Dict[tuple, tuple] = {}
     for d, s in zip(dst, src):
+        d, s = _local(d), _local(s)
         pair = groups.setdefault((d.device, d.dtype, s.dtype), ([], []))
         pair[0].append(d)
         pair[1].append(s)
     for d, s in groups.values():
         torch._foreach_copy_(d, s)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view of its storage); any other tensor itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
