@@ -47,8 +47,6 @@ causal): forward 4 * n * D flops (QK^T and PV), backward 10 * n * D (QK^T, dP, d
 dQ; QK^T recomputed); bytes: forward reads Q, K, V and writes O and LSE, backward reads
 Q, K, V, O, dO, LSE and writes dQ, dK, dV. At training sizes it is compute-bound.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -83,11 +81,6 @@ _FWD_CANDIDATES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 6
                    (32, 64, 2, 2), (64, 64, 2, 2), (32, 128, 2, 1), (16, 16, 2, 2)]
 _DKDV_CANDIDATES = [(32, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
                     (64, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)]
-#: The one-pass backward (dK/dV and dQ from one program per key block): the dK/dV tiles,
-#: and wider query tiles, since each query block's dQ share leaves by one reduce per step.
-_FUSED_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3),
-                     (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 1),
-                     (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)]
 _DQ_CANDIDATES = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
                   (64, 64, 4, 1), (32, 16, 4, 2), (16, 64, 4, 2), (16, 16, 2, 2)]
 
@@ -549,24 +542,16 @@ def _log2_lse(LSE_ROW, offs_m, row_ok):
 def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, stride_dos,
                 lo, hi, offs_n, offs_d, q_len, kv_len, shift, qk_scale, win_left, win_right,
                 softcap_in, softcap_out, slope, row_key, threshold, keep_scale,
-                dq_desc, dq_ptrs, dq_plane, dq_row0, sm_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                DROPOUT: tl.constexpr, MASK: tl.constexpr, DQ_MODE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), transposed (keys as
     rows) so that P^T and dS^T come out of the dots without a transpose. dV is left
-    without dropout's 1 / (1 - p), applied once by the caller.
-
-    DQ_MODE 1 and 2 also add each query block's share of dQ, sm_scale * dS @ K, into the
-    fp32 accumulator: 1 by atomic adds through ``dq_ptrs`` (rows past q_len masked), 2 by
-    one TMA reduce of the tile through ``dq_desc`` at (dq_plane, dq_row0 + block start)
-    (rows past q_len hold exact zeros there: their P is 0)."""
+    without dropout's 1 / (1 - p), applied once by the caller."""
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs += lo * stride_qs
     do_ptrs += lo * stride_dos
-    if DQ_MODE == 1:
-        dq_ptrs += lo * HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < q_len
@@ -591,17 +576,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, st
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dsT = dsT.to(q.dtype)
-        dk = dot(dsT, q, dk)
-        if DQ_MODE != 0:
-            dq = dot(tl.trans(dsT), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32))
-            dq = dq * sm_scale
-            if DQ_MODE == 2:
-                dq_desc.atomic_add([dq_plane, dq_row0 + start_m, 0],
-                                   tl.reshape(dq, [1, BLOCK_M, HEAD_DIM]))
-            else:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-                dq_ptrs += BLOCK_M * HEAD_DIM
+        dk = dot(dsT.to(q.dtype), q, dk)
         q_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_dos
     return dk, dv
@@ -609,7 +584,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, st
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KV_LENS, CU_Q, CU_K, SLOPES, DQ_ACC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KV_LENS, CU_Q, CU_K, SLOPES,
     # Q, DO as Q; K, V, DK, DV as K; LSE, DELTA as the forward's LSE; the rest as forward
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -618,13 +593,13 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_lb, stride_lh, stride_ab, stride_ah,
-    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK, ACC_PLANES, ACC_ROWS,
+    H, GROUP, Sq, Skv, Q_BUCKET, KV_BUCKET, SEQ_CHUNK,
     qk_scale, sm_scale,
     win_left, win_right, softcap_in, softcap_out, dropout_key, threshold, keep_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-    DQ_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's key block and kv head (causal: the first key blocks, seen by the
     #    most queries, run first).
@@ -657,15 +632,8 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    # 3. Sum over the q heads of the group in a fixed order: deterministic, no atomics
-    #    for dK and dV. With DQ_MODE, dQ goes into DQ_ACC (fp32, contiguous planes of
-    #    ACC_ROWS x HEAD_DIM: one per (b, h) dense, one per h packed).
+    # 3. Sum over the q heads of the group in a fixed order: deterministic, no atomics.
     offs_m = tl.arange(0, BLOCK_M)
-    dq_desc = 0
-    if DQ_MODE == 2:
-        dq_desc = tl.make_tensor_descriptor(DQ_ACC, shape=[ACC_PLANES, ACC_ROWS, HEAD_DIM],
-                                            strides=[ACC_ROWS * HEAD_DIM, HEAD_DIM, 1],
-                                            block_shape=[1, BLOCK_M, HEAD_DIM])
     for g in range(GROUP):
         h = hk * GROUP + g
         slope = 0.0
@@ -681,32 +649,23 @@ def _bwd_dkdv_kernel(
                    + q_start.to(tl.int64) * stride_dos
                    + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod)
         row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        if VARLEN:
-            dq_plane = h
-        else:
-            dq_plane = b * H + h
-        dq_ptrs = (DQ_ACC + dq_plane.to(tl.int64) * ACC_ROWS * HEAD_DIM
-                   + (q_start + offs_m)[:, None] * HEAD_DIM + offs_d[None, :])
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
                              stride_qs, stride_dos, lo, mid, offs_n, offs_d, q_len, kv_len,
                              shift, qk_scale, win_left, win_right, softcap_in, softcap_out,
-                             slope, row_key, threshold, keep_scale, dq_desc, dq_ptrs,
-                             dq_plane, q_start, sm_scale, D, HEAD_DIM, CAUSAL, WINDOW,
-                             SOFTCAP, ALIBI, DROPOUT, True, DQ_MODE, BLOCK_M, BLOCK_N)
+                             slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
+                             WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
                              stride_qs, stride_dos, mid, mid2, offs_n, offs_d, q_len, kv_len,
                              shift, qk_scale, win_left, win_right, softcap_in, softcap_out,
-                             slope, row_key, threshold, keep_scale, dq_desc, dq_ptrs,
-                             dq_plane, q_start, sm_scale, D, HEAD_DIM, CAUSAL, WINDOW,
-                             SOFTCAP, ALIBI, DROPOUT, False, DQ_MODE, BLOCK_M, BLOCK_N)
+                             slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
+                             WINDOW, SOFTCAP, ALIBI, DROPOUT, False, BLOCK_M, BLOCK_N)
         if WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
                                  stride_qs, stride_dos, mid2, end, offs_n, offs_d, q_len,
                                  kv_len, shift, qk_scale, win_left, win_right, softcap_in,
-                                 softcap_out, slope, row_key, threshold, keep_scale,
-                                 dq_desc, dq_ptrs, dq_plane, q_start, sm_scale, D,
+                                 softcap_out, slope, row_key, threshold, keep_scale, D,
                                  HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True,
-                                 DQ_MODE, BLOCK_M, BLOCK_N)
+                                 BLOCK_M, BLOCK_N)
 
     # 4. dS was taken w.r.t. scaled scores: dK picks up the softmax scale once, here (and
     #    dV dropout's 1 / (1 - p)). Dense: padding keys past kv_len get 0; packed: the keys
@@ -725,42 +684,6 @@ def _bwd_dkdv_kernel(
                 + k_start.to(tl.int64) * stride_dvs
                 + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
                 dv.to(DV.dtype.element_ty), store_ok, offs_d, D, HEAD_DIM)
-
-
-@triton.jit
-def _bwd_delta_kernel(
-    O, DO, DLSE, DELTA, CU_Q,
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    stride_lb, stride_lh, H, Sq,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """delta = rowsum(dO * O) - dLSE for one block of query rows: the row term of the
-    softmax backward (the dQ kernel computes it itself; the one-pass backward needs it
-    before its first key block)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_start, q_len, _, _ = _sequence(CU_Q, CU_Q, CU_Q, b, Sq, Sq, False, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
-    q_off = q_start.to(tl.int64)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + q_off * stride_os
-                   + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                   row_ok, offs_d, D, HEAD_DIM, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + q_off * stride_dos
-                    + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                    row_ok, offs_d, D, HEAD_DIM, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_off + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=row_ok, other=0.0)
-    tl.store(DELTA + rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -901,13 +824,6 @@ _dkdv_tuned = triton.autotune(_configs(_DKDV_CANDIDATES), key=_KEY,
                               prune_configs_by={"early_config_prune": _keep})(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs(_DQ_CANDIDATES), key=_KEY,
                             prune_configs_by={"early_config_prune": _keep})(_bwd_dq_kernel)
-#: The one-pass backward: the dK/dV kernel adding dQ into a zeroed fp32 buffer (zeroed
-#: again before each configuration the tuner times).
-_fused_tuned = triton.autotune(_configs(_FUSED_CANDIDATES), key=_KEY + ["DQ_MODE"],
-                               prune_configs_by={"early_config_prune": _keep},
-                               reset_to_zero=["DQ_ACC"])(_bwd_dkdv_kernel)
-_delta_tuned = triton.autotune([triton.Config({"BLOCK_M": 64}, num_warps=4)],
-                               key=["HEAD_DIM"])(_bwd_delta_kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1125,15 +1041,9 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     common = (layout.heads, layout.group, layout.q_len, layout.kv_len, layout.q_bucket,
               layout.kv_bucket)
 
+    # 1. dQ per query block; it also writes delta = rowsum(dO * O) - dLSE for step 2
     delta = torch.empty_like(lse)
     dlse = grad_lse.contiguous() if grad_lse is not None else lse
-    mode = _dq_mode(q)
-    if mode:
-        return _backward_one_pass(mode, layout, grad_out, q, k, v, out, lse, dlse, delta,
-                                  dq, dk, dv, lens, cu_q, cu_k, alibi, extra, scalars, flags,
-                                  key, common, scale, grad_lse is not None)
-
-    # 1. dQ per query block; it also writes delta = rowsum(dO * O) - dLSE for step 2
     if layout.q_len > 0:
         _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
                 lambda meta: (triton.cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
@@ -1149,95 +1059,9 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
         _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
                 lambda meta: (triton.cdiv(layout.kv_len, meta["BLOCK_N"]) * layout.batch
                               * layout.kv_heads,), key,
-                q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi, lse,
+                q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi,
                 *layout.strides(q), *layout.strides(k), *layout.strides(v),
                 *layout.strides(grad_out), *layout.strides(dk), *layout.strides(dv), *extra,
-                *common, layout.key_chunk(), 0, 0, scale * LOG2E, scale, *scalars,
-                **flags, **layout.shape, DQ_MODE=0)
-    return dq, dk, dv
-
-
-#: Which backward runs: "split" (the dQ kernel, then the dK/dV kernel: 7 matmuls per
-#: block pair, deterministic), "fused" (one pass: the dK/dV kernel also computes each
-#: block pair's dQ share and adds it into an fp32 buffer, 5 matmuls, the sum order of dQ
-#: left to the hardware) or "auto": fused on compute capability 9 GPUs (TMA reduces),
-#: unless torch.use_deterministic_algorithms is on; split elsewhere.
-BACKWARD = "auto"
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
-def _dq_mode(q: torch.Tensor) -> int:
-    """DQ_MODE of the dK/dV kernel for this call: 0 split backward, 1 one pass with atomic
-    adds, 2 one pass with TMA reduces."""
-    if BACKWARD not in ("auto", "fused", "split"):
-        raise ValueError(f"BACKWARD must be 'auto', 'fused' or 'split', got {BACKWARD!r}")
-    if BACKWARD == "split":
-        return 0
-    hopper = not INTERPRETING and q.is_cuda and _capability(q.device.index)[0] == 9
-    if BACKWARD == "auto":
-        return 2 if hopper and not torch.are_deterministic_algorithms_enabled() else 0
-    return 2 if hopper else 1
-
-
-def _scratch(size: int, alignment: int, stream):
-    """Global scratch for kernels that build TMA descriptors on the device."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator():
-    """Kernels that build tensor descriptors need an allocator for their scratch; Triton's
-    is per thread (the autograd engine runs backwards on its own), so set ours where
-    none is."""
-    try:
-        from triton.runtime import _allocation
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):
-        unset = True
-    if unset:
-        triton.set_allocator(_scratch)
-
-
-def _backward_one_pass(mode, layout, grad_out, q, k, v, out, lse, dlse, delta, dq, dk, dv,
-                       lens, cu_q, cu_k, alibi, extra, scalars, flags, key, common, scale,
-                       has_dlse):
-    """dQ, dK, dV with dQ summed into an fp32 buffer by the dK/dV kernel (DQ_MODE)."""
-    head_dim = layout.shape["HEAD_DIM"]
-    if layout.varlen:
-        planes, rows = layout.heads, q.shape[0]
-    else:
-        planes, rows = layout.batch * layout.heads, layout.q_len
-    acc = torch.zeros((planes, rows, head_dim), device=q.device, dtype=torch.float32)
-    if layout.q_len > 0 and layout.kv_len > 0:
-        # 1. delta = rowsum(dO * O) - dLSE per query row
-        _launch(_delta_tuned, _bwd_delta_kernel, dict(BLOCK_M=16),
-                lambda meta: (triton.cdiv(layout.q_len, meta["BLOCK_M"]),
-                              layout.batch * layout.heads), (out.dtype, key),
-                out, grad_out, dlse, delta, cu_q,
-                *layout.strides(out), *layout.strides(grad_out), *layout.lse_strides,
-                layout.heads, layout.q_len, HAS_DLSE=has_dlse, VARLEN=layout.varlen,
-                **layout.shape)
-        # 2. dK, dV per key block, dQ added into acc
-        if mode == 2:
-            _ensure_allocator()
-        _launch(_fused_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
-                lambda meta: (triton.cdiv(layout.kv_len, meta["BLOCK_N"]) * layout.batch
-                              * layout.kv_heads,), (*key, mode),
-                q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi, acc,
-                *layout.strides(q), *layout.strides(k), *layout.strides(v),
-                *layout.strides(grad_out), *layout.strides(dk), *layout.strides(dv), *extra,
-                *common, layout.key_chunk(), planes, rows, scale * LOG2E, scale, *scalars,
-                **flags, **layout.shape, DQ_MODE=mode)
-    else:
-        dk.zero_()
-        dv.zero_()
-    # 3. dQ in the dtype and layout of q (the softmax scale is already in)
-    d = layout.shape["D"]
-    if layout.varlen:
-        dq.copy_(acc[:, :, :d].transpose(0, 1))
-    else:
-        dq.copy_(acc.view(layout.batch, layout.heads, rows, head_dim)[..., :d])
+                *common, layout.key_chunk(), scale * LOG2E, scale, *scalars,
+                **flags, **layout.shape)
     return dq, dk, dv

@@ -4,7 +4,6 @@ Without CUDA the Triton kernels run in Triton's CPU interpreter, so TRITON_INTER
 set before anything imports triton: that is done here, at collection, before the test
 modules are imported.
 """
-import importlib
 import os
 
 import pytest
@@ -41,21 +40,3 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def one_pass(monkeypatch):
-    """The one-pass backward (dQ added into an fp32 buffer by the dK/dV kernel), whatever
-    the device would pick; yields the DQ_MODE of each backward that ran."""
-    module = importlib.import_module("fastlab.kernels.attention")
-    modes = []
-    real = module._backward_one_pass
-
-    def spy(mode, *args, **kwargs):
-        modes.append(mode)
-        return real(mode, *args, **kwargs)
-
-    monkeypatch.setattr(module, "BACKWARD", "fused")
-    monkeypatch.setattr(module, "_backward_one_pass", spy)
-    yield modes
-    assert modes, "the one-pass backward never ran"

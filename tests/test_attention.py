@@ -5,7 +5,6 @@ against :func:`attention_ref` evaluated in float64 on the same input values, on 
 sizes where blocks do not divide the sequences and head dims need padding.
 """
 import math
-import importlib
 
 import pytest
 import torch
@@ -256,60 +255,7 @@ def test_zero_length_keys():
     assert (out == 0).all() and lse.isneginf().all() and (dq == 0).all()
 
 
-@pytest.mark.parametrize("case", [
-    dict(batch=1, hq=2, hkv=2, q_len=37, kv_len=53, d=24, causal=True),
-    dict(batch=1, hq=2, hkv=2, q_len=53, kv_len=37, d=4, causal=False),
-    dict(batch=3, hq=4, hkv=2, q_len=37, kv_len=53, d=16, causal=True, kv_lens=[53, 0, 20],
-         window=(9, -1), softcap=2.0),
-    dict(batch=2, hq=3, hkv=1, q_len=45, kv_len=13, d=8, causal=True, window=(5, 3)),
-    dict(batch=2, hq=2, hkv=1, q_len=37, kv_len=53, d=16, causal=False, layout="bshd"),
-], ids=["causal", "cross-d4", "gqa-lens-window-softcap", "mqa-window", "bshd"])
-def test_one_pass_backward_matches_the_reference(one_pass, case):
-    case = dict(case)
-    args = [case.pop(n) for n in ("batch", "hq", "hkv", "q_len", "kv_len", "d", "causal")]
-    _check_once(*args, torch.float32, **case)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_pass_backward_low_precision(one_pass, dtype):
-    _check_once(2, 4, 2, 37, 53, 24, True, dtype, alibi_slopes=_slopes(4))
-
-
-def test_one_pass_backward_with_dropout(one_pass):
-    """Same dropped elements as the two-kernel backward, so the same gradients up to
-    the order of dQ's sums."""
-    q = _make((2, 4, 37, 16), torch.float32, 1, "contiguous")
-    k = _make((2, 2, 53, 16), torch.float32, 2, "contiguous")
-    v = _make((2, 2, 53, 16), torch.float32, 3, "contiguous")
-    grad_out = randn(q.shape, torch.float32, DEVICE, seed=4)
-    module = importlib.import_module("fastlab.kernels.attention")
-    grads = {}
-    for path in ("split", "fused"):
-        module.BACKWARD = path
-        with backend("kernel"):
-            out = attention(q, k, v, causal=True, dropout_p=0.3, dropout_seed=5)
-            grads[path] = torch.autograd.grad(out, (q, k, v), grad_out)
-    for a, b in zip(grads["split"], grads["fused"]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-
-
-def test_backward_path_choice(monkeypatch):
-    module = importlib.import_module("fastlab.kernels.attention")
-    q = torch.empty(1, 1, 1, 16)
-    monkeypatch.setattr(module, "BACKWARD", "auto")
-    assert module._dq_mode(q) == 0, "no TMA reduce off the GPU: the two-kernel backward"
-    monkeypatch.setattr(module, "BACKWARD", "fused")
-    assert module._dq_mode(q) == 1
-    monkeypatch.setattr(module, "BACKWARD", "split")
-    assert module._dq_mode(q) == 0
-    monkeypatch.setattr(module, "BACKWARD", "fast")
-    with pytest.raises(ValueError, match="BACKWARD must be"):
-        module._dq_mode(q)
-
-
-def test_backward_is_deterministic(monkeypatch):
-    """The two-kernel backward (what deterministic algorithms get) repeats bit for bit."""
-    monkeypatch.setattr(importlib.import_module("fastlab.kernels.attention"), "BACKWARD", "split")
+def test_backward_is_deterministic():
     q = _make((1, 4, 37, 16), torch.bfloat16, 1, "contiguous")
     k = _make((1, 1, 53, 16), torch.bfloat16, 2, "contiguous")
     v = _make((1, 1, 53, 16), torch.bfloat16, 3, "contiguous")
@@ -517,46 +463,6 @@ def test_gpu_options(options):
         options = dict(alibi_slopes=_slopes(2, 8))
     causal = options.get("window") != (100, 37)
     _check_once(2, 8, 2, 1024, 1100, 128, causal, torch.bfloat16, layout="bshd", **options)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("b,hq,hkv,seq,d", [(4, 8, 8, 1024, 64), (2, 8, 2, 777, 128),
-                                            (2, 4, 4, 300, 256)])
-def test_gpu_one_pass_and_split_backward_agree(b, hq, hkv, seq, d):
-    """Hopper runs the one-pass backward (TMA reduces of dQ) by default; deterministic
-    algorithms get the two-kernel one. Each against the float64 oracle: the one-pass
-    errors within 1.5x of the two-kernel ones."""
-    module = importlib.import_module("fastlab.kernels.attention")
-    q = _make((b, hq, seq, d), torch.bfloat16, 1, "bshd")
-    k = _make((b, hkv, seq, d), torch.bfloat16, 2, "bshd")
-    v = _make((b, hkv, seq, d), torch.bfloat16, 3, "bshd")
-    grad_out = randn(q.shape, torch.bfloat16, DEVICE, seed=4)
-    grads = {}
-    for path in ("split", "fused"):
-        module.BACKWARD = path
-        try:
-            with backend("kernel"):
-                out = attention(q, k, v, causal=True)
-                grads[path] = torch.autograd.grad(out, (q, k, v), grad_out)
-        finally:
-            module.BACKWARD = "auto"
-    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    want = torch.autograd.grad(attention_ref(*exact, causal=True), exact, grad_out.double())
-    for name, a, f, w in zip("qkv", grads["split"], grads["fused"], want):
-        err_split = float((a.double() - w).abs().max())
-        err_fused = float((f.double() - w).abs().max())
-        assert err_fused <= 1.5 * err_split + 1e-3, (name, err_fused, err_split)
-    with _deterministic():
-        assert module._dq_mode(q) == 0
-
-
-class _deterministic:
-    def __enter__(self):
-        self.was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self.was)
 
 
 @pytest.mark.gpu

@@ -222,15 +222,6 @@ def test_dropout_numbers_follow_the_sequence_not_the_packing():
     torch.testing.assert_close(got, dense.transpose(1, 2).reshape(-1, 2, 16))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_one_pass_backward_matches_each_sequence_alone(one_pass, causal):
-    """On the GPU the dQ tile of a sequence's last query block reaches into the next
-    sequence's rows of the fp32 buffer (a TMA reduce is not masked): it adds zeros."""
-    window = (6, -1) if causal else (-1, -1)
-    _check_once(*RAGGED, 3, 1, 16, causal, torch.float32, window=window,
-                alibi_slopes=_slopes(len(RAGGED[0]), 3))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_low_precision(dtype):
     _check_once(*RAGGED, 4, 2, 24, True, dtype)
