@@ -24,6 +24,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
+
 
 class SpikeGuard:
     def __init__(self, cfg, device: torch.device):
@@ -75,12 +80,10 @@ class SpikeGuard:
     def take_snapshot(self, step: int, tensors: List[torch.Tensor]) -> None:
         """Copy ``tensors`` (parameters and optimizer state) into the snapshot, reusing
         its buffers when their shapes match."""
-        if self.snapshot is not None and [t.shape for t in self.snapshot] == [
+        if self.snapshot is None or [t.shape for t in self.snapshot] != [
                 t.shape for t in tensors]:
-            _copy_all(self.snapshot, tensors)
-        else:
             self.snapshot = [torch.empty_like(t) for t in tensors]
-            _copy_all(self.snapshot, tensors)
+        _copy_all(self.snapshot, tensors)
         self.snapshot_step = step
 
     def roll_back(self, tensors: List[torch.Tensor]) -> None:
@@ -128,9 +131,3 @@ def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (a view of its storage); any other tensor itself."""
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
-
-
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # a torch built without distributed
-    _DTensor = None
