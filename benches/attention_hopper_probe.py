@@ -1,0 +1,185 @@
+"""Probe for a Hopper attention forward: device-side tensor descriptors (TMA) and Triton's
+warp specialisation, timed beside fastlab's current forward and SDPA cuDNN / flash.
+
+    python3 benches/attention_hopper_probe.py --out DIR
+
+The probe kernel is the plain causal (or full) forward on square sequences whose length is
+a multiple of the query tile: one 2-D descriptor per (batch, head) slice of Q, K, V, O
+(rows S, columns D, the sequence stride as given: the GPT-2 views work in place), the
+off-diagonal key blocks in one unmasked loop and the diagonal ones in a masked loop, each
+a ``tl.range`` with ``warp_specialize`` on or off. Every variant is checked against SDPA's
+output first; one that fails to compile or is out of tolerance is reported, not timed.
+Writes DIR/attention_hopper_probe.json after every shape.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benches.attention_passes import SHAPES, make_inputs, warm_up  # noqa: E402
+from fastlab.ops._dispatch import backend  # noqa: E402
+from fastlab.ops.attention import attention  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _probe_fwd(Q, K, V, O, LSE,
+               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+               H, S, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr):
+    n_m = tl.num_programs(0)
+    pid_m = n_m - 1 - tl.program_id(0)  # the longest rows first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dtype = Q.dtype.element_ty
+    qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                   shape=[S, HEAD_DIM], strides=[stride_qs, 1],
+                                   block_shape=[BLOCK_M, HEAD_DIM])
+    kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                                   shape=[S, HEAD_DIM], strides=[stride_ks, 1],
+                                   block_shape=[BLOCK_N, HEAD_DIM])
+    vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                                   shape=[S, HEAD_DIM], strides=[stride_vs, 1],
+                                   block_shape=[BLOCK_N, HEAD_DIM])
+    od = tl.make_tensor_descriptor(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                                   shape=[S, HEAD_DIM], strides=[stride_os, 1],
+                                   block_shape=[BLOCK_M, HEAD_DIM])
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = qd.load([start_m, 0])
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = start_m if CAUSAL else S
+    for start_n in tl.range(0, hi, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
+        k = kd.load([start_n, 0])
+        qk = tl.dot(q, k.T)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = vd.load([start_n, 0])
+        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    if CAUSAL:
+        for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N, num_stages=STAGES,
+                                warp_specialize=WS):
+            k = kd.load([start_n, 0])
+            qk = tl.dot(q, k.T)
+            s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], qk * qk_scale,
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = vd.load([start_n, 0])
+            acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
+            m_i = m_new
+    od.store([start_m, 0], (acc / l_i[:, None]).to(dtype))
+    tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) / LOG2E)
+
+
+def probe_fn(bm, bn, warps, stages, ws):
+    def run(q, k, v):
+        b, h, s, d = q.shape
+        o = torch.empty(b, s, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(b, h, s, device=q.device, dtype=torch.float32)
+        _probe_fwd[(s // bm, b * h)](
+            q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
+            o.stride(2), h, s, d ** -0.5 * LOG2E, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+            CAUSAL=True, WS=ws, STAGES=stages, num_warps=warps)
+        return o
+    return run
+
+
+def fastlab_fn(q, k, v):
+    with backend("kernel"):
+        return attention(q, k, v, causal=True)
+
+
+def sdpa_fn(which):
+    def run(q, k, v):
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return run
+
+
+VARIANTS = [(bm, bn, w, s, ws) for ws in (False, True)
+            for bm, bn, w, s in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3),
+                                 (128, 64, 4, 3), (128, 128, 4, 2)]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", nargs="*", default=None)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                 device="cuda"))
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                note="causal bf16 forward, do_bench medians (ms); TFLOP/s 4*B*H*S^2*D/2")
+    print(meta, flush=True)
+    warm_up()
+    providers = {"fastlab": fastlab_fn,
+                 "sdpa cudnn": sdpa_fn(SDPBackend.CUDNN_ATTENTION),
+                 "sdpa flash": sdpa_fn(SDPBackend.FLASH_ATTENTION)}
+    for bm, bn, w, s, ws in VARIANTS:
+        providers[f"probe {bm}x{bn} w{w} s{s} ws{int(ws)}"] = probe_fn(bm, bn, w, s, ws)
+    results = []
+    for name, b, h, s, d, layout, dtype in SHAPES[:4]:
+        if args.shapes and name not in args.shapes:
+            continue
+        q, k, v, _ = make_inputs(b, h, s, d, layout, dtype)
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = F.scaled_dot_product_attention(*(t[:1].float() for t in (q, k, v)),
+                                                 is_causal=True)
+        flops = 4.0 * b * h * s * s * d * 0.5
+        print(f"== {name}", flush=True)
+        for label, fn in providers.items():
+            row = dict(shape=name, provider=label)
+            try:
+                t0 = time.time()
+                with torch.no_grad():
+                    out = fn(q, k, v)
+                torch.cuda.synchronize()
+                row["first_call_s"] = time.time() - t0
+                err = float((out[:1].float() - ref).abs().max())
+                row.update(error=err, ok=err <= 3e-2)
+                if row["ok"]:
+                    with torch.no_grad():
+                        ms = do_bench(lambda: fn(q, k, v), warmup=10, rep=60)
+                    row.update(fwd_ms=ms, fwd_tflops=flops / ms * 1e-9)
+            except Exception as exc:
+                row.update(ok=False, exception=f"{type(exc).__name__}: {exc}"[:400])
+            results.append(row)
+            if "fwd_ms" in row:
+                print(f"  {label:30s} {row['fwd_tflops']:6.1f} TFLOP/s ({row['fwd_ms']:.3f} ms)"
+                      f" err {row['error']:.1e} first {row['first_call_s']:.1f}s", flush=True)
+            else:
+                print(f"  {label:30s} not timed: {row.get('exception') or row.get('error')}",
+                      flush=True)
+        with open(os.path.join(args.out, "attention_hopper_probe.json"), "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
