@@ -32,6 +32,7 @@ from fastlab.ops._dispatch import backend  # noqa: E402
 from fastlab.ops.attention import attention  # noqa: E402
 
 LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _probe_fwd(Q, K, V, O, LSE,
             acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
             m_i = m_new
     od.store([start_m, 0], (acc / l_i[:, None]).to(dtype))
-    tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) / LOG2E)
+    tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * _LN2)
 
 
 def probe_fn(bm, bn, warps, stages, ws):
@@ -169,7 +170,7 @@ def main():
                         ms = do_bench(lambda: fn(q, k, v), warmup=10, rep=60)
                     row.update(fwd_ms=ms, fwd_tflops=flops / ms * 1e-9)
             except Exception as exc:
-                row.update(ok=False, exception=f"{type(exc).__name__}: {exc}"[:400])
+                row.update(ok=False, exception=f"{type(exc).__name__}: {exc}"[-600:])
             results.append(row)
             if "fwd_ms" in row:
                 print(f"  {label:30s} {row['fwd_tflops']:6.1f} TFLOP/s ({row['fwd_ms']:.3f} ms)"
