@@ -96,16 +96,102 @@ def _probe_fwd(Q, K, V, O, LSE,
     tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * _LN2)
 
 
-def probe_fn(bm, bn, warps, stages, ws):
+@triton.jit
+def _probe_rot(Q, K, V, O, LSE,
+               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+               H, S, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               ROTATE: tl.constexpr):
+    """Pointer loads; with ROTATE the scores of key block j + 1 are issued before the
+    softmax of block j, so that the matmul can run while the softmax does."""
+    n_m = tl.num_programs(0)
+    pid_m = n_m - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dtype = Q.dtype.element_ty
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qs + offs_d[None, :])
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+              + offs_n[:, None] * stride_ks + offs_d[None, :])
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+              + offs_n[:, None] * stride_vs + offs_d[None, :])
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = start_m
+    if ROTATE:
+        if hi > 0:
+            qk = tl.dot(q, tl.trans(tl.load(k_ptrs)))
+            for start_n in range(0, hi - BLOCK_N, BLOCK_N):
+                k = tl.load(k_ptrs + (start_n + BLOCK_N) * stride_ks)
+                qk_next = tl.dot(q, tl.trans(k))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.exp2(qk * qk_scale - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptrs + start_n * stride_vs)
+                acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
+                m_i = m_new
+                qk = qk_next
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs + (hi - BLOCK_N) * stride_vs)
+            acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
+            m_i = m_new
+    else:
+        for start_n in range(0, hi, BLOCK_N):
+            k = tl.load(k_ptrs + start_n * stride_ks)
+            qk = tl.dot(q, tl.trans(k))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs + start_n * stride_vs)
+            acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
+            m_i = m_new
+    for start_n in range(start_m, start_m + BLOCK_M, BLOCK_N):
+        k = tl.load(k_ptrs + start_n * stride_ks)
+        qk = tl.dot(q, tl.trans(k))
+        s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], qk * qk_scale,
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + start_n * stride_vs)
+        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+             + offs_m[:, None] * stride_os + offs_d[None, :], (acc / l_i[:, None]).to(dtype))
+    tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * _LN2)
+
+
+def probe_fn(kernel, bm, bn, warps, stages, flag):
+    if bn > bm or bm % bn:
+        # the diagonal loop reads whole key tiles from the query block's first row
+        raise ValueError(f"probe: BLOCK_N ({bn}) must divide BLOCK_M ({bm})")
+
     def run(q, k, v):
         b, h, s, d = q.shape
+        if s % bm:
+            raise ValueError(f"probe: sequence length {s} must be a multiple of {bm}")
         o = torch.empty(b, s, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
         lse = torch.empty(b, h, s, device=q.device, dtype=torch.float32)
-        _probe_fwd[(s // bm, b * h)](
+        extra = (dict(WS=flag, STAGES=stages, CAUSAL=True) if kernel is _probe_fwd
+                 else dict(ROTATE=flag))
+        kernel[(s // bm, b * h)](
             q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
             o.stride(2), h, s, d ** -0.5 * LOG2E, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-            CAUSAL=True, WS=ws, STAGES=stages, num_warps=warps)
+            num_warps=warps, num_stages=stages, **extra)
         return o
     return run
 
@@ -122,9 +208,11 @@ def sdpa_fn(which):
     return run
 
 
-VARIANTS = [(bm, bn, w, s, ws) for ws in (False, True)
-            for bm, bn, w, s in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3),
-                                 (128, 64, 4, 3), (128, 128, 4, 2)]]
+#: (kernel, BLOCK_M, BLOCK_N, warps, stages, flag); the descriptor kernel's flag is
+#: warp_specialize, the pointer kernel's is ROTATE
+VARIANTS = [(_probe_rot, bm, bn, w, s, rot) for rot in (False, True)
+            for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+                                 (128, 64, 4, 3), (64, 64, 4, 3)]]
 
 
 def main():
@@ -143,8 +231,10 @@ def main():
     providers = {"fastlab": fastlab_fn,
                  "sdpa cudnn": sdpa_fn(SDPBackend.CUDNN_ATTENTION),
                  "sdpa flash": sdpa_fn(SDPBackend.FLASH_ATTENTION)}
-    for bm, bn, w, s, ws in VARIANTS:
-        providers[f"probe {bm}x{bn} w{w} s{s} ws{int(ws)}"] = probe_fn(bm, bn, w, s, ws)
+    for kernel, bm, bn, w, s, flag in VARIANTS:
+        kind = "tma ws" if kernel is _probe_fwd else "ptr rotate"
+        providers[f"{kind}{int(flag)} {bm}x{bn} w{w} s{s}"] = probe_fn(kernel, bm, bn, w, s,
+                                                                       flag)
     results = []
     for name, b, h, s, d, layout, dtype in SHAPES[:4]:
         if args.shapes and name not in args.shapes:
