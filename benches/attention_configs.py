@@ -15,18 +15,16 @@ import platform
 import sys
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastlab.kernels.attention as kernels  # noqa: E402
 from benches.attention_hopper_probe import _probe_rot, probe_fn  # noqa: E402
-from benches.attention_passes import SHAPES, make_inputs, warm_up  # noqa: E402
-from fastlab.ops._dispatch import backend  # noqa: E402
-from fastlab.ops.attention import attention  # noqa: E402
+from benches.attention_passes import SHAPES, fastlab_fn as fastlab, make_inputs  # noqa: E402
+from benches.attention_passes import sdpa_fn as sdpa, warm_up  # noqa: E402
 
 CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
            (64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 3)]
@@ -42,18 +40,6 @@ def forced(bm, bn, warps, stages):
             kernels._BEST[key] = (dict(config.all_kwargs()), dict(config.kwargs))
         kernels._COMPILED.clear()
         return fastlab(q, k, v)
-    return run
-
-
-def fastlab(q, k, v):
-    with backend("kernel"):
-        return attention(q, k, v, causal=True)
-
-
-def sdpa(which):
-    def run(q, k, v):
-        with sdpa_kernel(which):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return run
 
 

@@ -27,12 +27,22 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benches.attention_passes import SHAPES, make_inputs, warm_up  # noqa: E402
-from fastlab.ops._dispatch import backend  # noqa: E402
-from fastlab.ops.attention import attention  # noqa: E402
+from benches.attention_passes import SHAPES, fastlab_fn, make_inputs, sdpa_fn  # noqa: E402
+from benches.attention_passes import warm_up  # noqa: E402
 
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _online(acc, l_i, m_i, s, v):
+    """One key block of the online softmax: scores ``s`` already scaled to base 2."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -71,13 +81,8 @@ def _probe_fwd(Q, K, V, O, LSE,
     for start_n in tl.range(0, hi, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
         k = kd.load([start_n, 0])
         qk = tl.dot(q, k.T)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = vd.load([start_n, 0])
-        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = _online(acc, l_i, m_i, qk * qk_scale, v)
     if CAUSAL:
         for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N, num_stages=STAGES,
                                 warp_specialize=WS):
@@ -85,13 +90,8 @@ def _probe_fwd(Q, K, V, O, LSE,
             qk = tl.dot(q, k.T)
             s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], qk * qk_scale,
                          float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = vd.load([start_n, 0])
-            acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            acc, l_i, m_i = _online(acc, l_i, m_i, s, v)
     od.store([start_m, 0], (acc / l_i[:, None]).to(dtype))
     tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * _LN2)
 
@@ -131,44 +131,24 @@ def _probe_rot(Q, K, V, O, LSE,
             for start_n in range(0, hi - BLOCK_N, BLOCK_N):
                 k = tl.load(k_ptrs + (start_n + BLOCK_N) * stride_ks)
                 qk_next = tl.dot(q, tl.trans(k))
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                p = tl.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(v_ptrs + start_n * stride_vs)
-                acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-                m_i = m_new
+                acc, l_i, m_i = _online(acc, l_i, m_i, qk * qk_scale, v)
                 qk = qk_next
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptrs + (hi - BLOCK_N) * stride_vs)
-            acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            acc, l_i, m_i = _online(acc, l_i, m_i, qk * qk_scale, v)
     else:
         for start_n in range(0, hi, BLOCK_N):
             k = tl.load(k_ptrs + start_n * stride_ks)
             qk = tl.dot(q, tl.trans(k))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptrs + start_n * stride_vs)
-            acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            acc, l_i, m_i = _online(acc, l_i, m_i, qk * qk_scale, v)
     for start_n in range(start_m, start_m + BLOCK_M, BLOCK_N):
         k = tl.load(k_ptrs + start_n * stride_ks)
         qk = tl.dot(q, tl.trans(k))
         s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], qk * qk_scale,
                      float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start_n * stride_vs)
-        acc = tl.dot(p.to(dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = _online(acc, l_i, m_i, s, v)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_os + offs_d[None, :], (acc / l_i[:, None]).to(dtype))
     tl.store(LSE + bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * _LN2)
@@ -193,18 +173,6 @@ def probe_fn(kernel, bm, bn, warps, stages, flag):
             o.stride(2), h, s, d ** -0.5 * LOG2E, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps, num_stages=stages, **extra)
         return o
-    return run
-
-
-def fastlab_fn(q, k, v):
-    with backend("kernel"):
-        return attention(q, k, v, causal=True)
-
-
-def sdpa_fn(which):
-    def run(q, k, v):
-        with sdpa_kernel(which):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return run
 
 
