@@ -8,10 +8,8 @@ Eager timings of short kernels measure the host when it is slower than the GPU; 
 replays (triton.testing.do_bench_cudagraph medians) measure the GPU alone, which is what a
 training step captured in a graph pays. Writes DIR/attention_configs.json.
 """
-import argparse
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -24,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastlab.kernels.attention as kernels  # noqa: E402
 from benches.attention_hopper_probe import _probe_rot, probe_fn  # noqa: E402
 from benches.attention_passes import SHAPES, fastlab_fn as fastlab, make_inputs  # noqa: E402
-from benches.attention_passes import sdpa_fn as sdpa, warm_up  # noqa: E402
+from benches.attention_passes import bench_args, run_meta, sdpa_fn as sdpa  # noqa: E402
+from benches.attention_passes import warm_up  # noqa: E402
 
 CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
            (64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 3)]
@@ -48,15 +47,9 @@ def graph_ms(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--shapes", nargs="*", default=None)
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(),
-                note="bf16 causal; do_bench_cudagraph medians (ms); TFLOP/s 4*B*H*S^2*D/2 "
-                     "fwd, 3.5x that fwd+bwd")
+    args = bench_args(__doc__)
+    meta = run_meta("bf16 causal; do_bench_cudagraph medians (ms); TFLOP/s 4*B*H*S^2*D/2 "
+                    "fwd, 3.5x that fwd+bwd")
     print(meta, flush=True)
     warm_up()
     results = []

@@ -11,10 +11,8 @@ a ``tl.range`` with ``warp_specialize`` on or off. Every variant is checked agai
 output first; one that fails to compile or is out of tolerance is reported, not timed.
 Writes DIR/attention_hopper_probe.json after every shape.
 """
-import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -28,7 +26,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benches.attention_passes import SHAPES, fastlab_fn, make_inputs, sdpa_fn  # noqa: E402
-from benches.attention_passes import warm_up  # noqa: E402
+from benches.attention_passes import bench_args, run_meta, warm_up  # noqa: E402
 
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -184,16 +182,10 @@ VARIANTS = [(_probe_rot, bm, bn, w, s, rot) for rot in (False, True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--shapes", nargs="*", default=None)
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    args = bench_args(__doc__)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
                                                                  device="cuda"))
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(),
-                note="causal bf16 forward, do_bench medians (ms); TFLOP/s 4*B*H*S^2*D/2")
+    meta = run_meta("causal bf16 forward, do_bench medians (ms); TFLOP/s 4*B*H*S^2*D/2")
     print(meta, flush=True)
     warm_up()
     providers = {"fastlab": fastlab_fn,

@@ -115,6 +115,27 @@ def tuned_configs() -> dict:
     return found
 
 
+def run_meta(note: str) -> dict:
+    """The GPU and versions a result was measured with, and how it was timed."""
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), note=note)
+
+
+def bench_args(doc: str):
+    """--out DIR (created) and --shapes NAME ... (names of SHAPES; default: all)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help="names of the shapes to run (default: all)")
+    args = parser.parse_args()
+    known = [s[0] for s in SHAPES]
+    unknown = [n for n in args.shapes or () if n not in known]
+    if unknown:
+        parser.error(f"--shapes: unknown names {unknown}; known: {known}")
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
 def warm_up(seconds: float = 3.0):
     """Matmuls until ``seconds`` have passed: clocks up before the first timing."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -130,19 +151,9 @@ def warm_up(seconds: float = 3.0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--shapes", nargs="*", default=None,
-                        help="names of the shapes to run (default: all)")
-    args = parser.parse_args()
+    args = bench_args(__doc__)
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
-    if args.shapes and len(shapes) != len(args.shapes):
-        parser.error(f"--shapes: unknown name among {args.shapes}; "
-                     f"known: {[s[0] for s in SHAPES]}")
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(),
-                note="do_bench medians (ms); TFLOP/s: 4*B*H*S^2*D/2 fwd, 2.5x bwd")
+    meta = run_meta("do_bench medians (ms); TFLOP/s: 4*B*H*S^2*D/2 fwd, 2.5x bwd")
     print(meta, flush=True)
     warm_up()
     results = []
