@@ -36,6 +36,11 @@ grid is 1-D, its programs ordered by ``_block_order``: chunks of sequences that 
 longest causal blocks first within a chunk (on an H200 this order took the causal bf16
 forward from 412 to 436 TFLOP/s at B4 H16 S4096 D128, from 321 to 343 at D64).
 
+The loops keep their K/V (or Q/dO) pointer tiles fixed and add the block's row offset,
+int32 unless a tensor needs int64 (see _row): pointer tiles carried through the loop and
+advanced cost the causal bf16 forward 13% on an H200 (291 vs 334 TFLOP/s at B8 H16 S2048
+D64, CUDA graph replays).
+
 Head dims 1..256 are padded inside the kernel to ``HEAD_DIM``, the next power of two
 >= 16 (``tl.dot`` needs 16), by masked loads: padded lanes read 0 and are never stored.
 bf16/fp16 operands go to the tensor cores with fp32 accumulation; P and dS are rounded to
@@ -75,13 +80,13 @@ _LOG2E = tl.constexpr(LOG2E)
 #: 414 TFLOP/s at B4 H16 S4096 D128 and 302 vs 323 at B8 H16 S2048 D64.
 _FWD_CANDIDATES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3),
                    (128, 64, 8, 4), (128, 64, 8, 5),
-                   (128, 64, 4, 3), (64, 64, 4, 2),
+                   (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
                    (64, 32, 4, 3), (32, 32, 4, 2), (64, 64, 4, 1), (16, 128, 4, 3),
                    (32, 128, 4, 1), (64, 128, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1),
                    (32, 64, 2, 2), (64, 64, 2, 2), (32, 128, 2, 1), (16, 16, 2, 2)]
-_DKDV_CANDIDATES = [(32, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2),
-                    (64, 64, 4, 3), (64, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 2),
-                    (16, 16, 2, 2)]
+_DKDV_CANDIDATES = [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3),
+                    (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 1),
+                    (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)]
 _DQ_CANDIDATES = [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3),
                   (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 1), (32, 16, 4, 2),
                   (16, 64, 4, 2), (16, 16, 2, 2)]
@@ -317,6 +322,17 @@ def _visible(queries, keys, kv_len, shift, win_left, win_right, CAUSAL: tl.const
 
 
 @triton.jit
+def _row(start, WIDE: tl.constexpr):
+    """Row index (a block's first row, or a tile's rows) to multiply by a token stride:
+    int32, unless the launcher found a tensor where row * stride may leave it (WIDE).
+    int32 matters for the loops' offsets: on an H200 int64 ones took the 128 x 64 forward
+    from 418 to 362 TFLOP/s (benches/results/h200-2026-12-03d)."""
+    if WIDE:
+        return tl.cast(start, tl.int64)
+    return start
+
+
+@triton.jit
 def _tanh(x):
     """tanh from exp (libdevice does not run under the interpreter); exact at +-inf."""
     e = tl.exp(-2.0 * tl.abs(x))
@@ -389,15 +405,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
                softcap_out, slope, row_key, threshold,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-               DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               DROPOUT: tl.constexpr, MASK: tl.constexpr, WIDE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over key blocks [lo, hi); scores are kept in base 2."""
     offs_n = tl.arange(0, BLOCK_N)
-    k_ptrs += lo * stride_ks
-    v_ptrs += lo * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
+        row = _row(start_n, WIDE)
+        k = _load_tile(k_ptrs + row * stride_ks, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         if MASK:
             s, _ = _scores(qk, offs_m, cols, shift, qk_scale, softcap_in, softcap_out, slope,
@@ -422,14 +437,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, hi,
             p = tl.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
+        v = _load_tile(v_ptrs + row * stride_vs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         if DROPOUT:
             # the normaliser sums every probability; only the kept ones reach O
             p = tl.where(_kept(row_key, offs_m, cols, threshold, False), p, 0.0)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
 
@@ -449,7 +462,7 @@ def _fwd_kernel(
     win_left, win_right, softcap_in, softcap_out, dropout_key, threshold, keep_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block, head and sequence (causal: blocks near the end see
@@ -476,7 +489,8 @@ def _fwd_kernel(
     # 2. The query tile stays in registers for the whole key loop.
     q_base = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + q_start.to(tl.int64) * stride_qs)
-    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = _load_tile(q_base + _row(offs_m, WIDE)[:, None] * stride_qs
+                   + offs_d[None, :] * stride_qd,
                    row_ok, offs_d, D, HEAD_DIM, True)
     k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
               + k_start.to(tl.int64) * stride_ks
@@ -497,17 +511,17 @@ def _fwd_kernel(
                                    lo, full_lo, offs_m, offs_d, kv_len, shift, qk_scale,
                                    win_left, win_right, softcap_in, softcap_out, slope,
                                    row_key, threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP,
-                                   ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
+                                   ALIBI, DROPOUT, True, WIDE, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
                                full_lo, full_hi, offs_m, offs_d, kv_len, shift, qk_scale,
                                win_left, win_right, softcap_in, softcap_out, slope, row_key,
                                threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                               DROPOUT, False, BLOCK_M, BLOCK_N)
+                               DROPOUT, False, WIDE, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
                                full_hi, hi, offs_m, offs_d, kv_len, shift, qk_scale,
                                win_left, win_right, softcap_in, softcap_out, slope, row_key,
                                threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                               DROPOUT, True, BLOCK_M, BLOCK_N)
+                               DROPOUT, True, WIDE, BLOCK_M, BLOCK_N)
 
     # 4. Normalise; rows that saw no key have l = 0 and acc = 0: output 0, LSE -inf.
     seen = l_i > 0.0
@@ -518,7 +532,8 @@ def _fwd_kernel(
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
     o_base = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + q_start.to(tl.int64) * stride_os)
-    _store_tile(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+    _store_tile(o_base + _row(offs_m, WIDE)[:, None] * stride_os
+                + offs_d[None, :] * stride_od,
                 out.to(O.dtype.element_ty), row_ok, offs_d, D, HEAD_DIM)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m,
              lse, mask=row_ok)
@@ -546,18 +561,17 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, st
                 softcap_in, softcap_out, slope, row_key, threshold, keep_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                DROPOUT: tl.constexpr, MASK: tl.constexpr, WIDE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), transposed (keys as
     rows) so that P^T and dS^T come out of the dots without a transpose. dV is left
     without dropout's 1 / (1 - p), applied once by the caller."""
     offs_m = tl.arange(0, BLOCK_M)
-    q_ptrs += lo * stride_qs
-    do_ptrs += lo * stride_dos
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < q_len
-        q = _load_tile(q_ptrs, row_ok, offs_d, D, HEAD_DIM, True)
+        row = _row(start_m, WIDE)
+        q = _load_tile(q_ptrs + row * stride_qs, row_ok, offs_d, D, HEAD_DIM, True)
         lse2 = _log2_lse(LSE_ROW, rows, row_ok)
         qkT = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
         sT, tT = _scores(qkT, rows, offs_n, shift, qk_scale, softcap_in, softcap_out, slope,
@@ -566,7 +580,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, st
         if MASK:
             pT = tl.where(_visible(rows, offs_n, kv_len, shift, win_left, win_right, CAUSAL,
                                    WINDOW, True), pT, 0.0)
-        do = _load_tile(do_ptrs, row_ok, offs_d, D, HEAD_DIM, True)
+        do = _load_tile(do_ptrs + row * stride_dos, row_ok, offs_d, D, HEAD_DIM, True)
         delta = tl.load(DELTA_ROW + rows, mask=row_ok, other=0.0)
         dpT = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32))
         if DROPOUT:
@@ -579,8 +593,6 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qs, st
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk = dot(dsT.to(q.dtype), q, dk)
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
     return dk, dv
 
 
@@ -600,7 +612,7 @@ def _bwd_dkdv_kernel(
     win_left, win_right, softcap_in, softcap_out, dropout_key, threshold, keep_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. This program's key block and kv head (causal: the first key blocks, seen by the
@@ -627,9 +639,11 @@ def _bwd_dkdv_kernel(
               + k_start.to(tl.int64) * stride_ks)
     v_base = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
               + k_start.to(tl.int64) * stride_vs)
-    k = _load_tile(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+    k = _load_tile(k_base + _row(offs_n, WIDE)[:, None] * stride_ks
+                   + offs_d[None, :] * stride_kd,
                    key_ok, offs_d, D, HEAD_DIM, True)
-    v = _load_tile(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+    v = _load_tile(v_base + _row(offs_n, WIDE)[:, None] * stride_vs
+                   + offs_d[None, :] * stride_vd,
                    key_ok, offs_d, D, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -655,18 +669,18 @@ def _bwd_dkdv_kernel(
                              stride_qs, stride_dos, lo, mid, offs_n, offs_d, q_len, kv_len,
                              shift, qk_scale, win_left, win_right, softcap_in, softcap_out,
                              slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
-                             WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
+                             WINDOW, SOFTCAP, ALIBI, DROPOUT, True, WIDE, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
                              stride_qs, stride_dos, mid, mid2, offs_n, offs_d, q_len, kv_len,
                              shift, qk_scale, win_left, win_right, softcap_in, softcap_out,
                              slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
-                             WINDOW, SOFTCAP, ALIBI, DROPOUT, False, BLOCK_M, BLOCK_N)
+                             WINDOW, SOFTCAP, ALIBI, DROPOUT, False, WIDE, BLOCK_M, BLOCK_N)
         if WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0,
                                  stride_qs, stride_dos, mid2, end, offs_n, offs_d, q_len,
                                  kv_len, shift, qk_scale, win_left, win_right, softcap_in,
                                  softcap_out, slope, row_key, threshold, keep_scale, D,
-                                 HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True,
+                                 HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, WIDE,
                                  BLOCK_M, BLOCK_N)
 
     # 4. dS was taken w.r.t. scaled scores: dK picks up the softmax scale once, here (and
@@ -680,11 +694,11 @@ def _bwd_dkdv_kernel(
         dv = dv * keep_scale
     _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
                 + k_start.to(tl.int64) * stride_dks
-                + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+                + _row(offs_n, WIDE)[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
                 (dk * sm_scale).to(DK.dtype.element_ty), store_ok, offs_d, D, HEAD_DIM)
     _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
                 + k_start.to(tl.int64) * stride_dvs
-                + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+                + _row(offs_n, WIDE)[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
                 dv.to(DV.dtype.element_ty), store_ok, offs_d, D, HEAD_DIM)
 
 
@@ -694,16 +708,15 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, 
               softcap_out, slope, row_key, threshold, keep_scale,
               D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
               WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              DROPOUT: tl.constexpr, MASK: tl.constexpr, WIDE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
-    k_ptrs += lo * stride_ks
-    v_ptrs += lo * stride_vs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
-        v = _load_tile(v_ptrs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
+        row = _row(start_n, WIDE)
+        k = _load_tile(k_ptrs + row * stride_ks, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
+        v = _load_tile(v_ptrs + row * stride_vs, cols < kv_len, offs_d, D, HEAD_DIM, MASK)
         qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         s, t = _scores(qk, offs_m, cols, shift, qk_scale, softcap_in, softcap_out, slope,
                        SOFTCAP, ALIBI, False)
@@ -719,8 +732,6 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo, 
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = dot(ds.to(k.dtype), k, dq)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
     return dq
 
 
@@ -742,7 +753,8 @@ def _bwd_dq_kernel(
     D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # 1. This program's query block and head (longest causal blocks first, as forward).
     pid_m, pid_bh = _block_order(tl.cdiv(Sq, BLOCK_M), SEQ_CHUNK, CAUSAL)
@@ -772,17 +784,17 @@ def _bwd_dq_kernel(
     q_off = q_start.to(tl.int64)
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                    + q_off * stride_qs
-                   + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                   + _row(offs_m, WIDE)[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                    row_ok, offs_d, D, HEAD_DIM, True)
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                     + q_off * stride_dos
-                    + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                    + _row(offs_m, WIDE)[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                     row_ok, offs_d, D, HEAD_DIM, True)
     row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_off
     lse2 = _log2_lse(LSE + row0, offs_m, row_ok)
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                    + q_off * stride_os
-                   + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                   + _row(offs_m, WIDE)[:, None] * stride_os + offs_d[None, :] * stride_od,
                    row_ok, offs_d, D, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = row0 + offs_m
@@ -804,21 +816,22 @@ def _bwd_dq_kernel(
         dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, lo,
                        full_lo, offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right,
                        softcap_in, softcap_out, slope, row_key, threshold, keep_scale, D,
-                       HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M,
+                       HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, True, WIDE, BLOCK_M,
                        BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full_lo,
                    full_hi, offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right,
                    softcap_in, softcap_out, slope, row_key, threshold, keep_scale, D,
-                   HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, BLOCK_M, BLOCK_N)
+                   HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI, DROPOUT, False, WIDE, BLOCK_M,
+                   BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full_hi, hi,
                    offs_m, offs_d, kv_len, shift, qk_scale, win_left, win_right, softcap_in,
                    softcap_out, slope, row_key, threshold, keep_scale, D, HEAD_DIM, CAUSAL,
-                   WINDOW, SOFTCAP, ALIBI, DROPOUT, True, BLOCK_M, BLOCK_N)
+                   WINDOW, SOFTCAP, ALIBI, DROPOUT, True, WIDE, BLOCK_M, BLOCK_N)
 
     # 4. Softmax scale, applied once.
     _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
                 + q_off * stride_dqs
-                + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+                + _row(offs_m, WIDE)[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
                 (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, offs_d, D, HEAD_DIM)
 
 
@@ -903,6 +916,9 @@ _L2_CHUNK_BYTES = 16 << 20
 #: below 2**30 for sequences of up to 2**29 tokens), and no sum of it overflows int32.
 _UNBOUNDED = 1 << 30
 
+#: Row offsets at or above this leave int32 (see _wide); tests lower it to run the int64 path.
+_INT32_OFFSETS = 1 << 31
+
 
 def _seq_chunk(n_seq: int, seq_bytes: int) -> int:
     """Sequences per chunk of _block_order: as many as share _L2_CHUNK_BYTES."""
@@ -956,10 +972,20 @@ class _Layout:
                           2 * self.group * self.q_len * d * self.element_size)
 
 
-def _features(layout: _Layout, kv_lens, causal: bool, scale: float, window, softcap: float,
-              alibi_slopes, dropout_p: float, dropout_key: int, dropout_threshold: int):
+def _wide(layout: _Layout, tensors) -> bool:
+    """Whether some row offset within a sequence (row * token stride, rows up to the longest
+    sequence plus a tile) of one of ``tensors`` may leave int32: then the kernels' loops
+    compute it in int64."""
+    rows = max(layout.q_len, layout.kv_len) + 256
+    return any(rows * abs(layout.strides(t)[2]) >= _INT32_OFFSETS for t in tensors)
+
+
+def _features(layout: _Layout, tensors, kv_lens, causal: bool, scale: float, window,
+              softcap: float, alibi_slopes, dropout_p: float, dropout_key: int,
+              dropout_threshold: int):
     """Runtime arguments and constexpr flags of the optional features, shared by the three
-    kernels, and the part of the tuning key they decide."""
+    kernels, and the part of the tuning key they decide; ``tensors`` are those the kernels
+    address by row (see _wide)."""
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -975,7 +1001,7 @@ def _features(layout: _Layout, kv_lens, causal: bool, scale: float, window, soft
                dropout_threshold, 1.0 / (1.0 - dropout_p))
     flags = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, VARLEN=layout.varlen,
                  WINDOW=has_window, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
-                 DROPOUT=dropout_p > 0)
+                 DROPOUT=dropout_p > 0, WIDE=_wide(layout, tensors))
     return args, scalars, flags, tuple(flags.values())
 
 
@@ -995,9 +1021,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(layout.lse_shape, device=q.device, dtype=torch.float32)
     if out.numel() == 0 or layout.batch == 0 or layout.q_len == 0:
         return out, lse.fill_(float("-inf"))
-    extra, scalars, flags, key_flags = _features(layout, kv_lens, causal, scale, window,
-                                                 softcap, alibi_slopes, dropout_p,
-                                                 dropout_key, dropout_threshold)
+    extra, scalars, flags, key_flags = _features(layout, (q, k, v, out), kv_lens, causal,
+                                                 scale, window, softcap, alibi_slopes,
+                                                 dropout_p, dropout_key, dropout_threshold)
     lens = kv_lens if kv_lens is not None else lse
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else lse
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else lse
@@ -1031,9 +1057,10 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if q.numel() == 0 or k.numel() == 0 or layout.batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    extra, scalars, flags, key_flags = _features(layout, kv_lens, causal, scale, window,
-                                                 softcap, alibi_slopes, dropout_p,
-                                                 dropout_key, dropout_threshold)
+    extra, scalars, flags, key_flags = _features(layout, (q, k, v, out, grad_out, dq, dk, dv),
+                                                 kv_lens, causal, scale, window, softcap,
+                                                 alibi_slopes, dropout_p, dropout_key,
+                                                 dropout_threshold)
     lens = kv_lens if kv_lens is not None else lse
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else lse
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else lse

@@ -127,6 +127,28 @@ def test_program_order_in_chunks_of_sequences(monkeypatch, causal):
     _check_once(2, 4, 2, 37, 53, 16, causal, torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+def test_int64_row_offsets(monkeypatch, layout):
+    """Row offsets (row * token stride) go to int64 where a tensor could leave int32: with
+    the bound lowered, the wide path runs for these small inputs and must agree with the
+    float64 reference, forward and backward, over windowed and causal loops."""
+    import importlib
+
+    kernels = importlib.import_module("fastlab.kernels.attention")
+    layout_of = kernels._Layout(torch.empty(2, 3, 37, 16), torch.empty(2, 3, 53, 16), None, 0, 0)
+    small = [torch.empty(2, 3, 53, 16)]
+    assert not kernels._wide(layout_of, small)
+    monkeypatch.setattr(kernels, "_INT32_OFFSETS", 16 * (53 + 256))
+    assert kernels._wide(layout_of, small)  # 16 * (53 + 256) rows reach the bound
+    assert not kernels._wide(layout_of, [torch.empty(2, 3, 53, 15)])  # stride 15 does not
+    seen = []
+    real = kernels._wide
+    monkeypatch.setattr(kernels, "_wide", lambda *a: seen.append(real(*a)) or seen[-1])
+    _check_once(2, 4, 2, 37, 53, 16, True, torch.float32, layout=layout)
+    _check_once(1, 2, 2, 45, 29, 24, False, torch.float32, layout=layout, window=(6, 2))
+    assert seen and all(seen), "every launch must have taken the int64 path"
+
+
 def _slopes(*shape):
     return torch.rand(shape, generator=torch.Generator().manual_seed(7)).to(DEVICE) * 0.5
 
