@@ -37,9 +37,9 @@ longest causal blocks first within a chunk (on an H200 this order took the causa
 forward from 412 to 436 TFLOP/s at B4 H16 S4096 D128, from 321 to 343 at D64).
 
 The loops keep their K/V (or Q/dO) pointer tiles fixed and add the block's row offset,
-int32 unless a tensor needs int64 (see _row): pointer tiles carried through the loop and
-advanced cost the causal bf16 forward 13% on an H200 (291 vs 334 TFLOP/s at B8 H16 S2048
-D64, CUDA graph replays).
+in int64 (forward) or int32 (backward, unless a tensor needs int64: see _row): pointer
+tiles carried through the loop and advanced cost the causal bf16 forward 13% on an H200
+(291 vs 334 TFLOP/s at B8 H16 S2048 D64, CUDA graph replays).
 
 Head dims 1..256 are padded inside the kernel to ``HEAD_DIM``, the next power of two
 >= 16 (``tl.dot`` needs 16), by masked loads: padded lanes read 0 and are never stored.
@@ -325,8 +325,8 @@ def _visible(queries, keys, kv_len, shift, win_left, win_right, CAUSAL: tl.const
 def _row(start, WIDE: tl.constexpr):
     """Row index (a block's first row, or a tile's rows) to multiply by a token stride:
     int32, unless the launcher found a tensor where row * stride may leave it (WIDE).
-    int32 matters for the loops' offsets: on an H200 int64 ones took the 128 x 64 forward
-    from 418 to 362 TFLOP/s (benches/results/h200-2026-12-03d)."""
+    Which is faster depends on the tile (benches/results/h200-2026-12-03d); the backward's
+    loops take int32, the forward's int64 (see _fwd_kernel)."""
     if WIDE:
         return tl.cast(start, tl.int64)
     return start
@@ -500,7 +500,9 @@ def _fwd_kernel(
               + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
 
     # 3. Key blocks every row sees in full, and on either side the blocks cut by the mask
-    #    (with a window, also those below it).
+    #    (with a window, also those below it). The key loop's offsets are int64 whatever
+    #    WIDE says: at the 64 x 64, 4-warp tile int32 ones ran 315 against 345 TFLOP/s (B8
+    #    H16 S2048 D64 on an H200, benches/results/h200-2026-12-03d).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -511,17 +513,17 @@ def _fwd_kernel(
                                    lo, full_lo, offs_m, offs_d, kv_len, shift, qk_scale,
                                    win_left, win_right, softcap_in, softcap_out, slope,
                                    row_key, threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP,
-                                   ALIBI, DROPOUT, True, WIDE, BLOCK_M, BLOCK_N)
+                                   ALIBI, DROPOUT, True, True, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
                                full_lo, full_hi, offs_m, offs_d, kv_len, shift, qk_scale,
                                win_left, win_right, softcap_in, softcap_out, slope, row_key,
                                threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                               DROPOUT, False, WIDE, BLOCK_M, BLOCK_N)
+                               DROPOUT, False, True, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
                                full_hi, hi, offs_m, offs_d, kv_len, shift, qk_scale,
                                win_left, win_right, softcap_in, softcap_out, slope, row_key,
                                threshold, D, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, ALIBI,
-                               DROPOUT, True, WIDE, BLOCK_M, BLOCK_N)
+                               DROPOUT, True, True, BLOCK_M, BLOCK_N)
 
     # 4. Normalise; rows that saw no key have l = 0 and acc = 0: output 0, LSE -inf.
     seen = l_i > 0.0
