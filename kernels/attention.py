@@ -328,8 +328,10 @@ def _row(start, WIDE: tl.constexpr):
     Which is faster depends on the tile (benches/results/h200-2026-12-03d); the backward's
     loops take int32, the forward's int64 (see _fwd_kernel)."""
     if WIDE:
-        return tl.cast(start, tl.int64)
-    return start
+        row = tl.cast(start, tl.int64)
+    else:
+        row = start
+    return row
 
 
 @triton.jit
