@@ -503,8 +503,8 @@ def _fwd_kernel(
 
     # 3. Key blocks every row sees in full, and on either side the blocks cut by the mask
     #    (with a window, also those below it). The key loop's offsets are int64 whatever
-    #    WIDE says: at the 64 x 64, 4-warp tile int32 ones ran 315 against 345 TFLOP/s (B8
-    #    H16 S2048 D64 on an H200, benches/results/h200-2026-12-03d).
+    #    WIDE says: at the 64 x 64, 4-warp tile int32 ones ran 315 TFLOP/s against 338-345
+    #    for int64 in two runs (B8 H16 S2048 D64 on an H200, results/h200-2026-12-03d).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
