@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastlab.kernels.attention as kernels  # noqa: E402
 from benches.attention_hopper_probe import _probe_rot, probe_fn  # noqa: E402
 from benches.attention_passes import SHAPES, fastlab_fn as fastlab, make_inputs  # noqa: E402
-from benches.attention_passes import bench_args, run_meta, sdpa_fn as sdpa  # noqa: E402
-from benches.attention_passes import warm_up  # noqa: E402
+from benches.attention_passes import bench_start, sdpa_fn as sdpa  # noqa: E402
 
 CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
            (64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 3)]
@@ -47,11 +46,8 @@ def graph_ms(fn):
 
 
 def main():
-    args = bench_args(__doc__)
-    meta = run_meta("bf16 causal; do_bench_cudagraph medians (ms); TFLOP/s 4*B*H*S^2*D/2 "
-                    "fwd, 3.5x that fwd+bwd")
-    print(meta, flush=True)
-    warm_up()
+    args, meta = bench_start(__doc__, "bf16 causal; do_bench_cudagraph medians (ms); "
+                             "TFLOP/s 4*B*H*S^2*D/2 fwd, 3.5x that fwd+bwd")
     results = []
     for name, b, h, s, d, layout, dtype in SHAPES[:4]:
         if args.shapes and name not in args.shapes:

@@ -136,6 +136,16 @@ def bench_args(doc: str):
     return args
 
 
+def bench_start(doc: str, note: str):
+    """The parsed arguments (see bench_args) and the run's record (see run_meta), printed,
+    once the GPU has been warmed up."""
+    args = bench_args(doc)
+    meta = run_meta(note)
+    print(meta, flush=True)
+    warm_up()
+    return args, meta
+
+
 def warm_up(seconds: float = 3.0):
     """Matmuls until ``seconds`` have passed: clocks up before the first timing."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
