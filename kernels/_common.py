@@ -68,3 +68,8 @@ def next_power_of_2(n: int) -> int:
     """Smallest power of two >= max(n, 1) (plain Python: ``triton.next_power_of_2`` goes
     through Triton's function wrapper, microseconds of host time per call)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, host side (``triton.cdiv`` has the same wrapper cost)."""
+    return -(-a // b)

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, dot, next_power_of_2
+from ._common import INTERPRETING, cdiv, dot, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -859,19 +859,45 @@ _COMPILED = {}
 DIRECT_LAUNCH = True
 
 
+#: Specializations of the scalar arguments after the leading tensors, by their values and
+#: types (see _specialization); cleared when it reaches _SCALAR_SPECS_MAX entries.
+_SCALAR_SPECS = {}
+_SCALAR_SPECS_MAX = 4096
+
+
+def _arg_spec(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or not isinstance(a, int):
+        return type(a)
+    return a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31, a < 2 ** 63
+
+
 def _specialization(args) -> tuple:
     """What Triton specializes a compiled kernel on, per argument, or finer: a tensor's
     dtype and 16-byte alignment; an int's being 1, its divisibility by 16 and the integer
-    type its value needs (int32, int64, uint64)."""
-    spec = []
+    type its value needs (int32, int64, uint64).
+
+    The scalars after the leading tensors repeat from call to call (strides, lengths,
+    flags), so their part is looked up by their values and types: a per-argument walk cost
+    20 us of host time per launch, three launches per training step."""
+    n = 0
     for a in args:
-        if isinstance(a, torch.Tensor):
-            spec.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool) or not isinstance(a, int):
-            spec.append(type(a))
-        else:
-            spec.append((a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31, a < 2 ** 63))
-    return tuple(spec)
+        if not isinstance(a, torch.Tensor):
+            break
+        n += 1
+    head = tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n]])
+    rest = args[n:]
+    key = (rest, tuple(map(type, rest)))
+    tail = _SCALAR_SPECS.get(key)
+    if tail is None:
+        tail = tuple([_arg_spec(a) for a in rest])
+        # a tensor among the scalars hashes by identity: never remembered
+        if not any(isinstance(a, torch.Tensor) for a in rest):
+            if len(_SCALAR_SPECS) >= _SCALAR_SPECS_MAX:
+                _SCALAR_SPECS.clear()
+            _SCALAR_SPECS[key] = tail
+    return head + tail
 
 
 def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
@@ -981,7 +1007,8 @@ def _wide(layout: _Layout, tensors) -> bool:
     sequence plus a tile) of one of ``tensors`` may leave int32: then the kernels' loops
     compute it in int64."""
     rows = max(layout.q_len, layout.kv_len) + 256
-    return any(rows * abs(layout.strides(t)[2]) >= _INT32_OFFSETS for t in tensors)
+    token_dim = 0 if layout.varlen else 2
+    return rows * max([abs(t.stride(token_dim)) for t in tensors]) >= _INT32_OFFSETS
 
 
 def _features(layout: _Layout, tensors, kv_lens, causal: bool, scale: float, window,
@@ -1036,7 +1063,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            key_flags)
     n_blocks = layout.q_len
     _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
-            lambda meta: (triton.cdiv(n_blocks, meta["BLOCK_M"]) * layout.batch
+            lambda meta: (cdiv(n_blocks, meta["BLOCK_M"]) * layout.batch
                           * layout.heads,), key,
             q, k, v, out, lse, lens, cu_q, cu_k, alibi,
             *layout.strides(q), *layout.strides(k), *layout.strides(v),
@@ -1079,7 +1106,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     dlse = grad_lse.contiguous() if grad_lse is not None else lse
     if layout.q_len > 0:
         _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
-                lambda meta: (triton.cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
+                lambda meta: (cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
                               * layout.heads,), key,
                 q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k, alibi,
                 *layout.strides(q), *layout.strides(k), *layout.strides(v),
@@ -1090,7 +1117,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     # 2. dK, dV per key block, summed over the query heads of each group
     if layout.kv_len > 0:
         _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
-                lambda meta: (triton.cdiv(layout.kv_len, meta["BLOCK_N"]) * layout.batch
+                lambda meta: (cdiv(layout.kv_len, meta["BLOCK_N"]) * layout.batch
                               * layout.kv_heads,), key,
                 q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi,
                 *layout.strides(q), *layout.strides(k), *layout.strides(v),

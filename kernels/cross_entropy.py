@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch, next_power_of_2
+from ._common import cdiv, launch, next_power_of_2
 
 LOG2E_HI = tl.constexpr(1.4426950216293335)  # log2(e) rounded to float32
 LOG2E_LO = tl.constexpr(1.92596298909109e-08)  # log2(e) - LOG2E_HI
@@ -501,7 +501,7 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     N, V = grad.shape
     if N == 0 or V == 0:
         return
-    tiles = N * triton.cdiv(V, _SCALE_BLOCK)
+    tiles = N * cdiv(V, _SCALE_BLOCK)
     grid = (max(1, min(tiles, _SCALE_PROGRAMS_PER_SM * _sm_count(grad.device))),)
     launch(_scale_rows_kernel)[grid](grad, scale, N, V, grad.stride(0), grad.stride(1),
                                      scale.stride(0) if scale.dim() else 0,

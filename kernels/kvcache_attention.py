@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, dot, next_power_of_2
+from ._common import INTERPRETING, cdiv, dot, next_power_of_2
 from .attention import _scores
 
 # Split until there are this many programs per SM: with ragged lengths programs differ in
@@ -348,10 +348,10 @@ def plan_splits(programs: int, kv_bound: int, device: torch.device):
     target = _PROGRAMS_PER_SM * _sm_count(device)
     splits = 1
     if programs < target:
-        splits = min(triton.cdiv(target, programs), max(1, kv_bound // _MIN_SPLIT_TOKENS),
+        splits = min(cdiv(target, programs), max(1, kv_bound // _MIN_SPLIT_TOKENS),
                      _MAX_SPLITS)
-    split_size = triton.cdiv(triton.cdiv(max(kv_bound, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    return triton.cdiv(max(kv_bound, 1), split_size), split_size
+    split_size = cdiv(cdiv(max(kv_bound, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return cdiv(max(kv_bound, 1), split_size), split_size
 
 
 def _strides(t):
@@ -377,7 +377,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new, new_le
     n_new = k_new.shape[2] if has_new else 0
     block_m = min(max(next_power_of_2(n_rows), _MIN_BLOCK_M), _MAX_BLOCK_M)
     block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    m_blocks = triton.cdiv(n_rows, block_m)
+    m_blocks = cdiv(n_rows, block_m)
     num_splits, split_size = plan_splits(m_blocks * batch * n_kv_heads, kv_bound, q.device)
     split = num_splits > 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -416,7 +416,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new, new_le
 def kvcache_append(k_cache, v_cache, lengths, k_new, v_new, new_lens) -> None:
     """Write k_new/v_new (all Tn tokens, or the first new_lens[b]) at lengths[b] onwards."""
     batch, n_kv_heads, n_new, head_dim = k_new.shape
-    grid = (triton.cdiv(n_new, _APPEND_BLOCK_T), batch * n_kv_heads)
+    grid = (cdiv(n_new, _APPEND_BLOCK_T), batch * n_kv_heads)
     _append_kernel[grid](
         k_cache, v_cache, k_new, v_new, lengths,
         new_lens if new_lens is not None else lengths,

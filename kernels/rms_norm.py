@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, cast, next_power_of_2
+from ._common import INTERPRETING, cast, cdiv, next_power_of_2
 
 #: Rows per backward program on the GPU, at least: enough to amortise writing the P x D
 #: partial sums, few enough to keep every SM busy at training sizes (N >= 8K rows).
@@ -106,7 +106,7 @@ def _backward_programs(x: torch.Tensor) -> int:
     if INTERPRETING or not x.is_cuda:
         return _INTERPRETER_PROGRAMS
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(4 * sms, triton.cdiv(x.shape[0], _MIN_ROWS_PER_PROGRAM)))
+    return max(1, min(4 * sms, cdiv(x.shape[0], _MIN_ROWS_PER_PROGRAM)))
 
 
 def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

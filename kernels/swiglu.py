@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast
+from ._common import cast, cdiv
 
 #: Elements per program: 1024 values over 4 warps, 8 per thread (two 16-byte bf16 loads).
 _BLOCK = 1024
@@ -69,7 +69,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype)
     y = torch.empty(gate.shape, device=gate.device, dtype=out_dtype)
     n = gate.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, BLOCK=_BLOCK,
+        _swiglu_fwd_kernel[(cdiv(n, _BLOCK),)](gate, up, y, n, BLOCK=_BLOCK,
                                                       num_warps=_NUM_WARPS)
     return y
 
@@ -80,6 +80,6 @@ def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     dup = torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](grad, gate, up, dgate, dup, n,
+        _swiglu_bwd_kernel[(cdiv(n, _BLOCK),)](grad, gate, up, dgate, dup, n,
                                                       BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return dgate, dup

@@ -560,3 +560,8 @@ def test_launch_specialization_separates_what_triton_compiles_apart():
               (x, 2 ** 40 + 1, 0.5), (x, 2 ** 63 + 1, 0.5), (x, 7, 1)]
     keys = {_specialization(args) for args in others}
     assert key not in keys and len(keys) == len(others)
+    # the scalars' part is remembered by value and type: 1 and 1.0 stay apart, and a
+    # tensor after a scalar is specialized afresh on every call
+    assert _specialization((x, 7, 1)) != _specialization((x, 7, 1.0))
+    assert _specialization((x, 7, 1.0)) == _specialization((x, 9, 0.25))
+    assert _specialization((x, 7, x)) != _specialization((x, 7, x[1:]))
