@@ -1,17 +1,25 @@
-"""Compile the attention kernels for an sm90 GPU without one: every launch the launchers
-make for a set of calls is recorded (instead of run) and handed to Triton's compiler,
-which runs to a cubin on the CPU. Catches what the interpreter cannot (code that only the
-compiler rejects: constexpr rules, types, shared memory). Run with TRITON_INTERPRET=0:
+"""Compile the Triton kernels for an sm90 GPU without one: every launch a set of calls
+makes is recorded (instead of run) and handed to Triton's compiler, which runs to a cubin
+on the CPU. Catches what the interpreter cannot (code that only the compiler rejects:
+constexpr rules, types of branches). Run with TRITON_INTERPRET=0:
 
     python tests/_compile_sm90.py CASE ...      (prints one line per compiled kernel)
+
+Attention cases record at fastlab's launcher (``_launch``) and compile the widest tile its
+pruning keeps; the other ops' cases record at Triton's own launch (``JITFunction.run``),
+with autotuned kernels at their widest candidate.
 """
+import inspect
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 import fastlab.kernels.attention as A
 from fastlab.ops.attention import dropout_threshold
@@ -23,6 +31,8 @@ _DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
 def _signature(plain, args, constexprs):
     sig = {}
     for name, a in zip(plain.arg_names, args):
+        if name in constexprs:
+            continue
         if isinstance(a, torch.Tensor):
             sig[name] = _DTYPES[a.dtype]
         elif isinstance(a, bool):
@@ -67,6 +77,108 @@ def compile_all(launches, pick):
                   f"{compiled.metadata.shared} B in {time.time() - t0:.1f}s", flush=True)
 
 
+def _compile_one(plain, constexprs, signature, num_warps, num_stages):
+    src = ASTSource(fn=plain, signature=signature, constexprs=constexprs)
+    t0 = time.time()
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    print(f"compiled {plain.fn.__name__} warps {num_warps} stages {num_stages} shared "
+          f"{compiled.metadata.shared} B in {time.time() - t0:.1f}s", flush=True)
+
+
+def _run_compiles(fn, *args, grid=None, warmup=None, **kwargs):
+    """Stands in for JITFunction.run: binds the call like Triton and compiles it."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg")
+               if k in kwargs}
+    bound = dict(zip(fn.arg_names, args), **kwargs)
+    for param in inspect.signature(fn.fn).parameters.values():
+        if param.name not in bound and param.default is not inspect.Parameter.empty:
+            bound[param.name] = param.default
+    constexprs = {p.name: bound[p.name] for p in fn.params
+                  if p.is_constexpr or bound[p.name] is None}
+    values = [bound[n] for n in fn.arg_names]
+    _compile_one(fn, constexprs, _signature(fn, values, constexprs),
+                 options.get("num_warps", 4), options.get("num_stages", 3))
+
+
+def _autotuned_compiles(tuner, *args, **kwargs):
+    """Stands in for Autotuner.run: the widest candidate its pruning keeps."""
+    tuner.nargs = dict(zip(tuner.arg_names, args))  # what Autotuner.run sets for pruning
+    configs = tuner.prune_configs(kwargs)
+    config = max(configs, key=lambda c: (sorted(c.kwargs.values()), c.num_stages))
+    tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+
+
+def record_triton(fn):
+    """Run ``fn()`` with every Triton launch compiled for sm90 instead of run."""
+    from fastlab.ops import _dispatch
+
+    saved = (JITFunction.run, Autotuner.run, _dispatch.interpreting,
+             torch.cuda.get_device_properties)
+    JITFunction.run = _run_compiles
+    Autotuner.run = _autotuned_compiles
+    _dispatch.interpreting = lambda: True  # lets backend("kernel") take CPU tensors
+    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(
+        multi_processor_count=132)
+    try:
+        with _dispatch.backend("kernel"):
+            fn()
+    finally:
+        (JITFunction.run, Autotuner.run, _dispatch.interpreting,
+         torch.cuda.get_device_properties) = saved
+
+
+def _other_case(name):
+    """Forward and backward of one op on small CPU inputs, through its kernel path."""
+    import fastlab.ops as ops
+    from fastlab.nn.kvcache import KVCache
+    from fastlab.optim import AdamW
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    def backward(*outs):
+        torch.autograd.backward([o.float().sum() for o in outs])
+
+    if name == "rms_norm":
+        return lambda: backward(ops.rms_norm(rand(37, 200), rand(200)))
+    if name == "rope":
+        def run():
+            cos, sin = torch.randn(2, 16, 32, generator=g).unbind(0)
+            backward(*ops.apply_rotary(rand(2, 4, 16, 32), rand(2, 2, 16, 32), cos, sin))
+        return run
+    if name == "swiglu":
+        return lambda: backward(ops.swiglu(rand(37, 96), rand(37, 96)))
+    if name == "cross_entropy":
+        def run():
+            target = torch.randint(0, 1000, (37,), generator=g)
+            backward(ops.cross_entropy(rand(37, 1000), target, z_loss=1e-4,
+                                       label_smoothing=0.1))
+            backward(ops.fused_linear_cross_entropy(rand(37, 64), rand(1000, 64), target))
+        return run
+    if name == "kvcache":
+        def run():
+            # a prefill appended to the cache, then one decode step over it (split keys)
+            cache = KVCache(2, 2, 2048, 64, torch.bfloat16, "cpu")
+            k, v = (torch.randn(2, 2, 1500, 64, generator=g).bfloat16() for _ in range(2))
+            with torch.no_grad():
+                cache.append(k, v)
+                k, v = (torch.randn(2, 2, 1, 64, generator=g).bfloat16() for _ in range(2))
+                ops.attention_with_kvcache(torch.randn(2, 4, 1, 64, generator=g).bfloat16(),
+                                           cache, k, v)
+        return run
+    if name == "adamw":
+        def run():
+            params = [torch.nn.Parameter(torch.randn(33, 7, generator=g)) for _ in range(3)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            AdamW(params, lr=1e-3, max_grad_norm=1.0).step()
+        return run
+    return None
+
+
 def _inputs(b, hq, hkv, s, d, dtype):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, hq, s, d, generator=g).to(dtype)
@@ -101,6 +213,10 @@ def _case(name):
 
 if __name__ == "__main__":
     for case in sys.argv[1:]:
+        other = _other_case(case)
+        if other is not None:
+            record_triton(other)
+            continue
         # the widest tile kept: the most registers and shared memory
         compile_all(record(_case(case)),
                     lambda kept: [max(kept, key=lambda c: (c.kwargs["BLOCK_M"]

@@ -1,8 +1,8 @@
-"""The attention kernels compile for an sm90 GPU, from the CPU: the interpreter runs the
+"""The Triton kernels compile for an sm90 GPU, from the CPU: the interpreter runs the
 kernels' Python, not Triton's compiler, so code only the compiler rejects (a return inside
 a constexpr branch, a type clash between branches) would otherwise reach the GPU first.
-tests/_compile_sm90.py records the launches of a forward and backward and compiles each
-at its widest kept tile."""
+tests/_compile_sm90.py records the launches of each case's forward and backward (or
+optimizer step) and compiles them; each case must compile exactly the kernels listed."""
 import os
 import subprocess
 import sys
@@ -10,14 +10,27 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ATTENTION = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+CASES = {
+    "causal": ATTENTION,
+    "options": ATTENTION,
+    "wide": ATTENTION,
+    "rms_norm": {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"},
+    "rope": {"_rope_kernel"},
+    "swiglu": {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"},
+    "cross_entropy": {"_count_valid_kernel", "_cross_entropy_kernel", "_reduce_rows_kernel",
+                      "_scale_rows_kernel"},
+    "kvcache": {"_append_kernel", "_kvcache_attention_kernel", "_merge_splits_kernel"},
+    "adamw": {"_grad_sumsq_kernel", "_finalize_kernel", "_adamw_kernel"},
+}
 
 
-@pytest.mark.parametrize("case", ["causal", "options", "wide"])
-def test_attention_kernels_compile_for_sm90(case):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernels_compile_for_sm90(case):
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, os.path.join(HERE, "_compile_sm90.py"), case],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    compiled = [line for line in run.stdout.splitlines() if line.startswith("compiled ")]
-    names = sorted(line.split()[1] for line in compiled)
-    assert names == ["_bwd_dkdv_kernel", "_bwd_dq_kernel", "_fwd_kernel"], run.stdout
+    names = {line.split()[1] for line in run.stdout.splitlines()
+             if line.startswith("compiled ")}
+    assert names == CASES[case], run.stdout
