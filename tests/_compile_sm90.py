@@ -5,11 +5,11 @@ constexpr rules, types of branches). Run with TRITON_INTERPRET=0:
 
     python tests/_compile_sm90.py CASE ...      (prints one line per compiled kernel)
 
-Attention cases record at fastlab's launcher (``_launch``) and compile the widest tile its
-pruning keeps; the other ops' cases record at Triton's own launch (``JITFunction.run``),
-with autotuned kernels at their widest candidate.
+Every case records at Triton's own launch (``JITFunction.run``); an autotuned kernel
+compiles at the widest tile its pruning keeps (the most registers and shared memory).
 """
 import inspect
+import math
 import sys
 import time
 from types import SimpleNamespace
@@ -46,37 +46,6 @@ def _signature(plain, args, constexprs):
     return sig
 
 
-def record(fn):
-    """The launches ``fn()`` makes: (kernel, positional args, constexprs, candidates)."""
-    launches = []
-
-    def fake(tuned, plain, interpret_config, grid, key, *args, **kwargs):
-        named = dict(zip(plain.arg_names, args), **kwargs)
-        kept = A._keep(tuned.configs, named)
-        launches.append((plain, args, kwargs, kept))
-    real, A._launch = A._launch, fake
-    try:
-        fn()
-    finally:
-        A._launch = real
-    return launches
-
-
-def compile_all(launches, pick):
-    """Compile each launch at the candidates ``pick`` selects from the kept ones."""
-    for plain, args, kwargs, kept in launches:
-        for config in pick(kept):
-            constexprs = {**kwargs, **config.kwargs}
-            src = ASTSource(fn=plain, signature=_signature(plain, args, constexprs),
-                            constexprs=constexprs)
-            t0 = time.time()
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=config.num_warps,
-                                                   num_stages=config.num_stages))
-            print(f"compiled {plain.fn.__name__} {config} shared "
-                  f"{compiled.metadata.shared} B in {time.time() - t0:.1f}s", flush=True)
-
-
 def _compile_one(plain, constexprs, signature, num_warps, num_stages):
     src = ASTSource(fn=plain, signature=signature, constexprs=constexprs)
     t0 = time.time()
@@ -102,11 +71,13 @@ def _run_compiles(fn, *args, grid=None, warmup=None, **kwargs):
 
 
 def _autotuned_compiles(tuner, *args, **kwargs):
-    """Stands in for Autotuner.run: the widest candidate its pruning keeps."""
+    """Stands in for Autotuner.run: the widest candidate its pruning keeps, remembered as
+    the best (fastlab's attention launcher reads it)."""
     tuner.nargs = dict(zip(tuner.arg_names, args))  # what Autotuner.run sets for pruning
     configs = tuner.prune_configs(kwargs)
-    config = max(configs, key=lambda c: (sorted(c.kwargs.values()), c.num_stages))
-    tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+    tuner.best_config = max(configs, key=lambda c: (math.prod(c.kwargs.values()),
+                                                    c.num_stages))
+    tuner.fn.run(*args, **kwargs, **tuner.best_config.all_kwargs())
 
 
 def record_triton(fn):
@@ -128,7 +99,7 @@ def record_triton(fn):
          torch.cuda.get_device_properties) = saved
 
 
-def _other_case(name):
+def _case(name):
     """Forward and backward of one op on small CPU inputs, through its kernel path."""
     import fastlab.ops as ops
     from fastlab.nn.kvcache import KVCache
@@ -176,7 +147,7 @@ def _other_case(name):
                 p.grad = torch.randn_like(p)
             AdamW(params, lr=1e-3, max_grad_norm=1.0).step()
         return run
-    return None
+    return _attention_case(name)
 
 
 def _inputs(b, hq, hkv, s, d, dtype):
@@ -187,8 +158,8 @@ def _inputs(b, hq, hkv, s, d, dtype):
     return q, k, v
 
 
-def _case(name):
-    """The calls of one case: forward and backward through the launchers."""
+def _attention_case(name):
+    """Attention forward and backward through fastlab's launchers."""
     dtype = torch.bfloat16
     if name == "causal":
         q, k, v = _inputs(2, 4, 2, 1024, 64, dtype)
@@ -213,12 +184,4 @@ def _case(name):
 
 if __name__ == "__main__":
     for case in sys.argv[1:]:
-        other = _other_case(case)
-        if other is not None:
-            record_triton(other)
-            continue
-        # the widest tile kept: the most registers and shared memory
-        compile_all(record(_case(case)),
-                    lambda kept: [max(kept, key=lambda c: (c.kwargs["BLOCK_M"]
-                                                           * c.kwargs["BLOCK_N"],
-                                                           c.num_stages))])
+        record_triton(_case(case))
