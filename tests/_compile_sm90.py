@@ -10,6 +10,7 @@ compiles at the widest tile its pruning keeps (the most registers and shared mem
 """
 import inspect
 import math
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -19,7 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import JITFunction, mangle_type
 
 import fastlab.kernels.attention as A
 from fastlab.ops.attention import dropout_threshold
@@ -39,15 +41,18 @@ def _signature(plain, args, constexprs):
             sig[name] = "i1"
         elif isinstance(a, int):
             sig[name] = "i32" if -2 ** 31 <= a < 2 ** 31 else "i64"
-        else:
+        elif isinstance(a, float):
             sig[name] = "fp32"
+        else:  # a TMA descriptor: Triton's own name for it (dtype, block, layout)
+            sig[name] = mangle_type(a)
     for name in constexprs:
         sig[name] = "constexpr"
     return sig
 
 
 def _compile_one(plain, constexprs, signature, num_warps, num_stages):
-    src = ASTSource(fn=plain, signature=signature, constexprs=constexprs)
+    source = GluonASTSource if plain.is_gluon() else ASTSource
+    src = source(fn=plain, signature=signature, constexprs=constexprs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -139,6 +144,17 @@ def _case(name):
                 k, v = (torch.randn(2, 2, 1, 64, generator=g).bfloat16() for _ in range(2))
                 ops.attention_with_kvcache(torch.randn(2, 4, 1, 64, generator=g).bfloat16(),
                                            cache, k, v)
+        return run
+    if name == "gluon_probe":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from benches.attention_gluon_probe import VARIANTS, gluon_attention
+
+        def run():
+            for d in (64, 128):
+                q, k, v = _inputs(1, 2, 2, 256, d, torch.bfloat16)
+                for bm, bn, stages, split in VARIANTS:
+                    gluon_attention(q, k, v, True, bm, bn, stages, split)
+            gluon_attention(q, k, v, False, 128, 128, 2, 2)
         return run
     if name == "adamw":
         def run():

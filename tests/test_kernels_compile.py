@@ -22,6 +22,8 @@ CASES = {
                       "_scale_rows_kernel"},
     "kvcache": {"_append_kernel", "_kvcache_attention_kernel", "_merge_splits_kernel"},
     "adamw": {"_grad_sumsq_kernel", "_finalize_kernel", "_adamw_kernel"},
+    # the bench-only warp-specialised Gluon forward (benches/attention_gluon_probe.py)
+    "gluon_probe": {"_gluon_fwd"},
 }
 
 
