@@ -17,7 +17,8 @@ Why it exists: on sm90 Triton 3.6 does not warp-specialise ``tl.range`` loops (s
   ``bar.sync 0, 256``), so they run in step, as Triton's 8-warp programs do. SPLIT 2: two
   consumer partitions of one warpgroup and 64 rows each, each releasing the slot on its
   own (the slot's barrier counts two arrivals): nothing keeps them in step, so one's
-  softmax can run under the other's matmuls. No explicit ping-pong order yet.
+  softmax can run under the other's matmuls; with PINGPONG the two take turns at
+  S = Q K^T (two more mbarriers), FA3's order between its consumer warpgroups.
 
 Scope: dense (B, H, S, D) contiguous bf16, q_len == kv_len, S a multiple of BLOCK_M and
 BLOCK_N, D 64 or 128; causal or not. Each variant is checked against SDPA's math backend
@@ -63,14 +64,19 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready
 
 
 @gluon.jit
-def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr, MASK: gl.constexpr):
+def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale, my_turn,
+                  their_turn, turn_phase, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                  MASK: gl.constexpr, PINGPONG: gl.constexpr):
     BLOCK_M: gl.constexpr = q_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_buf.type.shape[0]
+    if PINGPONG:  # this consumer's S = Q K^T waits for the other's to finish
+        mbarrier.wait(my_turn, turn_phase)
     qk = warpgroup_mma(q_smem, k_buf.permute((1, 0)),
                        gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
                        is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_smem, k_buf))[0]
+    if PINGPONG:  # the other consumer's matmul runs under this one's softmax
+        mbarrier.arrive(their_turn, count=1)
     if MASK:
         cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where(cols[None, :] <= offs_m[:, None], qk * qk_scale, float("-inf"))
@@ -90,9 +96,10 @@ def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale
 
 
 @gluon.jit
-def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, O, LSE, q_row, start_m,
-                       n_full, n_blocks, qk_scale, STAGES: gl.constexpr,
-                       CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, turn, O, LSE, q_row,
+                       start_m, n_full, n_blocks, qk_scale, STAGES: gl.constexpr,
+                       CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+                       CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer of the query rows [start_m, start_m + rows of q_smem): online softmax over
     the key blocks, then O and the LSE through pointers."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[0]
@@ -110,14 +117,18 @@ def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, O, LSE, q_row
     for j in range(n_blocks):
         s = j % STAGES
         mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        # ping-pong: consumer 0 passes its first turn at once (a fresh barrier's parity 1)
+        turn_phase = (j & 1) ^ (1 - CONSUMER)
         if CAUSAL and j >= n_full:
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q_smem, k_smem.index(s),
                                           v_smem.index(s), offs_m, j * BLOCK_N, qk_scale,
-                                          s_layout, o_layout, True)
+                                          turn.index(CONSUMER), turn.index(1 - CONSUMER),
+                                          turn_phase, s_layout, o_layout, True, PINGPONG)
         else:
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q_smem, k_smem.index(s),
                                           v_smem.index(s), offs_m, j * BLOCK_N, qk_scale,
-                                          s_layout, o_layout, False)
+                                          turn.index(CONSUMER), turn.index(1 - CONSUMER),
+                                          turn_phase, s_layout, o_layout, False, PINGPONG)
         mbarrier.arrive(free.index(s), count=1)
 
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -132,11 +143,14 @@ def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, O, LSE, q_row
 
 @gluon.jit
 def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, S, qk_scale, STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, SPLIT: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+               CAUSAL: gl.constexpr, SPLIT: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+               PINGPONG: gl.constexpr):
     """SPLIT 1: one consumer partition (the default one) of CONSUMER_WARPS warps owns the
     BLOCK_M query rows; its warpgroups meet at a partition-wide barrier before each slot is
     released. SPLIT 2: two consumer partitions of 4 warps own half the rows each and
-    release slots on their own (the slot's barrier counts both), so they can drift."""
+    release slots on their own (the slot's barrier counts both), so they can drift.
+    PINGPONG (SPLIT 2): the two take turns at S = Q K^T, so that each one's softmax runs
+    while the other multiplies."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = ROWS * SPLIT
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -160,7 +174,10 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, S, qk_scale, STAGES: gl.constexpr
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=SPLIT)
@@ -168,25 +185,27 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, S, qk_scale, STAGES: gl.constexpr
 
     if SPLIT == 1:
         gl.warp_specialize([
-            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, O, LSE,
-                                  q_row, start_m, n_full, n_blocks, qk_scale, STAGES, CAUSAL,
-                                  CONSUMER_WARPS)),
+            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, turn, O,
+                                  LSE, q_row, start_m, n_full, n_blocks, qk_scale, STAGES,
+                                  CAUSAL, CONSUMER_WARPS, 0, False)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready,
                                free, q_row, kv_row, n_blocks, STAGES, SPLIT)),
         ], [1], [24])
     else:
         gl.warp_specialize([
-            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, O, LSE,
-                                  q_row, start_m, n_full, n_blocks, qk_scale, STAGES, CAUSAL,
-                                  4)),
-            (_softmax_partition, (q_smem.index(1), k_smem, v_smem, q_bar, ready, free, O, LSE,
-                                  q_row + ROWS, start_m + ROWS, n_full, n_blocks, qk_scale,
-                                  STAGES, CAUSAL, 4)),
+            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, turn, O,
+                                  LSE, q_row, start_m, n_full, n_blocks, qk_scale, STAGES,
+                                  CAUSAL, 4, 0, PINGPONG)),
+            (_softmax_partition, (q_smem.index(1), k_smem, v_smem, q_bar, ready, free, turn, O,
+                                  LSE, q_row + ROWS, start_m + ROWS, n_full, n_blocks,
+                                  qk_scale, STAGES, CAUSAL, 4, 1, PINGPONG)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready,
                                free, q_row, kv_row, n_blocks, STAGES, SPLIT)),
         ], [4, 1], [240, 24])
 
     mbarrier.invalidate(q_bar)
+    mbarrier.invalidate(turn.index(0))
+    mbarrier.invalidate(turn.index(1))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(free.index(i))
@@ -205,9 +224,10 @@ def descriptors(q, k, v, q_rows, block_n):
     return out
 
 
-def gluon_attention(q, k, v, causal, block_m=128, block_n=128, stages=2, split=1):
+def gluon_attention(q, k, v, causal, block_m=128, block_n=128, stages=2, split=1,
+                    pingpong=False):
     """Forward of the probe: (out, lse); arguments as described in the module docstring.
-    split 2 needs block_m 128 (two consumers of 64 rows)."""
+    split 2 needs block_m 128 (two consumers of 64 rows); pingpong needs split 2."""
     b, h, s, d = q.shape
     if (q.dtype != torch.bfloat16 or not all(t.is_contiguous() for t in (q, k, v))
             or k.shape != q.shape or v.shape != q.shape):
@@ -218,21 +238,24 @@ def gluon_attention(q, k, v, causal, block_m=128, block_n=128, stages=2, split=1
     if split not in (1, 2) or block_m // split < 64:
         raise ValueError(f"split must be 1 or 2 with 64 or more rows per consumer, got "
                          f"split {split} at block_m {block_m}")
+    if pingpong and split != 2:
+        raise ValueError("pingpong takes turns between two consumers: it needs split 2")
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, device=q.device, dtype=torch.float32)
     q_desc, k_desc, v_desc = descriptors(q, k, v, block_m // split, block_n)
     warps = block_m // 16 if split == 1 else 4
     _gluon_fwd[(s // block_m, b * h)](q_desc, k_desc, v_desc, out, lse, s,
                                       d ** -0.5 * LOG2E, stages, causal, split, warps,
-                                      num_warps=warps)
+                                      pingpong, num_warps=warps)
     return out, lse
 
 
 SHAPES = [("B4-H16-S4096-D128", 4, 16, 4096, 128), ("B8-H16-S2048-D64", 8, 16, 2048, 64),
           ("B16-H16-S1024-D64", 16, 16, 1024, 64)]
-#: (BLOCK_M, BLOCK_N, STAGES, SPLIT)
-VARIANTS = [(128, 128, 2, 2), (128, 64, 3, 2), (128, 64, 2, 2), (128, 128, 2, 1),
-            (128, 64, 3, 1), (64, 64, 3, 1), (64, 128, 2, 1)]
+#: (BLOCK_M, BLOCK_N, STAGES, SPLIT, PINGPONG)
+VARIANTS = [(128, 128, 2, 2, True), (128, 64, 3, 2, True), (128, 128, 2, 2, False),
+            (128, 64, 3, 2, False), (128, 64, 2, 2, False), (128, 128, 2, 1, False),
+            (128, 64, 3, 1, False), (64, 64, 3, 1, False), (64, 128, 2, 1, False)]
 
 
 def main():
@@ -283,10 +306,10 @@ def main():
                     return attention(q, k, v, causal=True)
             record("sdpa cudnn", cudnn)
             record("fastlab", fastlab)
-            for bm, bn, st, sp in VARIANTS:
-                record(f"gluon {bm}x{bn} s{st} split{sp}",
-                       lambda bm=bm, bn=bn, st=st, sp=sp: gluon_attention(q, k, v, True, bm,
-                                                                          bn, st, sp)[0])
+            for variant in VARIANTS:
+                bm, bn, st, sp, pp = variant
+                record(f"gluon {bm}x{bn} s{st} split{sp}{' pingpong' if pp else ''}",
+                       lambda variant=variant: gluon_attention(q, k, v, True, *variant)[0])
         with open(os.path.join(args.out, "attention_gluon_probe.json"), "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)
 

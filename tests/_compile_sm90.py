@@ -152,9 +152,9 @@ def _case(name):
         def run():
             for d in (64, 128):
                 q, k, v = _inputs(1, 2, 2, 256, d, torch.bfloat16)
-                for bm, bn, stages, split in VARIANTS:
-                    gluon_attention(q, k, v, True, bm, bn, stages, split)
-            gluon_attention(q, k, v, False, 128, 128, 2, 2)
+                for variant in VARIANTS:
+                    gluon_attention(q, k, v, True, *variant)
+            gluon_attention(q, k, v, False, 128, 128, 2, 2, True)
         return run
     if name == "adamw":
         def run():
