@@ -13,6 +13,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fastlab._hub_kernels import use_installed_kernels_package  # noqa: E402
+# pytest runs from the repository root, whose `kernels/` folder would answer to the Hub's
+# package name when transformers imports it (see fastlab._hub_kernels)
+use_installed_kernels_package()
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

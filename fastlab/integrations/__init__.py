@@ -5,6 +5,11 @@
 model (see :mod:`fastlab.integrations.hf`). This is the only place fastlab imports
 transformers.
 """
+from fastlab._hub_kernels import use_installed_kernels_package
+
+# before transformers looks for the Hub's `kernels` package (see fastlab._hub_kernels)
+use_installed_kernels_package()
+
 try:
     from fastlab.integrations.hf import (ATTN_IMPLEMENTATION, Change, FastlabMask,
                                          causal_lm_loss, fastlab_attention_forward,
