@@ -17,13 +17,17 @@ Why it exists: on sm90 Triton 3.6 does not warp-specialise ``tl.range`` loops (s
   ``bar.sync 0, 256``), so they run in step, as Triton's 8-warp programs do. SPLIT 2: two
   consumer partitions of one warpgroup and 64 rows each, each releasing the slot on its
   own (the slot's barrier counts two arrivals): nothing keeps them in step, so one's
-  softmax can run under the other's matmuls; with PINGPONG the two take turns at
-  S = Q K^T (two more mbarriers), FA3's order between its consumer warpgroups.
+  softmax can run under the other's matmuls. PIPE: FA3's order inside a warpgroup, the
+  next block's S = Q K^T issued before this block's O += P V, and the next softmax run
+  while that matmul is in flight. Split 2 runs only with PIPE: without it, it faulted on
+  an H200 (``results/h200-2026-12-03f``).
 
 Scope: dense (B, H, S, D) contiguous bf16, q_len == kv_len, S a multiple of BLOCK_M and
 BLOCK_N, D 64 or 128; causal or not. Each variant is checked against SDPA's math backend
 in float32 on the first batch row before it is timed (graph replays, do_bench_cudagraph).
-Writes DIR/attention_gluon_probe.json.
+Writes DIR/attention_gluon_probe.json. GLUON_PROBE_VARIANTS="0,3" runs those entries of
+VARIANTS only and GLUON_PROBE_PEERS=0 leaves out cuDNN and fastlab (a variant that hangs
+then costs one process; the file name takes the indices).
 """
 import json
 import os
@@ -64,19 +68,10 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready
 
 
 @gluon.jit
-def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale, my_turn,
-                  their_turn, turn_phase, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                  MASK: gl.constexpr, PINGPONG: gl.constexpr):
-    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = k_buf.type.shape[0]
-    if PINGPONG:  # this consumer's S = Q K^T waits for the other's to finish
-        mbarrier.wait(my_turn, turn_phase)
-    qk = warpgroup_mma(q_smem, k_buf.permute((1, 0)),
-                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                       is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_smem, k_buf))[0]
-    if PINGPONG:  # the other consumer's matmul runs under this one's softmax
-        mbarrier.arrive(their_turn, count=1)
+def _scores(qk, m_i, l_i, offs_m, start_n, qk_scale, s_layout: gl.constexpr,
+            MASK: gl.constexpr):
+    """Online-softmax update for one block of raw scores: (p, m_new, l_new, alpha)."""
+    BLOCK_N: gl.constexpr = qk.type.shape[1]
     if MASK:
         cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where(cols[None, :] <= offs_m[:, None], qk * qk_scale, float("-inf"))
@@ -86,7 +81,20 @@ def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale
         m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
         p = gl.exp2(qk * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i * alpha + gl.sum(p, axis=1), alpha
+
+
+@gluon.jit
+def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, MASK: gl.constexpr):
+    """One key block in program order: S = Q K^T, its softmax, then O += P V."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_buf.type.shape[0]
+    qk = warpgroup_mma(q_smem, k_buf.permute((1, 0)),
+                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_smem, k_buf))[0]
+    p, m_new, l_i, alpha = _scores(qk, m_i, l_i, offs_m, start_n, qk_scale, s_layout, MASK)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p.to(v_buf.dtype),
                              gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
@@ -96,10 +104,61 @@ def _softmax_step(acc, l_i, m_i, q_smem, k_buf, v_buf, offs_m, start_n, qk_scale
 
 
 @gluon.jit
-def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, turn, O, LSE, q_row,
-                       start_m, n_full, n_blocks, qk_scale, STAGES: gl.constexpr,
-                       CAUSAL: gl.constexpr, num_warps: gl.constexpr,
-                       CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
+def _pipelined_loop(q_smem, k_smem, v_smem, ready, free, offs_m, n_full, n_blocks, qk_scale,
+                    s_layout: gl.constexpr, o_layout: gl.constexpr, STAGES: gl.constexpr,
+                    CAUSAL: gl.constexpr):
+    """FA3's order inside one warpgroup: S_{j+1} = Q K_{j+1}^T is issued before O += P_j V_j,
+    and the softmax of block j + 1 runs while the second matmul is still in flight."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
+    D: gl.constexpr = q_smem.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    zeros_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    mbarrier.wait(ready.index(0), 0)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zeros_s, use_acc=False,
+                       is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_smem, k_smem.index(0)))[0]
+    if CAUSAL and n_full == 0:
+        p, m_i, l_i, alpha = _scores(qk, m_i, l_i, offs_m, 0, qk_scale, s_layout, True)
+    else:
+        p, m_i, l_i, alpha = _scores(qk, m_i, l_i, offs_m, 0, qk_scale, s_layout, False)
+    for j in range(n_blocks - 1):
+        s = j % STAGES
+        sn = (j + 1) % STAGES
+        mbarrier.wait(ready.index(sn), ((j + 1) // STAGES) & 1)
+        k_next = k_smem.index(sn)
+        qk = warpgroup_mma(q_smem, k_next.permute((1, 0)), zeros_s, use_acc=False,
+                           is_async=True)
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        v_buf = v_smem.index(s)
+        acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, q_smem, k_next))[0]
+        if CAUSAL and j + 1 >= n_full:
+            p, m_new, l_i, alpha = _scores(qk, m_i, l_i, offs_m, (j + 1) * BLOCK_N, qk_scale,
+                                           s_layout, True)
+        else:
+            p, m_new, l_i, alpha = _scores(qk, m_i, l_i, offs_m, (j + 1) * BLOCK_N, qk_scale,
+                                           s_layout, False)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_buf, p_op))[0]
+        mbarrier.arrive(free.index(s), count=1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        m_i = m_new
+    s = (n_blocks - 1) % STAGES
+    p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+    v_buf = v_smem.index(s)
+    acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_buf, p_op))[0]
+    mbarrier.arrive(free.index(s), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, O, LSE, q_row, start_m,
+                       n_full, n_blocks, qk_scale, STAGES: gl.constexpr,
+                       CAUSAL: gl.constexpr, num_warps: gl.constexpr, PIPE: gl.constexpr):
     """Consumer of the query rows [start_m, start_m + rows of q_smem): online softmax over
     the key blocks, then O and the LSE through pointers."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[0]
@@ -114,21 +173,20 @@ def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, turn, O, LSE,
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
-    for j in range(n_blocks):
+    if PIPE:
+        acc, l_i, m_i = _pipelined_loop(q_smem, k_smem, v_smem, ready, free, offs_m, n_full,
+                                        n_blocks, qk_scale, s_layout, o_layout, STAGES, CAUSAL)
+    for j in range(n_blocks * (1 - PIPE)):
         s = j % STAGES
         mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-        # ping-pong: consumer 0 passes its first turn at once (a fresh barrier's parity 1)
-        turn_phase = (j & 1) ^ (1 - CONSUMER)
         if CAUSAL and j >= n_full:
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q_smem, k_smem.index(s),
                                           v_smem.index(s), offs_m, j * BLOCK_N, qk_scale,
-                                          turn.index(CONSUMER), turn.index(1 - CONSUMER),
-                                          turn_phase, s_layout, o_layout, True, PINGPONG)
+                                          s_layout, o_layout, True)
         else:
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q_smem, k_smem.index(s),
                                           v_smem.index(s), offs_m, j * BLOCK_N, qk_scale,
-                                          turn.index(CONSUMER), turn.index(1 - CONSUMER),
-                                          turn_phase, s_layout, o_layout, False, PINGPONG)
+                                          s_layout, o_layout, False)
         mbarrier.arrive(free.index(s), count=1)
 
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -144,13 +202,13 @@ def _softmax_partition(q_smem, k_smem, v_smem, q_bar, ready, free, turn, O, LSE,
 @gluon.jit
 def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, S, qk_scale, STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, SPLIT: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-               PINGPONG: gl.constexpr):
+               PIPE: gl.constexpr):
     """SPLIT 1: one consumer partition (the default one) of CONSUMER_WARPS warps owns the
     BLOCK_M query rows; its warpgroups meet at a partition-wide barrier before each slot is
     released. SPLIT 2: two consumer partitions of 4 warps own half the rows each and
     release slots on their own (the slot's barrier counts both), so they can drift.
-    PINGPONG (SPLIT 2): the two take turns at S = Q K^T, so that each one's softmax runs
-    while the other multiplies."""
+    PIPE: each consumer issues S_{j+1} = Q K_{j+1}^T before O += P_j V_j and runs the
+    softmax of block j + 1 while that second matmul is in flight."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = ROWS * SPLIT
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -174,10 +232,7 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, S, qk_scale, STAGES: gl.constexpr
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=SPLIT)
@@ -185,27 +240,25 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, S, qk_scale, STAGES: gl.constexpr
 
     if SPLIT == 1:
         gl.warp_specialize([
-            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, turn, O,
-                                  LSE, q_row, start_m, n_full, n_blocks, qk_scale, STAGES,
-                                  CAUSAL, CONSUMER_WARPS, 0, False)),
+            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, O, LSE,
+                                  q_row, start_m, n_full, n_blocks, qk_scale, STAGES, CAUSAL,
+                                  CONSUMER_WARPS, PIPE)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready,
                                free, q_row, kv_row, n_blocks, STAGES, SPLIT)),
         ], [1], [24])
     else:
         gl.warp_specialize([
-            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, turn, O,
-                                  LSE, q_row, start_m, n_full, n_blocks, qk_scale, STAGES,
-                                  CAUSAL, 4, 0, PINGPONG)),
-            (_softmax_partition, (q_smem.index(1), k_smem, v_smem, q_bar, ready, free, turn, O,
-                                  LSE, q_row + ROWS, start_m + ROWS, n_full, n_blocks,
-                                  qk_scale, STAGES, CAUSAL, 4, 1, PINGPONG)),
+            (_softmax_partition, (q_smem.index(0), k_smem, v_smem, q_bar, ready, free, O, LSE,
+                                  q_row, start_m, n_full, n_blocks, qk_scale, STAGES, CAUSAL,
+                                  4, PIPE)),
+            (_softmax_partition, (q_smem.index(1), k_smem, v_smem, q_bar, ready, free, O, LSE,
+                                  q_row + ROWS, start_m + ROWS, n_full, n_blocks, qk_scale,
+                                  STAGES, CAUSAL, 4, PIPE)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready,
                                free, q_row, kv_row, n_blocks, STAGES, SPLIT)),
         ], [4, 1], [240, 24])
 
     mbarrier.invalidate(q_bar)
-    mbarrier.invalidate(turn.index(0))
-    mbarrier.invalidate(turn.index(1))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(free.index(i))
@@ -225,9 +278,9 @@ def descriptors(q, k, v, q_rows, block_n):
 
 
 def gluon_attention(q, k, v, causal, block_m=128, block_n=128, stages=2, split=1,
-                    pingpong=False):
+                    pipe=False):
     """Forward of the probe: (out, lse); arguments as described in the module docstring.
-    split 2 needs block_m 128 (two consumers of 64 rows); pingpong needs split 2."""
+    split 2 needs block_m 128 (two consumers of 64 rows) and pipe."""
     b, h, s, d = q.shape
     if (q.dtype != torch.bfloat16 or not all(t.is_contiguous() for t in (q, k, v))
             or k.shape != q.shape or v.shape != q.shape):
@@ -238,24 +291,25 @@ def gluon_attention(q, k, v, causal, block_m=128, block_n=128, stages=2, split=1
     if split not in (1, 2) or block_m // split < 64:
         raise ValueError(f"split must be 1 or 2 with 64 or more rows per consumer, got "
                          f"split {split} at block_m {block_m}")
-    if pingpong and split != 2:
-        raise ValueError("pingpong takes turns between two consumers: it needs split 2")
+    if split == 2 and not pipe:
+        raise NotImplementedError("split 2 without pipe faulted with an illegal memory "
+                                  "access on an H200 under Triton 3.6 (with and without "
+                                  "the two consumers taking turns); the cause is not found")
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, device=q.device, dtype=torch.float32)
     q_desc, k_desc, v_desc = descriptors(q, k, v, block_m // split, block_n)
     warps = block_m // 16 if split == 1 else 4
     _gluon_fwd[(s // block_m, b * h)](q_desc, k_desc, v_desc, out, lse, s,
                                       d ** -0.5 * LOG2E, stages, causal, split, warps,
-                                      pingpong, num_warps=warps)
+                                      pipe, num_warps=warps)
     return out, lse
 
 
 SHAPES = [("B4-H16-S4096-D128", 4, 16, 4096, 128), ("B8-H16-S2048-D64", 8, 16, 2048, 64),
           ("B16-H16-S1024-D64", 16, 16, 1024, 64)]
-#: (BLOCK_M, BLOCK_N, STAGES, SPLIT, PINGPONG)
-VARIANTS = [(128, 128, 2, 2, True), (128, 64, 3, 2, True), (128, 128, 2, 2, False),
-            (128, 64, 3, 2, False), (128, 64, 2, 2, False), (128, 128, 2, 1, False),
-            (128, 64, 3, 1, False), (64, 64, 3, 1, False), (64, 128, 2, 1, False)]
+#: (BLOCK_M, BLOCK_N, STAGES, SPLIT, PIPE)
+VARIANTS = [(128, 128, 2, 1, True), (128, 64, 3, 1, True), (128, 128, 2, 1, False),
+            (64, 128, 2, 1, True), (128, 128, 2, 2, True), (128, 64, 3, 1, False)]
 
 
 def main():
@@ -270,6 +324,9 @@ def main():
 
     args, meta = bench_start(__doc__, "do_bench_cudagraph medians; TFLOP/s: "
                              "4*B*H*S^2*D/2 (causal)")
+    picked = os.environ.get("GLUON_PROBE_VARIANTS")
+    indices = [int(i) for i in picked.split(",")] if picked else list(range(len(VARIANTS)))
+    peers = os.environ.get("GLUON_PROBE_PEERS", "1") != "0"
     rows = []
     for name, b, h, s, d in SHAPES:
         if args.shapes and name not in args.shapes:
@@ -304,13 +361,15 @@ def main():
             def fastlab():
                 with backend("kernel"):
                     return attention(q, k, v, causal=True)
-            record("sdpa cudnn", cudnn)
-            record("fastlab", fastlab)
-            for variant in VARIANTS:
-                bm, bn, st, sp, pp = variant
-                record(f"gluon {bm}x{bn} s{st} split{sp}{' pingpong' if pp else ''}",
+            if peers:
+                record("sdpa cudnn", cudnn)
+                record("fastlab", fastlab)
+            for index in indices:
+                bm, bn, st, sp, pipe = variant = VARIANTS[index]
+                record(f"gluon {bm}x{bn} s{st} split{sp}{' pipe' if pipe else ''}",
                        lambda variant=variant: gluon_attention(q, k, v, True, *variant)[0])
-        with open(os.path.join(args.out, "attention_gluon_probe.json"), "w") as f:
+        suffix = "-" + "-".join(map(str, indices)) if picked else ""
+        with open(os.path.join(args.out, f"attention_gluon_probe{suffix}.json"), "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)
 
 

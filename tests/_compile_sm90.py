@@ -155,6 +155,7 @@ def _case(name):
                 for variant in VARIANTS:
                     gluon_attention(q, k, v, True, *variant)
             gluon_attention(q, k, v, False, 128, 128, 2, 2, True)
+            gluon_attention(q, k, v, False, 128, 128, 2, 1, True)
         return run
     if name == "adamw":
         def run():
