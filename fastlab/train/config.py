@@ -269,7 +269,9 @@ class LogConfig:
     #: show the progress line: true or false
     progress: bool = True
     #: trace steps 8-12 with torch.profiler into RUN/profile: true or false (eager steps,
-    #: or the captured step's replays with train.cuda_graphs=on)
+    #: or the captured step's replays with train.cuda_graphs=on); while profiling, each
+    #: step ends with a GPU sync, so the trace holds those steps' kernels and no others'
+    #: still queued
     profile: bool = False
     #: sample GPU utilisation, memory and power through NVML: true or false
     nvml: bool = True

@@ -261,6 +261,10 @@ def train(cfg: Config, run_dir: Optional[str] = None, batch_hook=None) -> Dict[s
                 tokens_seen += cfg.train.batch_size * seq_len
                 window_steps += 1
                 if prof is not None:
+                    # the host runs steps ahead of the GPU: without a sync, kernels of steps
+                    # queued before the profiler's window ran inside it and were counted
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
                     prof.step()
                 log_now = step % cfg.log.every == 0 or step == cfg.train.steps
 
