@@ -2,6 +2,7 @@
 layout and async-op language), against fastlab's portable forward and SDPA's cuDNN.
 
     python3 benches/attention_gluon_probe.py --out DIR [--shapes NAME ...]
+        [--variants I ...] [--no-peers]
 
 Why it exists: on sm90 Triton 3.6 does not warp-specialise ``tl.range`` loops (see
 ``results/h200-2026-12-03c``), and at B4 H16 S4096 D128 the portable forward stays at
@@ -25,9 +26,10 @@ Why it exists: on sm90 Triton 3.6 does not warp-specialise ``tl.range`` loops (s
 Scope: dense (B, H, S, D) contiguous bf16, q_len == kv_len, S a multiple of BLOCK_M and
 BLOCK_N, D 64 or 128; causal or not. Each variant is checked against SDPA's math backend
 in float32 on the first batch row before it is timed (graph replays, do_bench_cudagraph).
-Writes DIR/attention_gluon_probe.json. GLUON_PROBE_VARIANTS="0,3" runs those entries of
-VARIANTS only and GLUON_PROBE_PEERS=0 leaves out cuDNN and fastlab (a variant that hangs
-then costs one process; the file name takes the indices).
+Writes DIR/attention_gluon_probe.json. ``--variants 0 3`` runs those entries of VARIANTS
+only and ``--no-peers`` leaves out cuDNN and fastlab, so that each variant can run in a
+process of its own (one that faults or hangs then loses only itself); the file name then
+takes the indices.
 """
 import json
 import os
@@ -322,11 +324,15 @@ def main():
     from fastlab.ops._dispatch import backend  # noqa: E402
     from fastlab.ops.attention import attention  # noqa: E402
 
+    def options(parser):
+        parser.add_argument("--variants", type=int, nargs="+", choices=range(len(VARIANTS)),
+                            help="indices into VARIANTS (default: all)")
+        parser.add_argument("--no-peers", action="store_true",
+                            help="time the Gluon variants only")
+
     args, meta = bench_start(__doc__, "do_bench_cudagraph medians; TFLOP/s: "
-                             "4*B*H*S^2*D/2 (causal)")
-    picked = os.environ.get("GLUON_PROBE_VARIANTS")
-    indices = [int(i) for i in picked.split(",")] if picked else list(range(len(VARIANTS)))
-    peers = os.environ.get("GLUON_PROBE_PEERS", "1") != "0"
+                             "4*B*H*S^2*D/2 (causal)", options)
+    indices = args.variants or list(range(len(VARIANTS)))
     rows = []
     for name, b, h, s, d in SHAPES:
         if args.shapes and name not in args.shapes:
@@ -361,14 +367,14 @@ def main():
             def fastlab():
                 with backend("kernel"):
                     return attention(q, k, v, causal=True)
-            if peers:
+            if not args.no_peers:
                 record("sdpa cudnn", cudnn)
                 record("fastlab", fastlab)
             for index in indices:
                 bm, bn, st, sp, pipe = variant = VARIANTS[index]
                 record(f"gluon {bm}x{bn} s{st} split{sp}{' pipe' if pipe else ''}",
                        lambda variant=variant: gluon_attention(q, k, v, True, *variant)[0])
-        suffix = "-" + "-".join(map(str, indices)) if picked else ""
+        suffix = "-" + "-".join(map(str, indices)) if args.variants else ""
         with open(os.path.join(args.out, f"attention_gluon_probe{suffix}.json"), "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)
 

@@ -121,12 +121,15 @@ def run_meta(note: str) -> dict:
                 triton=triton.__version__, python=platform.python_version(), note=note)
 
 
-def bench_args(doc: str):
-    """--out DIR (created) and --shapes NAME ... (names of SHAPES; default: all)."""
+def bench_args(doc: str, options=None):
+    """--out DIR (created) and --shapes NAME ... (names of SHAPES; default: all), and the
+    flags ``options(parser)`` adds for one bench."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="names of the shapes to run (default: all)")
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     known = [s[0] for s in SHAPES]
     unknown = [n for n in args.shapes or () if n not in known]
@@ -136,10 +139,10 @@ def bench_args(doc: str):
     return args
 
 
-def bench_start(doc: str, note: str):
+def bench_start(doc: str, note: str, options=None):
     """The parsed arguments (see bench_args) and the run's record (see run_meta), printed,
     once the GPU has been warmed up."""
-    args = bench_args(doc)
+    args = bench_args(doc, options)
     meta = run_meta(note)
     print(meta, flush=True)
     warm_up()

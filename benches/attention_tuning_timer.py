@@ -51,13 +51,8 @@ def timings(tuner) -> dict:
 
 
 def main():
-    argv = sys.argv[1:]
-    trials = 3
-    if "--trials" in argv:
-        i = argv.index("--trials")
-        trials = int(argv[i + 1])
-        del sys.argv[i + 1:i + 3]
-    args = bench_args(__doc__)
+    args = bench_args(__doc__, lambda p: p.add_argument(
+        "--trials", type=int, default=3, help="tunings per timer and shape"))
     names = args.shapes or ["B16-H16-S1024-D64", "GPT2-B16-H12-S1024-D64-qkv"]
     meta = run_meta("do_bench medians (ms) after tuning with each timer")
     print(meta, flush=True)
@@ -71,7 +66,7 @@ def main():
                          fwd_bwd_ms=base[1], bwd_ms=base[2]))
         print(f"== {name}: cuDNN fwd {base[0]:.3f} fwd+bwd {base[1]:.3f} bwd {base[2]:.3f} ms",
               flush=True)
-        for label, timer in (("eager", eager_timer), ("graph", graph_timer)) * trials:
+        for label, timer in (("eager", eager_timer), ("graph", graph_timer)) * args.trials:
             retune(timer)
             _, ok = check(PROVIDERS["fastlab"], q, k, v, grad, ref)
             per = {n: timings(t) for n, t in TUNERS.items()}
