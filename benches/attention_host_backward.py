@@ -1,13 +1,16 @@
 """Where the host time of an eager attention fwd+bwd goes, on a GPU machine, against cuDNN.
 
-    python3 benches/attention_host_backward.py --out DIR
+    python3 benches/attention_host_backward.py --out DIR [--shapes NAME]
 
-B16 H16 S1024 D64 bf16 causal, the shape whose eager fwd+bwd trails its graph replay. Each
+One shape of attention_passes.py (default B16-H16-S1024-D64, bf16 causal, the shape whose
+eager fwd+bwd trailed its graph replay; GPT2-B16-H12-S1024-D64-qkv reads views). Each
 call is timed while the GPU is held busy by a sleep kernel, so calls only queue: the host's
 time alone (a call that waits for the GPU shows up as the sleep's length). Timers wrapped
 around the layers of fastlab's backward split its host time: the autograd call as a
-whole, the backward custom op (dispatch and launcher), the kernel launcher, and the two
-kernel launches. Writes DIR/attention_host_backward.json.
+whole, the backward custom op (dispatch and launcher), the kernel launcher, and the
+kernel launches (through _launch, or from a launch plan). fastlab runs twice: with its
+launch plans and with them turned off (every call takes the full launch path).
+Writes DIR/attention_host_backward.json.
 """
 import json
 import os
@@ -23,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastlab.kernels.attention as kernels  # noqa: E402
 import fastlab.ops.attention  # noqa: E402,F401
-from benches.attention_passes import bench_args, run_meta, warm_up  # noqa: E402
+from benches.attention_passes import (SHAPES, bench_args, make_inputs, run_meta,  # noqa: E402
+                                      warm_up)
 from fastlab.ops._dispatch import backend  # noqa: E402
 
 SPENT = defaultdict(float)
@@ -43,7 +47,7 @@ def timed(label, fn):
 
 def enqueue(fn, calls: int = 100):
     """Microseconds per call (best of three rounds) while a GPU sleep runs ahead, and the
-    per-layer split of the best round."""
+    per-layer split of the best round: (microseconds per call of a layer, its calls)."""
     fn()
     torch.cuda.synchronize()
     best, split = float("inf"), {}
@@ -58,7 +62,7 @@ def enqueue(fn, calls: int = 100):
         torch.cuda.synchronize()
         if took < best:
             best = took
-            split = {k: SPENT[k] / max(CALLS[k], 1) * 1e6 for k in SPENT}
+            split = {k: (SPENT[k] / max(CALLS[k], 1) * 1e6, CALLS[k]) for k in SPENT}
     return best, split
 
 
@@ -68,9 +72,10 @@ def main():
     meta = run_meta("host microseconds per call, GPU held busy by torch.cuda._sleep")
     print(meta, flush=True)
     warm_up()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, grad = (torch.randn(16, 16, 1024, 64, device="cuda", generator=gen)
-                     .to(torch.bfloat16) for _ in range(4))
+    shape_name = (args.shapes or ["B16-H16-S1024-D64"])[0]
+    shape = next(s for s in SHAPES if s[0] == shape_name)
+    meta["shape"] = shape_name
+    q, k, v, grad = make_inputs(*shape[1:])
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def fastlab():
@@ -85,10 +90,16 @@ def main():
     ops_attention._attention_bwd = timed("backward custom op", ops_attention._attention_bwd)
     kernels.attention_backward = timed("kernel launcher", kernels.attention_backward)
     kernels._launch = timed("one kernel launch (_launch)", kernels._launch)
+    kernels._DirectLaunch.__call__ = timed("one planned kernel launch",
+                                           kernels._DirectLaunch.__call__)
+    remember = kernels._remember
     kernels.attention_forward = timed("forward launcher", kernels.attention_forward)
 
     rows = []
-    for name, fn in (("fastlab", fastlab), ("cudnn", cudnn)):
+    for name, fn in (("fastlab", fastlab), ("fastlab-no-plans", fastlab), ("cudnn", cudnn)):
+        kernels._PLANS.clear()
+        kernels._remember = remember if name != "fastlab-no-plans" else lambda key, plan: None
+
         def fwd():
             with torch.no_grad():
                 fn()
@@ -109,7 +120,7 @@ def main():
                 leaf.grad = None
 
         fwd_bwd()
-        row = dict(provider=name)
+        row = dict(provider=name, shape=meta["shape"])
         row["fwd_us"], row["fwd_split"] = enqueue(fwd)
         row["fwd_bwd_us"], row["fwd_bwd_split"] = enqueue(fwd_bwd)
         # the backward alone: a fresh graph per call, its forward outside the timing
@@ -133,7 +144,9 @@ def main():
         row["bwd_split"] = {key: val / 150 * 1e6 for key, val in parts.items()}
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
-    with open(os.path.join(args.out, "attention_host_backward.json"), "w") as f:
+    path = ("attention_host_backward.json" if shape_name == "B16-H16-S1024-D64"
+            else f"attention_host_backward_{shape_name}.json")
+    with open(os.path.join(args.out, path), "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
 
 

@@ -934,7 +934,95 @@ def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
         _COMPILED[ck] = (compiled, tuple(values[n] for n in plain.arg_names[len(args):]))
         return
     compiled, constexprs = entry
-    compiled[(*size, 1, 1)[:3]](*args, *constexprs)
+    size = (*size, 1, 1)[:3]
+    compiled[size](*args, *constexprs)
+    return compiled, size, constexprs
+
+
+#: Launch plans by everything that decides a call's launch but the tensors' addresses and
+#: the dropout key: see _Plan. Cleared when it reaches _PLANS_MAX entries.
+_PLANS = {}
+_PLANS_MAX = 1024
+
+
+def _runtime_hooks_set() -> bool:
+    hooks = triton.knobs.runtime
+    return bool(hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls)
+
+
+class _DirectLaunch:
+    """One compiled kernel's launch with every argument but the tensors fixed.
+
+    The call hands the tensors' addresses and the fixed scalars straight to the compiled
+    module's launcher: Triton's own call of a compiled kernel adds a Python closure, the
+    stream and device lookups, launch metadata, scratch checks and two calls of empty launch
+    hooks, and its launcher asks the driver about every tensor's pointer. Where a launch
+    hook is set (a profiler) or the kernel wants scratch memory, it goes through Triton.
+    """
+
+    __slots__ = ("compiled", "grid", "tail", "key_at", "launcher", "head")
+
+    def __init__(self, record, scalars: tuple, key_at: int):
+        compiled, self.grid, constexprs = record
+        self.compiled = compiled
+        self.tail = (*scalars, *constexprs)
+        self.key_at = key_at
+        run = getattr(compiled, "run", None)
+        self.launcher = getattr(run, "launch", None)
+        if (getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+                or not isinstance(getattr(compiled, "function", None), int)):
+            self.launcher = None
+        self.head = None
+        if self.launcher is not None:
+            self.head = (run.launch_cooperative_grid, run.launch_pdl, None, None,
+                         compiled.packed_metadata, None, None, None)
+
+    def __call__(self, tensors, dropout_key: int) -> None:
+        tail = self.tail
+        i = self.key_at
+        if i >= 0 and tail[i] != dropout_key:
+            tail = (*tail[:i], dropout_key, *tail[i + 1:])
+        if self.launcher is None or _runtime_hooks_set():
+            self.compiled[self.grid](*tensors, *tail)
+            return
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(driver.get_current_device())
+        self.launcher(*self.grid, stream, self.compiled.function, *self.head,
+                      *[t.data_ptr() for t in tensors], *tail)
+
+
+def _aligned(*tensors) -> bool:
+    """Whether every tensor given (None for absent ones) starts on 16 bytes, as the tensors
+    of a plan did when it was made (Triton specializes on it)."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits % 16 == 0
+
+
+def _tensor_key(t):
+    return None if t is None else (t.dtype, t.shape, t.stride())
+
+
+def _plan_key(kind: str, tensors, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+              max_seqlen_k: int, causal: bool, scale: float, window, softcap: float,
+              alibi_slopes, dropout_p: float, dropout_key: int, dropout_threshold: int,
+              extra=()):
+    """What decides a call's launches besides the addresses of its tensors (all on 16
+    bytes, :func:`_aligned`) and the dropout key's value: shapes, strides and dtypes, the
+    options, and the key's specialization."""
+    return (kind, tensors[0].device, *[(t.dtype, t.shape, t.stride()) for t in tensors],
+            _tensor_key(kv_lens), _tensor_key(cu_seqlens_q), _tensor_key(cu_seqlens_k),
+            _tensor_key(alibi_slopes), max_seqlen_q, max_seqlen_k, causal, scale,
+            tuple(window), softcap, dropout_p, dropout_threshold, _arg_spec(dropout_key),
+            *extra)
+
+
+def _remember(key, plan) -> None:
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
 
 
 #: Bytes of the tensors a chunk of sequences re-reads (K and V for the query kernels, Q and
@@ -1011,6 +1099,10 @@ def _wide(layout: _Layout, tensors) -> bool:
     return rows * max([abs(t.stride(token_dim)) for t in tensors]) >= _INT32_OFFSETS
 
 
+#: Where the dropout key lies in the optional features' scalars (see _features).
+_KEY_AT = 4
+
+
 def _features(layout: _Layout, tensors, kv_lens, causal: bool, scale: float, window,
               softcap: float, alibi_slopes, dropout_p: float, dropout_key: int,
               dropout_threshold: int):
@@ -1027,6 +1119,7 @@ def _features(layout: _Layout, tensors, kv_lens, causal: bool, scale: float, win
     else:
         alibi_strides = (0, 0)
     args = (*layout.lse_strides, *alibi_strides)
+    # the dropout key at _KEY_AT: a launch plan swaps it per call
     scalars = (left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED,
                scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, dropout_key,
                dropout_threshold, 1.0 / (1.0 - dropout_p))
@@ -1047,6 +1140,22 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Dense (B, H, S, D) inputs give an LSE (B, Hq, Sq); packed ones (``cu_seqlens_q`` and
     ``cu_seqlens_k`` given, tensors (total, H, D)) an LSE (Hq, total_q).
     """
+    plan_key = None
+    if DIRECT_LAUNCH and not INTERPRETING and _aligned(q, k, v, kv_lens, cu_seqlens_q,
+                                                       cu_seqlens_k, alibi_slopes):
+        plan_key = _plan_key("fwd", (q, k, v), kv_lens, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, causal, scale, window, softcap,
+                             alibi_slopes, dropout_p, dropout_key, dropout_threshold)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            launch, lse_shape = plan
+            out = torch.empty_like(q)
+            lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+            launch((q, k, v, out, lse, lse if kv_lens is None else kv_lens,
+                    lse if cu_seqlens_q is None else cu_seqlens_q,
+                    lse if cu_seqlens_k is None else cu_seqlens_k,
+                    lse if alibi_slopes is None else alibi_slopes), dropout_key)
+            return out, lse
     layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = torch.empty(layout.lse_shape, device=q.device, dtype=torch.float32)
@@ -1062,15 +1171,19 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key = (q.dtype, lens.dtype, layout.q_bucket, layout.kv_bucket, layout.shape["HEAD_DIM"],
            key_flags)
     n_blocks = layout.q_len
-    _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
-            lambda meta: (cdiv(n_blocks, meta["BLOCK_M"]) * layout.batch
-                          * layout.heads,), key,
-            q, k, v, out, lse, lens, cu_q, cu_k, alibi,
-            *layout.strides(q), *layout.strides(k), *layout.strides(v),
+    rest = (*layout.strides(q), *layout.strides(k), *layout.strides(v),
             *layout.strides(out), *extra,
             layout.heads, layout.group, layout.q_len, layout.kv_len, layout.q_bucket,
-            layout.kv_bucket, layout.query_chunk(), scale * LOG2E, *scalars,
-            **flags, **layout.shape)
+            layout.kv_bucket, layout.query_chunk(), scale * LOG2E)
+    key_at = len(rest) + _KEY_AT
+    rest = (*rest, *scalars)
+    record = _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
+                     lambda meta: (cdiv(n_blocks, meta["BLOCK_M"]) * layout.batch
+                                   * layout.heads,), key,
+                     q, k, v, out, lse, lens, cu_q, cu_k, alibi, *rest,
+                     **flags, **layout.shape)
+    if plan_key is not None and record is not None:
+        _remember(plan_key, (_DirectLaunch(record, rest, key_at), layout.lse_shape))
     return out, lse
 
 
@@ -1081,6 +1194,29 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
                        softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
                        dropout_key: int = 0, dropout_threshold: int = 0):
     """dQ, dK, dV (layouts of q, k, v) given dO and, optionally, the gradient of the LSE."""
+    plan_key = None
+    if DIRECT_LAUNCH and not INTERPRETING and _aligned(grad_out, grad_lse, q, k, v, out, lse,
+                                                       kv_lens, cu_seqlens_q, cu_seqlens_k,
+                                                       alibi_slopes):
+        plan_key = _plan_key("bwd", (grad_out, q, k, v, out, lse), kv_lens, cu_seqlens_q,
+                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
+                             softcap, alibi_slopes, dropout_p, dropout_key, dropout_threshold,
+                             (grad_lse is None,))
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            dq_launch, dkdv_launch, alloc = plan
+            dq, dk, dv = alloc(q), alloc(k), alloc(v)
+            delta = torch.empty_like(lse)
+            dlse = grad_lse.contiguous() if grad_lse is not None else lse
+            lens = lse if kv_lens is None else kv_lens
+            cu_q = lse if cu_seqlens_q is None else cu_seqlens_q
+            cu_k = lse if cu_seqlens_k is None else cu_seqlens_k
+            alibi = lse if alibi_slopes is None else alibi_slopes
+            dq_launch((q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k, alibi),
+                      dropout_key)
+            dkdv_launch((q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi),
+                        dropout_key)
+            return dq, dk, dv
     layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # packed: keys of sequences that no query block reaches (none when the offsets are
     # valid) keep a defined gradient of 0
@@ -1104,24 +1240,33 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
     # 1. dQ per query block; it also writes delta = rowsum(dO * O) - dLSE for step 2
     delta = torch.empty_like(lse)
     dlse = grad_lse.contiguous() if grad_lse is not None else lse
+    dq_record = dkdv_record = None
     if layout.q_len > 0:
-        _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
-                lambda meta: (cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
-                              * layout.heads,), key,
-                q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k, alibi,
-                *layout.strides(q), *layout.strides(k), *layout.strides(v),
-                *layout.strides(grad_out), *layout.strides(out), *layout.strides(dq), *extra,
-                *common, layout.query_chunk(), scale * LOG2E, scale, *scalars,
-                HAS_DLSE=grad_lse is not None, **flags, **layout.shape)
+        dq_rest = (*layout.strides(q), *layout.strides(k), *layout.strides(v),
+                   *layout.strides(grad_out), *layout.strides(out), *layout.strides(dq),
+                   *extra, *common, layout.query_chunk(), scale * LOG2E, scale)
+        dq_key_at = len(dq_rest) + _KEY_AT
+        dq_rest = (*dq_rest, *scalars)
+        dq_record = _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
+                            lambda meta: (cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
+                                          * layout.heads,), key,
+                            q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k,
+                            alibi, *dq_rest, HAS_DLSE=grad_lse is not None, **flags,
+                            **layout.shape)
 
     # 2. dK, dV per key block, summed over the query heads of each group
     if layout.kv_len > 0:
-        _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
-                lambda meta: (cdiv(layout.kv_len, meta["BLOCK_N"]) * layout.batch
-                              * layout.kv_heads,), key,
-                q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi,
-                *layout.strides(q), *layout.strides(k), *layout.strides(v),
-                *layout.strides(grad_out), *layout.strides(dk), *layout.strides(dv), *extra,
-                *common, layout.key_chunk(), scale * LOG2E, scale, *scalars,
-                **flags, **layout.shape)
+        dkdv_rest = (*layout.strides(q), *layout.strides(k), *layout.strides(v),
+                     *layout.strides(grad_out), *layout.strides(dk), *layout.strides(dv),
+                     *extra, *common, layout.key_chunk(), scale * LOG2E, scale)
+        dkdv_key_at = len(dkdv_rest) + _KEY_AT
+        dkdv_rest = (*dkdv_rest, *scalars)
+        dkdv_record = _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
+                              lambda meta: (cdiv(layout.kv_len, meta["BLOCK_N"])
+                                            * layout.batch * layout.kv_heads,), key,
+                              q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi,
+                              *dkdv_rest, **flags, **layout.shape)
+    if plan_key is not None and dq_record is not None and dkdv_record is not None:
+        _remember(plan_key, (_DirectLaunch(dq_record, dq_rest, dq_key_at),
+                             _DirectLaunch(dkdv_record, dkdv_rest, dkdv_key_at), alloc))
     return dq, dk, dv

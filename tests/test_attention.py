@@ -508,6 +508,166 @@ def test_gpu_direct_launch_reuses_compiled_kernels_exactly():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(), dict(dropout_p=0.1), dict(window=(100, -1)),
+                                     dict(kv_lens="ragged")],
+                         ids=["plain", "dropout", "window", "kv-lens"])
+def test_gpu_launch_plans_match_the_full_launch_bit_for_bit(monkeypatch, options):
+    """Repeated calls launch from a plan through the compiled module's launcher: outputs,
+    LSE and gradients equal those of Triton's own launch path exactly, a dropout seed the
+    plan never saw included."""
+    import importlib
+
+    kernels = importlib.import_module("fastlab.kernels.attention")
+    q = _make((2, 4, 700, 64), torch.bfloat16, 1, "bshd")
+    k, v = (_make((2, 2, 900, 64), torch.bfloat16, s, "bshd") for s in (2, 3))
+    grad_out = randn((2, 4, 700, 64), torch.bfloat16, DEVICE, seed=4)
+    grad_lse = randn((2, 4, 700), torch.float32, DEVICE, seed=5)
+    if options.get("kv_lens") == "ragged":
+        options = dict(kv_lens=torch.tensor([900, 333], device=DEVICE))
+
+    def call(seed):
+        extra = dict(dropout_seed=seed) if "dropout_p" in options else {}
+        with backend("kernel"):
+            return _run(q, k, v, grad_out, grad_lse, causal=True, **options, **extra)
+
+    for seed in range(4):  # tune, compile, launch directly, then from the plan
+        call(seed)
+    planned_before = len(kernels._PLANS)
+    assert planned_before >= 2, "no launch plan was made"
+    planned = call(17)
+    assert len(kernels._PLANS) == planned_before, "the call missed its plan"
+    monkeypatch.setattr(kernels, "DIRECT_LAUNCH", False)
+    full = call(17)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), planned, full):
+        assert torch.equal(a, b), name
+
+
+class _RecordingKernel:
+    """A compiled kernel that records its launches (grid, arguments) and does nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((tuple(grid), args))
+
+
+def _stub_compiled_kernels(monkeypatch, kernels):
+    """Every launch finds a tuned configuration and a compiled kernel (the recorder), so
+    _launch takes its direct path and the calls after it their plans, on CPU tensors."""
+    recorder = _RecordingKernel()
+    config = ({"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+              {"BLOCK_M": 32, "BLOCK_N": 16})
+
+    class AnyConfig(dict):
+        def get(self, key, default=None):
+            return config
+
+    class AnyCompiled(dict):
+        def get(self, key, default=None):
+            return recorder, ()
+
+    monkeypatch.setattr(kernels, "INTERPRETING", False)
+    monkeypatch.setattr(kernels, "_BEST", AnyConfig())
+    monkeypatch.setattr(kernels, "_COMPILED", AnyCompiled())
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    return recorder
+
+
+def _same_launches(full, planned, inputs):
+    """The plan's launches match the full path's: grids, every scalar (value and type),
+    the caller's tensors by address and the fresh ones by shape, strides and dtype."""
+    given = {t.data_ptr() for t in inputs}
+    assert len(full) == len(planned)
+    for (grid_a, args_a), (grid_b, args_b) in zip(full, planned):
+        assert grid_a == grid_b and len(args_a) == len(args_b)
+        for i, (a, b) in enumerate(zip(args_a, args_b)):
+            if isinstance(a, torch.Tensor):
+                assert isinstance(b, torch.Tensor), i
+                assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), i
+                if a.data_ptr() in given:
+                    assert b.data_ptr() == a.data_ptr(), f"argument {i}: another tensor"
+            else:
+                assert type(a) is type(b) and a == b, f"argument {i}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("case", ["dense", "gqa-bshd-kv-lens", "varlen", "options",
+                                  "dropout", "lse-grad"])
+def test_launch_plans_repeat_the_full_launch(monkeypatch, case):
+    """From the first direct launch of a call on, the same call again launches from a plan:
+    the arguments it hands each kernel must be the full path's (the dropout key swapped in
+    per call), and a misaligned tensor must take the full path."""
+    import importlib
+
+    kernels = importlib.import_module("fastlab.kernels.attention")
+    ops = importlib.import_module("fastlab.ops.attention")
+    recorder = _stub_compiled_kernels(monkeypatch, kernels)
+    monkeypatch.setattr(ops, "_kernel_wanted", lambda *tensors: True)
+    layout = "bshd" if case == "gqa-bshd-kv-lens" else "contiguous"
+    hkv = 1 if case == "gqa-bshd-kv-lens" else 2
+    q = _make((2, 2, 37, 24), torch.bfloat16, 1, layout)
+    k, v = (_make((2, hkv, 53, 24), torch.bfloat16, s, layout) for s in (2, 3))
+    g = randn((2, 2, 37, 24), torch.bfloat16, "cpu", seed=4)
+    extra = []
+    options = dict(causal=True)
+    if case == "gqa-bshd-kv-lens":
+        options["kv_lens"] = torch.tensor([53, 20])
+        extra.append(options["kv_lens"])
+    elif case == "options":
+        options.update(window=(9, -1), softcap=20.0, alibi_slopes=torch.rand(2))
+        extra.append(options["alibi_slopes"])
+    if case == "varlen":
+        cu = torch.tensor([0, 17, 37], dtype=torch.int32)
+        q, k, v = (x.detach()[0].transpose(0, 1)[:37].contiguous().requires_grad_()
+                   for x in (q, k, v))
+        g = g[0].transpose(0, 1).contiguous()
+        extra.append(cu)
+
+        def call(seed):
+            return ops.attention_varlen(q, k, v, cu, cu, 20, 20, causal=True)
+    else:
+        def call(seed):
+            kwargs = dict(options, return_lse=case == "lse-grad")
+            if case == "dropout":
+                kwargs.update(dropout_p=0.2, dropout_seed=seed)
+            return attention(q, k, v, **kwargs)
+
+    def step(seed):
+        recorder.calls.clear()
+        out = call(seed)
+        if case == "lse-grad":
+            out, lse = out
+            grads = torch.autograd.grad((out, lse), (q, k, v), (g, torch.ones_like(lse)))
+        else:
+            grads = torch.autograd.grad(out, (q, k, v), g)
+        assert all(x.shape == y.shape for x, y in zip(grads, (q, k, v)))
+        return list(recorder.calls)
+
+    # two seeds whose dropout keys Triton would specialize alike share one plan
+    first = 1
+    spec = kernels._arg_spec(ops.dropout_key(first, 0))
+    second = next(s for s in range(2, 100) if kernels._arg_spec(ops.dropout_key(s, 0)) == spec)
+    step(first)  # the full path; it leaves the plans
+    assert len(kernels._PLANS) == 2, "a forward and a backward plan"
+    planned = step(second)
+    kernels._PLANS.clear()
+    full = step(second)
+    assert len(full) == 3, "a forward and two backward launches"
+    _same_launches(full, planned, [q, k, v, g, *extra])
+    if case == "dropout":
+        key = ops.dropout_key(second, 0)
+        assert all(any(type(a) is int and a == key for a in args) for _, args in full), \
+            "the dropout key of the call reaches every kernel"
+
+    # a view one element into its storage: the full path, and no plan is made for it
+    kernels._PLANS.clear()
+    shifted = q.detach().new_empty(q.numel() + 1)[1:].view(q.shape).copy_(q)
+    q = shifted.requires_grad_()
+    step(first)
+    assert not kernels._PLANS
+
+
+@pytest.mark.gpu
 def test_gpu_float32_and_key_lengths():
     _check_once(4, 4, 2, 300, 513, 96, True, torch.float32, kv_lens=[513, 0, 77, 300])
 
