@@ -23,13 +23,14 @@ from fastlab.ops._dispatch import backend  # noqa: E402
 from fastlab.ops.attention import attention  # noqa: E402
 
 
-def enqueue_us(fn, calls: int = 200) -> float:
-    """Best of three: microseconds per call while ~0.4 s of GPU sleep runs ahead."""
+def enqueue_us(fn, calls: int = 200, rounds: int = 3, sleep_cycles: int = 800_000_000) -> float:
+    """Best of ``rounds``: microseconds per call while a GPU sleep of ``sleep_cycles`` clock
+    cycles (~0.4 s by default) runs ahead."""
     fn()
     torch.cuda.synchronize()
     best = float("inf")
-    for _ in range(3):
-        torch.cuda._sleep(800_000_000)
+    for _ in range(rounds):
+        torch.cuda._sleep(sleep_cycles)
         start = time.perf_counter()
         for _ in range(calls):
             fn()

@@ -8,13 +8,13 @@ the same pieces of host work on both threads while a sleep kernel holds the GPU 
 only queue): a pure-Python loop, tensor metadata reads, the current device and stream, a
 small allocation, a tiny PyTorch kernel, and fastlab's planned attention forward launch
 (B16 H16 S1024 D64 bf16 causal). On the device thread the work runs inside the backward
-of an autograd Function. Microseconds per repetition, best of five rounds.
+of an autograd Function. Microseconds per repetition, best of five rounds after one
+untimed call.
 Writes DIR/attention_host_thread.json.
 """
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
@@ -22,6 +22,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastlab.kernels.attention as kernels  # noqa: E402
+from benches.attention_host_gpu import enqueue_us  # noqa: E402
 from benches.attention_passes import bench_start, make_inputs  # noqa: E402
 from fastlab.ops._dispatch import backend  # noqa: E402
 from fastlab.ops.attention import attention  # noqa: E402
@@ -60,18 +61,8 @@ def pieces(q, k, v):
 
 def time_all(work) -> dict:
     """Microseconds per repetition of each piece, best of five rounds, the GPU held."""
-    result = {}
-    for name, fn in work:
-        best = float("inf")
-        for _ in range(5):
-            torch.cuda._sleep(200_000_000)
-            start = time.perf_counter()
-            for _ in range(REPS):
-                fn()
-            best = min(best, (time.perf_counter() - start) / REPS * 1e6)
-            torch.cuda.synchronize()
-        result[name] = best
-    return result
+    return {name: enqueue_us(fn, REPS, rounds=5, sleep_cycles=200_000_000)
+            for name, fn in work}
 
 
 class _OnDeviceThread(torch.autograd.Function):
