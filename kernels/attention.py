@@ -1002,7 +1002,7 @@ def _aligned(*tensors) -> bool:
 
 
 def _tensor_key(t):
-    return None if t is None else (t.dtype, t.shape, t.stride())
+    return None if t is None else (t.dtype, t.device, t.shape, t.stride())
 
 
 def _plan_key(kind: str, tensors, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -1010,9 +1010,10 @@ def _plan_key(kind: str, tensors, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqle
               alibi_slopes, dropout_p: float, dropout_key: int, dropout_threshold: int,
               extra=()):
     """What decides a call's launches besides the addresses of its tensors (all on 16
-    bytes, :func:`_aligned`) and the dropout key's value: shapes, strides and dtypes, the
+    bytes, :func:`_aligned`) and the dropout key's value: shapes, strides, dtypes and
+    devices (a plan hands the kernel bare addresses, which no launcher checks again), the
     options, and the key's specialization."""
-    return (kind, tensors[0].device, *[(t.dtype, t.shape, t.stride()) for t in tensors],
+    return (kind, *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors],
             _tensor_key(kv_lens), _tensor_key(cu_seqlens_q), _tensor_key(cu_seqlens_k),
             _tensor_key(alibi_slopes), max_seqlen_q, max_seqlen_k, causal, scale,
             tuple(window), softcap, dropout_p, dropout_threshold, _arg_spec(dropout_key),
