@@ -945,6 +945,11 @@ _PLANS = {}
 _PLANS_MAX = 1024
 
 
+#: The Triton whose compiled-module launcher _DirectLaunch calls (its argument order is
+#: that version's); with another, plans launch through Triton's own call.
+_LAUNCHER_TRITON = "3.6."
+
+
 def _runtime_hooks_set() -> bool:
     hooks = triton.knobs.runtime
     return bool(hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls)
@@ -969,7 +974,8 @@ class _DirectLaunch:
         self.key_at = key_at
         run = getattr(compiled, "run", None)
         self.launcher = getattr(run, "launch", None)
-        if (getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+        if (not triton.__version__.startswith(_LAUNCHER_TRITON)
+                or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
                 or not isinstance(getattr(compiled, "function", None), int)):
             self.launcher = None
         self.head = None

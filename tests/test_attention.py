@@ -667,6 +667,54 @@ def test_launch_plans_repeat_the_full_launch(monkeypatch, case):
     assert not kernels._PLANS
 
 
+def test_direct_launch_hands_the_compiled_launcher_its_arguments_in_order(monkeypatch):
+    """The planned launch calls Triton 3.6's compiled-module launcher as Triton does: grid,
+    stream, function, the launcher's flags and metadata (no scratch, no hooks), then the
+    tensors' addresses and the fixed scalars with the call's dropout key. With a launch hook
+    set, or under another Triton, it goes through Triton's own call instead."""
+    import importlib
+    import types
+
+    import triton
+
+    kernels = importlib.import_module("fastlab.kernels.attention")
+    launched, via_triton = [], []
+
+    class Compiled:
+        function = 77
+        packed_metadata = (4, 1, 0)
+        run = types.SimpleNamespace(launch=lambda *args: launched.append(args),
+                                    global_scratch_size=0, profile_scratch_size=0,
+                                    launch_cooperative_grid=False, launch_pdl=False)
+
+        def __getitem__(self, grid):
+            return lambda *args: via_triton.append((grid, args))
+
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: 4242))
+    monkeypatch.setattr(kernels.triton.runtime, "driver", driver)
+    monkeypatch.setattr(kernels, "_LAUNCHER_TRITON", triton.__version__[:4])
+    x, y = torch.zeros(8), torch.ones(3)
+    launch = kernels._DirectLaunch((Compiled(), (5, 1, 1), ("C",)), (11, 0, 2.5), 1)
+    launch((x, y), 99)
+    assert launched == [(5, 1, 1, 4242, 77, False, False, None, None, (4, 1, 0), None, None,
+                         None, x.data_ptr(), y.data_ptr(), 11, 99, 2.5, "C")]
+    assert not via_triton
+
+    hook = lambda *args: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch((x, y), 98)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert via_triton == [((5, 1, 1), (x, y, 11, 98, 2.5, "C"))] and len(launched) == 1
+
+    monkeypatch.setattr(kernels, "_LAUNCHER_TRITON", "0.0.")
+    other = kernels._DirectLaunch((Compiled(), (5, 1, 1), ()), (1,), -1)
+    other((x,), 0)
+    assert len(via_triton) == 2 and len(launched) == 1
+
+
 @pytest.mark.gpu
 def test_gpu_float32_and_key_lengths():
     _check_once(4, 4, 2, 300, 513, 96, True, torch.float32, kv_lens=[513, 0, 77, 300])
