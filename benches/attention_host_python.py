@@ -5,8 +5,9 @@
 The op runs its kernel path (argument checks, the autograd Function, layout and launch
 arguments, the launch cache's key, output allocation) on CPU tensors with compiled kernels
 that do nothing, so what is timed is everything a GPU step's host side does except
-Triton's launches and the CUDA allocator. Best of 5 x 1000 fwd + bwd steps, dense (B, H, S, D) and packed (every sequence
-S long), bf16, causal.
+Triton's launches and the CUDA allocator. Best of 5 x 1000 fwd + bwd steps, dense
+(B, H, S, D) and packed (every sequence S long; offsets on the CPU, so their values are
+checked), bf16, causal, each with the launch plans and with them turned off.
 """
 import sys
 import time
@@ -64,7 +65,11 @@ def main(argv):
                                    (qp, kp, vp), gp)
 
     print(f"B{b} H{h} S{s} D{d} bf16 causal, {torch.get_num_threads()} threads")
-    for name, fn in (("dense", dense), ("varlen", packed)):
+    remember = kernels._remember
+    for name, fn, plans in (("dense", dense, True), ("dense, plans off", dense, False),
+                            ("varlen", packed, True), ("varlen, plans off", packed, False)):
+        kernels._PLANS.clear()
+        kernels._remember = remember if plans else (lambda key, plan: None)
         for _ in range(50):
             fn()
         best = float("inf")
