@@ -939,8 +939,9 @@ def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
     return compiled, size, constexprs
 
 
-#: Launch plans by everything that decides a call's launch but the tensors' addresses and
-#: the dropout key: see _Plan. Cleared when it reaches _PLANS_MAX entries.
+#: Launch plans (_DirectLaunch per kernel, made by attention_forward and attention_backward)
+#: by everything that decides a call's launches but the tensors' addresses and the dropout
+#: key: see _plan_key. They hold no tensors. Cleared when it reaches _PLANS_MAX entries.
 _PLANS = {}
 _PLANS_MAX = 1024
 
@@ -1208,7 +1209,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
         plan_key = _plan_key("bwd", (grad_out, q, k, v, out, lse), kv_lens, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
                              softcap, alibi_slopes, dropout_p, dropout_key, dropout_threshold,
-                             (grad_lse is None,))
+                             (None if grad_lse is None else grad_lse.dtype,))
         plan = _PLANS.get(plan_key)
         if plan is not None:
             dq_launch, dkdv_launch, alloc = plan
