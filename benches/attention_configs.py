@@ -36,7 +36,7 @@ def forced(bm, bn, warps, stages):
     def run(q, k, v):
         for key in [key for key in kernels._BEST if key[0] is kernels._fwd_kernel]:
             kernels._BEST[key] = (dict(config.all_kwargs()), dict(config.kwargs))
-        kernels._COMPILED.clear()
+        kernels.forget_compiled()
         return fastlab(q, k, v)
     return run
 
@@ -78,8 +78,7 @@ def main():
                     print(f"  fwd {label:28s} failed: {row['exception'][-120:]}", flush=True)
                 results.append(row)
         # back to the tuned forward for fwd+bwd
-        kernels._BEST.clear()
-        kernels._COMPILED.clear()
+        kernels.forget_tuning()
         for label, fn in (("fastlab", fastlab), ("sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)),
                           ("sdpa flash", sdpa(SDPBackend.FLASH_ATTENTION))):
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]

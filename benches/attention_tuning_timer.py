@@ -37,8 +37,7 @@ def eager_timer(kernel_call, quantiles):
 
 def retune(timer):
     """Forget every pick and install ``timer`` on the three autotuners."""
-    kernels._BEST.clear()
-    kernels._COMPILED.clear()
+    kernels.forget_tuning()
     for tuner in TUNERS.values():
         tuner.cache.clear()
         tuner.__dict__["do_bench"] = timer  # do_bench is a cached property

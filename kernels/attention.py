@@ -951,9 +951,32 @@ _PLANS_MAX = 1024
 _LAUNCHER_TRITON = "3.6."
 
 
+def _hook_set(hook) -> bool:
+    """Whether a launch hook would run: a chain with calls in it, or any other callable
+    (``triton.knobs.runtime`` also takes a plain function or None)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if isinstance(calls, list) else True
+
+
 def _runtime_hooks_set() -> bool:
     hooks = triton.knobs.runtime
-    return bool(hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls)
+    return _hook_set(hooks.launch_enter_hook) or _hook_set(hooks.launch_exit_hook)
+
+
+def forget_compiled() -> None:
+    """Drop the compiled kernels remembered for direct launch and the launch plans built on
+    them (call it after changing a tuned configuration in ``_BEST``)."""
+    _COMPILED.clear()
+    _PLANS.clear()
+
+
+def forget_tuning() -> None:
+    """Drop every tuned configuration, compiled kernel and launch plan: the next call of each
+    key tunes again."""
+    _BEST.clear()
+    forget_compiled()
 
 
 class _DirectLaunch:
@@ -1209,7 +1232,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
         plan_key = _plan_key("bwd", (grad_out, q, k, v, out, lse), kv_lens, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
                              softcap, alibi_slopes, dropout_p, dropout_key, dropout_threshold,
-                             (None if grad_lse is None else grad_lse.dtype,))
+                             (_tensor_key(grad_lse),))
         plan = _PLANS.get(plan_key)
         if plan is not None:
             dq_launch, dkdv_launch, alloc = plan

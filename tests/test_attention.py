@@ -574,122 +574,210 @@ def _stub_compiled_kernels(monkeypatch, kernels):
     return recorder
 
 
-def _same_launches(full, planned, inputs):
-    """The plan's launches match the full path's: grids, every scalar (value and type),
-    the caller's tensors by address and the fresh ones by shape, strides and dtype."""
-    given = {t.data_ptr() for t in inputs}
-    assert len(full) == len(planned)
-    for (grid_a, args_a), (grid_b, args_b) in zip(full, planned):
-        assert grid_a == grid_b and len(args_a) == len(args_b)
-        for i, (a, b) in enumerate(zip(args_a, args_b)):
+def _launch_signature(calls, roles, returned):
+    """The launches of one step with addresses replaced by what they point at: a caller's
+    tensor by its name in ``roles``, a returned tensor by its name in ``returned``, any
+    other tensor by the index of its first appearance in the step (so that two arguments
+    holding one buffer, as the forward's LSE and the backward's, stay tied), with shape,
+    strides and dtype; scalars by value and type."""
+    names = {t.data_ptr(): name for name, t in roles.items()}
+    names.update({t.data_ptr(): name for name, t in returned.items()})
+    seen = {}
+    signature = []
+    for grid, args in calls:
+        launch = [grid]
+        for a in args:
             if isinstance(a, torch.Tensor):
-                assert isinstance(b, torch.Tensor), i
-                assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), i
-                if a.data_ptr() in given:
-                    assert b.data_ptr() == a.data_ptr(), f"argument {i}: another tensor"
+                who = names.get(a.data_ptr())
+                if who is None:
+                    who = seen.setdefault(a.data_ptr(), len(seen))
+                launch.append((who, tuple(a.shape), a.stride(), a.dtype))
             else:
-                assert type(a) is type(b) and a == b, f"argument {i}: {a!r} != {b!r}"
+                launch.append((type(a), a))
+        signature.append(tuple(launch))
+    return signature
 
 
-@pytest.mark.parametrize("case", ["dense", "gqa-bshd-kv-lens", "varlen", "options",
-                                  "dropout", "lse-grad"])
-def test_launch_plans_repeat_the_full_launch(monkeypatch, case):
-    """From the first direct launch of a call on, the same call again launches from a plan:
-    the arguments it hands each kernel must be the full path's (the dropout key swapped in
-    per call), and a misaligned tensor must take the full path."""
+class _Step:
+    """One fwd+bwd of a case of the plan tests on fresh copies of its inputs, recorded."""
+
+    def __init__(self, case, recorder, ops):
+        self.case, self.recorder, self.ops = case, recorder, ops
+        gqa = case.get("layout") == "bshd"
+        self.shapes = ((2, 2, 37, 24), (2, 1 if gqa else 2, 53, 24))
+        self.inputs = dict(q=_make(self.shapes[0], torch.bfloat16, 1, case.get("layout",
+                                                                                 "contiguous")),
+                           k=_make(self.shapes[1], torch.bfloat16, 2, case.get("layout",
+                                                                                 "contiguous")),
+                           v=_make(self.shapes[1], torch.bfloat16, 3, case.get("layout",
+                                                                                 "contiguous")),
+                           g=randn(self.shapes[0], torch.bfloat16, "cpu", seed=4))
+        for name in ("kv_lens", "alibi_slopes", "cu"):
+            if name in case:
+                self.inputs[name] = case[name]
+        if "cu" in case:
+            for name in ("q", "k", "v"):
+                x = self.inputs[name].detach()[0].transpose(0, 1)[:37].contiguous()
+                self.inputs[name] = x.requires_grad_()
+            self.inputs["g"] = self.inputs["g"][0].transpose(0, 1).contiguous()
+
+    def run(self, seed=1, shift=None):
+        """(signature, planned launches) of a step on fresh copies; ``shift`` names an input
+        to start one element into its storage (a pointer off 16 bytes)."""
+        inputs = {}
+        for name, x in self.inputs.items():
+            offset = int(name == shift)
+            span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+            fresh = x.detach().new_empty(span + offset).as_strided(x.shape, x.stride(), offset)
+            fresh.copy_(x)
+            inputs[name] = fresh.detach().requires_grad_(x.requires_grad)
+        q, k, v, g = (inputs[n] for n in "qkvg")
+        case = self.case
+        options = {n: case[n] for n in ("causal", "scale", "window", "softcap")
+                   if n in case}
+        if "alibi_slopes" in case:
+            options["alibi_slopes"] = inputs["alibi_slopes"]
+        if "dropout_p" in case:
+            options.update(dropout_p=case["dropout_p"], dropout_seed=seed)
+        self.recorder.calls.clear()
+        if "cu" in case:
+            cu = inputs["cu"]
+            out = self.ops.attention_varlen(q, k, v, cu, cu, 20, 20, return_lse=True, **options)
+        else:
+            if "kv_lens" in case:
+                options["kv_lens"] = inputs["kv_lens"]
+            out = attention(q, k, v, return_lse=True, **options)
+        out, lse = out
+        outputs, grads = [out], [g]
+        if case.get("lse_grad"):
+            inputs["dlse"] = torch.ones_like(lse)
+            outputs.append(lse)
+            grads.append(inputs["dlse"])
+        dq, dk, dv = torch.autograd.grad(outputs, (q, k, v), grads)
+        returned = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+        calls = list(self.recorder.calls)
+        assert len(calls) == 3, "a forward and two backward launches"
+        return _launch_signature(calls, inputs, returned)
+
+
+_PLAN_CASES = {
+    "dense": dict(causal=True),
+    "gqa-bshd-kv-lens": dict(causal=True, layout="bshd", kv_lens=torch.tensor([53, 20])),
+    "varlen": dict(causal=True, cu=torch.tensor([0, 17, 37], dtype=torch.int32)),
+    "options": dict(causal=True, window=(9, -1), softcap=20.0, alibi_slopes=torch.rand(2)),
+    "dropout": dict(causal=True, dropout_p=0.2),
+    "lse-grad": dict(causal=True, lse_grad=True),
+}
+
+
+def _plan_setup(monkeypatch):
     import importlib
 
     kernels = importlib.import_module("fastlab.kernels.attention")
     ops = importlib.import_module("fastlab.ops.attention")
     recorder = _stub_compiled_kernels(monkeypatch, kernels)
     monkeypatch.setattr(ops, "_kernel_wanted", lambda *tensors: True)
-    layout = "bshd" if case == "gqa-bshd-kv-lens" else "contiguous"
-    hkv = 1 if case == "gqa-bshd-kv-lens" else 2
-    q = _make((2, 2, 37, 24), torch.bfloat16, 1, layout)
-    k, v = (_make((2, hkv, 53, 24), torch.bfloat16, s, layout) for s in (2, 3))
-    g = randn((2, 2, 37, 24), torch.bfloat16, "cpu", seed=4)
-    extra = []
-    options = dict(causal=True)
-    if case == "gqa-bshd-kv-lens":
-        options["kv_lens"] = torch.tensor([53, 20])
-        extra.append(options["kv_lens"])
-    elif case == "options":
-        options.update(window=(9, -1), softcap=20.0, alibi_slopes=torch.rand(2))
-        extra.append(options["alibi_slopes"])
-    if case == "varlen":
-        cu = torch.tensor([0, 17, 37], dtype=torch.int32)
-        q, k, v = (x.detach()[0].transpose(0, 1)[:37].contiguous().requires_grad_()
-                   for x in (q, k, v))
-        g = g[0].transpose(0, 1).contiguous()
-        extra.append(cu)
+    planned = []
+    call = kernels._DirectLaunch.__call__
 
-        def call(seed):
-            return ops.attention_varlen(q, k, v, cu, cu, 20, 20, causal=True)
-    else:
-        def call(seed):
-            kwargs = dict(options, return_lse=case == "lse-grad")
-            if case == "dropout":
-                kwargs.update(dropout_p=0.2, dropout_seed=seed)
-            return attention(q, k, v, **kwargs)
+    def counting(self, tensors, dropout_key):
+        planned.append(self)
+        return call(self, tensors, dropout_key)
 
-    def step(seed):
-        recorder.calls.clear()
-        out = call(seed)
-        if case == "lse-grad":
-            out, lse = out
-            grads = torch.autograd.grad((out, lse), (q, k, v), (g, torch.ones_like(lse)))
-        else:
-            grads = torch.autograd.grad(out, (q, k, v), g)
-        assert all(x.shape == y.shape for x, y in zip(grads, (q, k, v)))
-        return list(recorder.calls)
+    monkeypatch.setattr(kernels._DirectLaunch, "__call__", counting)
+    return kernels, ops, recorder, planned
 
+
+@pytest.mark.parametrize("name", list(_PLAN_CASES))
+def test_launch_plans_repeat_the_full_launch(monkeypatch, name):
+    """From the first direct launch of a call on, the same call on other tensors of the same
+    shapes launches from a plan: what it hands each kernel must be the full path's, tensor
+    for tensor (the caller's, the returned ones, the buffers shared between launches),
+    scalar for scalar with the dropout key swapped in; and a tensor off 16 bytes must take
+    the full path even where a plan exists."""
+    kernels, ops, recorder, planned = _plan_setup(monkeypatch)
+    step = _Step(_PLAN_CASES[name], recorder, ops)
     # two seeds whose dropout keys Triton would specialize alike share one plan
     first = 1
     spec = kernels._arg_spec(ops.dropout_key(first, 0))
     second = next(s for s in range(2, 100) if kernels._arg_spec(ops.dropout_key(s, 0)) == spec)
-    step(first)  # the full path; it leaves the plans
+    step.run(first)  # the full path; it leaves the plans
     assert len(kernels._PLANS) == 2, "a forward and a backward plan"
-    planned = step(second)
+    got = step.run(second)
+    assert len(planned) == 3, "the second step did not launch from its plans"
     kernels._PLANS.clear()
-    full = step(second)
-    assert len(full) == 3, "a forward and two backward launches"
-    _same_launches(full, planned, [q, k, v, g, *extra])
-    if case == "dropout":
+    want = step.run(second)
+    assert got == want
+    if name == "dropout":
         key = ops.dropout_key(second, 0)
-        assert all(any(type(a) is int and a == key for a in args) for _, args in full), \
+        assert all(any(a == (int, key) for a in launch) for launch in want), \
             "the dropout key of the call reaches every kernel"
 
-    # a view one element into its storage: the full path, and no plan is made for it
+    for shifted in ("q", "k"):
+        before = len(planned)
+        assert step.run(second, shift=shifted) == want
+        assert len(planned) == before, f"{shifted} off 16 bytes launched from a plan"
+
+
+_VARIANTS = {
+    "scale": (dict(causal=True), dict(causal=True, scale=0.3)),
+    "causal": (dict(causal=True), dict(causal=False)),
+    "window": (dict(causal=True, window=(9, -1)), dict(causal=True, window=(7, -1))),
+    "softcap": (dict(causal=True, softcap=20.0), dict(causal=True, softcap=10.0)),
+    "strides": (dict(causal=True), dict(causal=True, layout="strided")),
+    "lse-grad": (dict(causal=True), dict(causal=True, lse_grad=True)),
+    "kv-lens-dtype": (dict(causal=True, kv_lens=torch.tensor([53, 20])),
+                      dict(causal=True, kv_lens=torch.tensor([53, 20], dtype=torch.int32))),
+    "alibi-rank": (dict(causal=True, alibi_slopes=torch.rand(2)),
+                   dict(causal=True, alibi_slopes=torch.rand(2, 2))),
+    "dropout-p": (dict(causal=True, dropout_p=0.2), dict(causal=True, dropout_p=0.3)),
+}
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_launch_plans_never_serve_another_call(monkeypatch, name):
+    """A call that differs from a planned one in one option, layout or dtype gets its own
+    launches: run right after the planned call, it hands the kernels what it does with no
+    plan at all, and that differs from the planned call's launches."""
+    kernels, ops, recorder, _ = _plan_setup(monkeypatch)
+    base, variant = (_Step(case, recorder, ops) for case in _VARIANTS[name])
+    base_launches = base.run()
+    after_base = variant.run()
     kernels._PLANS.clear()
-    shifted = q.detach().new_empty(q.numel() + 1)[1:].view(q.shape).copy_(q)
-    q = shifted.requires_grad_()
-    step(first)
-    assert not kernels._PLANS
+    alone = variant.run()
+    assert after_base == alone
+    assert alone != base_launches, "the variant must change the launches to test anything"
 
 
-def test_direct_launch_hands_the_compiled_launcher_its_arguments_in_order(monkeypatch):
-    """The planned launch calls Triton 3.6's compiled-module launcher as Triton does: grid,
-    stream, function, the launcher's flags and metadata (no scratch, no hooks), then the
-    tensors' addresses and the fixed scalars with the call's dropout key. With a launch hook
-    set, or under another Triton, it goes through Triton's own call instead."""
+def test_direct_launch_hands_the_compiled_launcher_triton_s_arguments(monkeypatch):
+    """The planned launch calls Triton 3.6's compiled-module launcher with the arguments
+    Triton's own CudaLauncher passes it (but the hooks, None where no hook is set, and the
+    launch metadata only hooks read), the call's dropout key swapped in. With a launch hook
+    set (a chain with calls, or a plain function), or under another Triton, it goes through
+    Triton's own call instead."""
     import importlib
     import types
 
     import triton
+    from triton.backends.nvidia.driver import CudaLauncher
 
     kernels = importlib.import_module("fastlab.kernels.attention")
     launched, via_triton = [], []
+    run = CudaLauncher.__new__(CudaLauncher)
+    for name, value in dict(launch=lambda *args: launched.append(args), num_ctas=1,
+                            global_scratch_size=0, global_scratch_align=1,
+                            profile_scratch_size=0, profile_scratch_align=1,
+                            launch_cooperative_grid=False, launch_pdl=False).items():
+        setattr(run, name, value)
 
     class Compiled:
         function = 77
         packed_metadata = (4, 1, 0)
-        run = types.SimpleNamespace(launch=lambda *args: launched.append(args),
-                                    global_scratch_size=0, profile_scratch_size=0,
-                                    launch_cooperative_grid=False, launch_pdl=False)
 
         def __getitem__(self, grid):
             return lambda *args: via_triton.append((grid, args))
 
+    Compiled.run = run
     driver = types.SimpleNamespace(active=types.SimpleNamespace(
         get_current_device=lambda: 0, get_current_stream=lambda device: 4242))
     monkeypatch.setattr(kernels.triton.runtime, "driver", driver)
@@ -697,22 +785,33 @@ def test_direct_launch_hands_the_compiled_launcher_its_arguments_in_order(monkey
     x, y = torch.zeros(8), torch.ones(3)
     launch = kernels._DirectLaunch((Compiled(), (5, 1, 1), ("C",)), (11, 0, 2.5), 1)
     launch((x, y), 99)
-    assert launched == [(5, 1, 1, 4242, 77, False, False, None, None, (4, 1, 0), None, None,
-                         None, x.data_ptr(), y.data_ptr(), 11, 99, 2.5, "C")]
+    # Triton's own layer under the compiled kernel's call, with no hooks
+    run(5, 1, 1, 4242, 77, (4, 1, 0), None, None, None, x.data_ptr(), y.data_ptr(), 11, 99,
+        2.5, "C")
+    assert len(launched) == 2 and launched[0] == launched[1]
+    assert launched[0][-6:] == (None, x.data_ptr(), y.data_ptr(), 11, 99, 2.5, "C")[1:] \
+        or launched[0][-5:] == (x.data_ptr(), y.data_ptr(), 11, 99, 2.5, "C")[1:]
     assert not via_triton
 
+    chain = triton.knobs.runtime.launch_enter_hook
     hook = lambda *args: None  # noqa: E731
-    triton.knobs.runtime.launch_enter_hook.add(hook)
+    chain.add(hook)
     try:
         launch((x, y), 98)
     finally:
-        triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert via_triton == [((5, 1, 1), (x, y, 11, 98, 2.5, "C"))] and len(launched) == 1
+        chain.remove(hook)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", hook)
+    launch((x, y), 97)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", None)
+    launch((x, y), 96)
+    assert via_triton == [((5, 1, 1), (x, y, 11, 98, 2.5, "C")),
+                          ((5, 1, 1), (x, y, 11, 97, 2.5, "C"))]
+    assert len(launched) == 3
 
     monkeypatch.setattr(kernels, "_LAUNCHER_TRITON", "0.0.")
     other = kernels._DirectLaunch((Compiled(), (5, 1, 1), ()), (1,), -1)
     other((x,), 0)
-    assert len(via_triton) == 2 and len(launched) == 1
+    assert len(via_triton) == 3 and len(launched) == 3
 
 
 @pytest.mark.gpu
