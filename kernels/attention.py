@@ -983,10 +983,10 @@ class _DirectLaunch:
     """One compiled kernel's launch with every argument but the tensors fixed.
 
     The call hands the tensors' addresses and the fixed scalars straight to the compiled
-    module's launcher: Triton's own call of a compiled kernel adds a Python closure, the
-    stream and device lookups, launch metadata, scratch checks and two calls of empty launch
-    hooks, and its launcher asks the driver about every tensor's pointer. Where a launch
-    hook is set (a profiler) or the kernel wants scratch memory, it goes through Triton.
+    module's launcher: Triton's own call of a compiled kernel adds a Python closure, launch
+    metadata, scratch checks and two calls of empty launch hooks, and its launcher asks the
+    driver about every tensor's pointer. Where a launch hook is set (a profiler), the kernel
+    wants scratch memory or another Triton is installed, it goes through Triton's call.
     """
 
     __slots__ = ("compiled", "grid", "tail", "key_at", "launcher", "head")
