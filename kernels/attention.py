@@ -941,7 +941,7 @@ def _launch(tuned, plain, interpret_config, grid, key, *args, **kwargs):
 
 #: Launch plans (_DirectLaunch per kernel, made by attention_forward and attention_backward)
 #: by everything that decides a call's launches but the tensors' addresses and the dropout
-#: key: see _plan_key. They hold no tensors. Cleared when it reaches _PLANS_MAX entries.
+#: key: see _find_plan. They hold no tensors. Cleared when it reaches _PLANS_MAX entries.
 _PLANS = {}
 _PLANS_MAX = 1024
 
@@ -1035,19 +1035,34 @@ def _tensor_key(t):
     return None if t is None else (t.dtype, t.device, t.shape, t.stride())
 
 
-def _plan_key(kind: str, tensors, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-              max_seqlen_k: int, causal: bool, scale: float, window, softcap: float,
-              alibi_slopes, dropout_p: float, dropout_key: int, dropout_threshold: int,
-              extra=()):
-    """What decides a call's launches besides the addresses of its tensors (all on 16
-    bytes, :func:`_aligned`) and the dropout key's value: shapes, strides, dtypes and
-    devices (a plan hands the kernel bare addresses, which no launcher checks again), the
-    options, and the key's specialization."""
-    return (kind, *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors],
-            _tensor_key(kv_lens), _tensor_key(cu_seqlens_q), _tensor_key(cu_seqlens_k),
-            _tensor_key(alibi_slopes), max_seqlen_q, max_seqlen_k, causal, scale,
-            tuple(window), softcap, dropout_p, dropout_threshold, _arg_spec(dropout_key),
-            *extra)
+def _find_plan(kind: str, tensors, optional, options):
+    """(key, plan or None) of a call, or (None, None) where calls are not planned (the
+    interpreter, direct launch off, a tensor off 16 bytes: Triton specializes on it).
+
+    The key is what decides the call's launches besides its tensors' addresses and the
+    dropout key's value: the shapes, strides, dtypes and devices of ``tensors`` and of the
+    ``optional`` ones (None where absent; a plan hands the kernels bare addresses, which no
+    launcher checks again) and ``options``: the scalars, the dropout key's specialization
+    among them."""
+    if not DIRECT_LAUNCH or INTERPRETING or not _aligned(*tensors, *optional):
+        return None, None
+    key = (kind, *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors],
+           *[_tensor_key(t) for t in optional], *options)
+    return key, _PLANS.get(key)
+
+
+def _options_key(max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, window,
+                 softcap: float, dropout_p: float, dropout_key: int,
+                 dropout_threshold: int) -> tuple:
+    return (max_seqlen_q, max_seqlen_k, causal, scale, tuple(window), softcap, dropout_p,
+            dropout_threshold, _arg_spec(dropout_key))
+
+
+def _stand_ins(lse, kv_lens, cu_seqlens_q, cu_seqlens_k, alibi_slopes) -> tuple:
+    """The optional tensor arguments of the kernels, the LSE standing in for absent ones
+    (their flags keep the kernels from reading it)."""
+    return tuple(lse if t is None else t for t in (kv_lens, cu_seqlens_q, cu_seqlens_k,
+                                                   alibi_slopes))
 
 
 def _remember(key, plan) -> None:
@@ -1171,34 +1186,29 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Dense (B, H, S, D) inputs give an LSE (B, Hq, Sq); packed ones (``cu_seqlens_q`` and
     ``cu_seqlens_k`` given, tensors (total, H, D)) an LSE (Hq, total_q).
     """
-    plan_key = None
-    if DIRECT_LAUNCH and not INTERPRETING and _aligned(q, k, v, kv_lens, cu_seqlens_q,
-                                                       cu_seqlens_k, alibi_slopes):
-        plan_key = _plan_key("fwd", (q, k, v), kv_lens, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, causal, scale, window, softcap,
-                             alibi_slopes, dropout_p, dropout_key, dropout_threshold)
-        plan = _PLANS.get(plan_key)
-        if plan is not None:
-            launch, lse_shape = plan
-            out = torch.empty_like(q)
-            lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-            launch((q, k, v, out, lse, lse if kv_lens is None else kv_lens,
-                    lse if cu_seqlens_q is None else cu_seqlens_q,
-                    lse if cu_seqlens_k is None else cu_seqlens_k,
-                    lse if alibi_slopes is None else alibi_slopes), dropout_key)
-            return out, lse
-    layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    plan_key, plan = _find_plan("fwd", (q, k, v), (kv_lens, cu_seqlens_q, cu_seqlens_k,
+                                                   alibi_slopes),
+                                _options_key(max_seqlen_q, max_seqlen_k, causal, scale, window,
+                                             softcap, dropout_p, dropout_key,
+                                             dropout_threshold))
+    if plan is not None:
+        launch, lse_shape = plan
+    else:
+        layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+        lse_shape = layout.lse_shape
     out = torch.empty_like(q)
-    lse = torch.empty(layout.lse_shape, device=q.device, dtype=torch.float32)
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    tensors = (q, k, v, out, lse,
+               *_stand_ins(lse, kv_lens, cu_seqlens_q, cu_seqlens_k, alibi_slopes))
+    if plan is not None:
+        launch(tensors, dropout_key)
+        return out, lse
     if out.numel() == 0 or layout.batch == 0 or layout.q_len == 0:
         return out, lse.fill_(float("-inf"))
     extra, scalars, flags, key_flags = _features(layout, (q, k, v, out), kv_lens, causal,
                                                  scale, window, softcap, alibi_slopes,
                                                  dropout_p, dropout_key, dropout_threshold)
-    lens = kv_lens if kv_lens is not None else lse
-    cu_q = cu_seqlens_q if cu_seqlens_q is not None else lse
-    cu_k = cu_seqlens_k if cu_seqlens_k is not None else lse
-    alibi = alibi_slopes if alibi_slopes is not None else lse
+    lens = tensors[5]
     key = (q.dtype, lens.dtype, layout.q_bucket, layout.kv_bucket, layout.shape["HEAD_DIM"],
            key_flags)
     n_blocks = layout.q_len
@@ -1211,8 +1221,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     record = _launch(_fwd_tuned, _fwd_kernel, _INTERPRET_FWD,
                      lambda meta: (cdiv(n_blocks, meta["BLOCK_M"]) * layout.batch
                                    * layout.heads,), key,
-                     q, k, v, out, lse, lens, cu_q, cu_k, alibi, *rest,
-                     **flags, **layout.shape)
+                     *tensors, *rest, **flags, **layout.shape)
     if plan_key is not None and record is not None:
         _remember(plan_key, (_DirectLaunch(record, rest, key_at), layout.lse_shape))
     return out, lse
@@ -1225,52 +1234,40 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
                        softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
                        dropout_key: int = 0, dropout_threshold: int = 0):
     """dQ, dK, dV (layouts of q, k, v) given dO and, optionally, the gradient of the LSE."""
-    plan_key = None
-    if DIRECT_LAUNCH and not INTERPRETING and _aligned(grad_out, grad_lse, q, k, v, out, lse,
-                                                       kv_lens, cu_seqlens_q, cu_seqlens_k,
-                                                       alibi_slopes):
-        plan_key = _plan_key("bwd", (grad_out, q, k, v, out, lse), kv_lens, cu_seqlens_q,
-                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
-                             softcap, alibi_slopes, dropout_p, dropout_key, dropout_threshold,
-                             (_tensor_key(grad_lse),))
-        plan = _PLANS.get(plan_key)
-        if plan is not None:
-            dq_launch, dkdv_launch, alloc = plan
-            dq, dk, dv = alloc(q), alloc(k), alloc(v)
-            delta = torch.empty_like(lse)
-            dlse = grad_lse.contiguous() if grad_lse is not None else lse
-            lens = lse if kv_lens is None else kv_lens
-            cu_q = lse if cu_seqlens_q is None else cu_seqlens_q
-            cu_k = lse if cu_seqlens_k is None else cu_seqlens_k
-            alibi = lse if alibi_slopes is None else alibi_slopes
-            dq_launch((q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k, alibi),
-                      dropout_key)
-            dkdv_launch((q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi),
-                        dropout_key)
-            return dq, dk, dv
-    layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    plan_key, plan = _find_plan("bwd", (grad_out, q, k, v, out, lse),
+                                (kv_lens, cu_seqlens_q, cu_seqlens_k, alibi_slopes, grad_lse),
+                                _options_key(max_seqlen_q, max_seqlen_k, causal, scale, window,
+                                             softcap, dropout_p, dropout_key,
+                                             dropout_threshold))
     # packed: keys of sequences that no query block reaches (none when the offsets are
     # valid) keep a defined gradient of 0
-    alloc = torch.zeros_like if layout.varlen else torch.empty_like
+    alloc = torch.zeros_like if cu_seqlens_q is not None else torch.empty_like
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    # dQ's kernel also writes delta = rowsum(dO * O) - dLSE for the dK/dV kernel
+    delta = torch.empty_like(lse)
+    dlse = grad_lse.contiguous() if grad_lse is not None else lse
+    lens, cu_q, cu_k, alibi = _stand_ins(lse, kv_lens, cu_seqlens_q, cu_seqlens_k,
+                                         alibi_slopes)
+    dq_tensors = (q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k, alibi)
+    dkdv_tensors = (q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi)
+    if plan is not None:
+        dq_launch, dkdv_launch = plan
+        dq_launch(dq_tensors, dropout_key)
+        dkdv_launch(dkdv_tensors, dropout_key)
+        return dq, dk, dv
+    layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if q.numel() == 0 or k.numel() == 0 or layout.batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     extra, scalars, flags, key_flags = _features(layout, (q, k, v, out, grad_out, dq, dk, dv),
                                                  kv_lens, causal, scale, window, softcap,
                                                  alibi_slopes, dropout_p, dropout_key,
                                                  dropout_threshold)
-    lens = kv_lens if kv_lens is not None else lse
-    cu_q = cu_seqlens_q if cu_seqlens_q is not None else lse
-    cu_k = cu_seqlens_k if cu_seqlens_k is not None else lse
-    alibi = alibi_slopes if alibi_slopes is not None else lse
     key = (q.dtype, grad_out.dtype, lens.dtype, layout.q_bucket, layout.kv_bucket,
            layout.shape["HEAD_DIM"], key_flags)
     common = (layout.heads, layout.group, layout.q_len, layout.kv_len, layout.q_bucket,
               layout.kv_bucket)
 
-    # 1. dQ per query block; it also writes delta = rowsum(dO * O) - dLSE for step 2
-    delta = torch.empty_like(lse)
-    dlse = grad_lse.contiguous() if grad_lse is not None else lse
+    # 1. dQ per query block; it also writes delta for step 2
     dq_record = dkdv_record = None
     if layout.q_len > 0:
         dq_rest = (*layout.strides(q), *layout.strides(k), *layout.strides(v),
@@ -1281,8 +1278,7 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
         dq_record = _launch(_dq_tuned, _bwd_dq_kernel, _INTERPRET_DQ,
                             lambda meta: (cdiv(layout.q_len, meta["BLOCK_M"]) * layout.batch
                                           * layout.heads,), key,
-                            q, k, v, grad_out, out, dq, lse, dlse, delta, lens, cu_q, cu_k,
-                            alibi, *dq_rest, HAS_DLSE=grad_lse is not None, **flags,
+                            *dq_tensors, *dq_rest, HAS_DLSE=grad_lse is not None, **flags,
                             **layout.shape)
 
     # 2. dK, dV per key block, summed over the query heads of each group
@@ -1295,9 +1291,8 @@ def attention_backward(grad_out: torch.Tensor, grad_lse, q: torch.Tensor, k: tor
         dkdv_record = _launch(_dkdv_tuned, _bwd_dkdv_kernel, _INTERPRET_DKDV,
                               lambda meta: (cdiv(layout.kv_len, meta["BLOCK_N"])
                                             * layout.batch * layout.kv_heads,), key,
-                              q, k, v, grad_out, dk, dv, lse, delta, lens, cu_q, cu_k, alibi,
-                              *dkdv_rest, **flags, **layout.shape)
+                              *dkdv_tensors, *dkdv_rest, **flags, **layout.shape)
     if plan_key is not None and dq_record is not None and dkdv_record is not None:
         _remember(plan_key, (_DirectLaunch(dq_record, dq_rest, dq_key_at),
-                             _DirectLaunch(dkdv_record, dkdv_rest, dkdv_key_at), alloc))
+                             _DirectLaunch(dkdv_record, dkdv_rest, dkdv_key_at)))
     return dq, dk, dv
