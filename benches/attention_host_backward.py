@@ -72,6 +72,9 @@ def main():
     meta = run_meta("host microseconds per call, GPU held busy by torch.cuda._sleep")
     print(meta, flush=True)
     warm_up()
+    if len(args.shapes or ()) > 1:
+        raise SystemExit(f"{os.path.basename(__file__)}: error: --shapes: one name, got "
+                         f"{len(args.shapes)}")
     shape_name = (args.shapes or ["B16-H16-S1024-D64"])[0]
     shape = next(s for s in SHAPES if s[0] == shape_name)
     meta["shape"] = shape_name

@@ -604,15 +604,12 @@ class _Step:
 
     def __init__(self, case, recorder, ops):
         self.case, self.recorder, self.ops = case, recorder, ops
-        gqa = case.get("layout") == "bshd"
-        self.shapes = ((2, 2, 37, 24), (2, 1 if gqa else 2, 53, 24))
-        self.inputs = dict(q=_make(self.shapes[0], torch.bfloat16, 1, case.get("layout",
-                                                                                 "contiguous")),
-                           k=_make(self.shapes[1], torch.bfloat16, 2, case.get("layout",
-                                                                                 "contiguous")),
-                           v=_make(self.shapes[1], torch.bfloat16, 3, case.get("layout",
-                                                                                 "contiguous")),
-                           g=randn(self.shapes[0], torch.bfloat16, "cpu", seed=4))
+        layout = case.get("layout", "contiguous")
+        q_shape, kv_shape = (2, 2, 37, 24), (2, 1 if layout == "bshd" else 2, 53, 24)
+        self.inputs = dict(q=_make(q_shape, torch.bfloat16, 1, layout),
+                           k=_make(kv_shape, torch.bfloat16, 2, layout),
+                           v=_make(kv_shape, torch.bfloat16, 3, layout),
+                           g=randn(q_shape, torch.bfloat16, "cpu", seed=4))
         for name in ("kv_lens", "alibi_slopes", "cu"):
             if name in case:
                 self.inputs[name] = case[name]
