@@ -165,6 +165,13 @@ def main():
         shape = ()
     if len(shape) != 4 or min(shape) < 1:
         p.error(f"--shape: want four positive integers B,H,S,D, got {args.shape!r}")
+    candidates = {"_fwd_kernel": harness.A._FWD_CANDIDATES,
+                  "_bwd_dq_kernel": harness.A._DQ_CANDIDATES,
+                  "_bwd_dkdv_kernel": harness.A._DKDV_CANDIDATES}
+    for kernel, tile in args.tile:
+        if tile not in candidates[kernel]:
+            p.error(f"--tile: {tile} is not a candidate of {kernel}; candidates "
+                    f"(BLOCK_M, BLOCK_N, WARPS, STAGES): {candidates[kernel]}")
     rows = compile_call(shape, DTYPES[args.dtype], not args.no_causal, dict(args.tile))
     for r in rows:
         counts = r["sass"]

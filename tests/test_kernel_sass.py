@@ -69,6 +69,7 @@ def test_the_forward_issues_one_exponential_per_probability(rows):
     (["--tile", "fwd=64,64"], "--tile: want fwd=BLOCK_M,BLOCK_N,WARPS,STAGES"),
     (["--tile", "bwd=64,64,4,3"], "--tile: kernel must be one of"),
     (["--shape", "1,2,0,64"], "--shape: want four positive integers"),
+    (["--tile", "fwd=48,64,4,3"], "--tile: (48, 64, 4, 3) is not a candidate of _fwd_kernel"),
 ])
 def test_bad_options_fail_at_parse_time(argv, message):
     run = _run(*argv)
