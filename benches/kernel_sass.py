@@ -8,7 +8,8 @@ special-function MUFU, conversions, fp32 math, memory, barriers).
 
 KERNEL is fwd, dq or dkdv; a kernel without --tile compiles at the widest tile its
 autotuner's pruning keeps. Runs on the CPU through Triton's compiler and the ptxas and
-nvdisasm it ships (launches recorded by tests/_compile_sm90.py, TRITON_INTERPRET unset).
+nvdisasm it ships (launches recorded and specialized as the JIT does for a GPU by
+tests/_compile_sm90.py, TRITON_INTERPRET unset).
 Use it to check a kernel variant offline before timing it on a GPU: that it issues fewer
 special-function instructions, say, or spills nothing.
 """
@@ -27,9 +28,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import _compile_sm90 as harness  # noqa: E402
 
@@ -85,21 +83,6 @@ def parse_tile(text: str):
     return KERNELS[name], tile
 
 
-def _as_the_jit_compiles(fn, *args, grid=None, warmup=None, **kwargs):
-    """Stands in for JITFunction.run and compiles as it would for an sm90 GPU: Triton's own
-    binder specializes the arguments (integers equal to 1 become constants; pointers and
-    integers divisible by 16 are marked so), without which loads are not vectorized and a
-    kernel's loops are not pipelined as on the GPU."""
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
-                                                          specialization, options)
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__)
-
-
 def compile_call(shape, dtype, causal: bool, tiles: dict) -> list:
     """One row per compiled kernel: name, tile, registers, spills, shared bytes, counts."""
     rows = []
@@ -131,9 +114,7 @@ def compile_call(shape, dtype, causal: bool, tiles: dict) -> list:
                          shared=compiled.metadata.shared, sass=counts))
         return compiled
 
-    plain = harness._run_compiles
     harness.triton.compile, harness._autotuned_compiles = record, pick
-    harness._run_compiles = _as_the_jit_compiles
     try:
         b, h, s, d = shape
         q, k, v = harness._inputs(b, h, h, s, d, dtype)
@@ -146,7 +127,6 @@ def compile_call(shape, dtype, causal: bool, tiles: dict) -> list:
         harness.record_triton(run)
     finally:
         harness.triton.compile, harness._autotuned_compiles = compile_, autotuned
-        harness._run_compiles = plain
     return rows
 
 

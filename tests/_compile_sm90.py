@@ -5,10 +5,10 @@ constexpr rules, types of branches). Run with TRITON_INTERPRET=0:
 
     python tests/_compile_sm90.py CASE ...      (prints one line per compiled kernel)
 
-Every case records at Triton's own launch (``JITFunction.run``); an autotuned kernel
-compiles at the widest tile its pruning keeps (the most registers and shared memory).
+Every case records at Triton's own launch (``JITFunction.run``) and compiles with the
+argument specialization Triton's JIT gives a GPU launch; an autotuned kernel compiles at
+the widest tile its pruning keeps (the most registers and shared memory).
 """
-import inspect
 import math
 import os
 import sys
@@ -18,61 +18,37 @@ from types import SimpleNamespace
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.runtime.jit import JITFunction, mangle_type
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import fastlab.kernels.attention as A
 from fastlab.ops.attention import dropout_threshold
 
-_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-           torch.int32: "*i32", torch.int64: "*i64"}
+TARGET = GPUTarget("cuda", 90, 32)
 
-
-def _signature(plain, args, constexprs):
-    sig = {}
-    for name, a in zip(plain.arg_names, args):
-        if name in constexprs:
-            continue
-        if isinstance(a, torch.Tensor):
-            sig[name] = _DTYPES[a.dtype]
-        elif isinstance(a, bool):
-            sig[name] = "i1"
-        elif isinstance(a, int):
-            sig[name] = "i32" if -2 ** 31 <= a < 2 ** 31 else "i64"
-        elif isinstance(a, float):
-            sig[name] = "fp32"
-        else:  # a TMA descriptor: Triton's own name for it (dtype, block, layout)
-            sig[name] = mangle_type(a)
-    for name in constexprs:
-        sig[name] = "constexpr"
-    return sig
-
-
-def _compile_one(plain, constexprs, signature, num_warps, num_stages):
-    source = GluonASTSource if plain.is_gluon() else ASTSource
-    src = source(fn=plain, signature=signature, constexprs=constexprs)
+def _compile_one(fn, src, options):
     t0 = time.time()
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    print(f"compiled {plain.fn.__name__} warps {num_warps} stages {num_stages} shared "
-          f"{compiled.metadata.shared} B in {time.time() - t0:.1f}s", flush=True)
+    compiled = triton.compile(src, target=TARGET, options=options)
+    print(f"compiled {fn.fn.__name__} warps {compiled.metadata.num_warps} stages "
+          f"{compiled.metadata.num_stages} shared {compiled.metadata.shared} B in "
+          f"{time.time() - t0:.1f}s", flush=True)
+    return compiled
 
 
 def _run_compiles(fn, *args, grid=None, warmup=None, **kwargs):
-    """Stands in for JITFunction.run: binds the call like Triton and compiles it."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg")
-               if k in kwargs}
-    bound = dict(zip(fn.arg_names, args), **kwargs)
-    for param in inspect.signature(fn.fn).parameters.values():
-        if param.name not in bound and param.default is not inspect.Parameter.empty:
-            bound[param.name] = param.default
-    constexprs = {p.name: bound[p.name] for p in fn.params
-                  if p.is_constexpr or bound[p.name] is None}
-    values = [bound[n] for n in fn.arg_names]
-    _compile_one(fn, constexprs, _signature(fn, values, constexprs),
-                 options.get("num_warps", 4), options.get("num_stages", 3))
+    """Stands in for JITFunction.run and compiles as it does for an sm90 GPU: Triton's own
+    binder specializes the arguments (integers equal to 1 become constants; pointers and
+    integers divisible by 16 are marked so). Without it loads are not vectorized and loops
+    are not pipelined: not the kernel the GPU runs."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    source = GluonASTSource if fn.is_gluon() else ASTSource
+    return _compile_one(fn, source(fn, signature, constexprs, attrs), options.__dict__)
 
 
 def _autotuned_compiles(tuner, *args, **kwargs):
